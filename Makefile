@@ -1,0 +1,66 @@
+# Every tunable is `?=`: override on the command line, e.g. `make demo OUTPUT_DIR=/tmp/out`.
+PYTHON ?= python3
+VENV ?= .venv
+# Extra pip arguments, e.g. PIP_EXTRA='--extra-index-url https://download.pytorch.org/whl/cpu' on a laptop
+# without a GPU, so torch==2.13.0 resolves to the CPU build instead of the multi-GB CUDA one.
+PIP_EXTRA ?=
+OUTPUT_DIR ?= output
+DEMO_DIR ?= .demo
+PYTEST_ARGS ?=
+
+FINETUNE := $(VENV)/bin/finetune
+VENV_STAMP := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+
+##@ General
+
+.PHONY: help
+help: ## List the targets.
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*?##/ {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)}' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: install
+install: $(VENV_STAMP) ## Create .venv with the project and the pinned dependencies (constraints.txt).
+
+$(VENV_STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt $(PIP_EXTRA) -e '.[dev]'
+	@touch $@
+
+.PHONY: demo
+demo: install ## Train a tiny model on the standard library's docstrings (CPU, about a minute) into ./output.
+	$(FINETUNE) corpus --output-dir $(DEMO_DIR)/data
+	$(FINETUNE) init-model --corpus $(DEMO_DIR)/data/train.txt --output-dir $(DEMO_DIR)/tiny-gpt2
+	$(FINETUNE) train --preset demo --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/data \
+		--output-dir $(OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+	$(FINETUNE) generate --model-dir $(OUTPUT_DIR)/model --prompt "Return the" --max-new-tokens 40
+
+.PHONY: test
+test: install ## Run the test suite (Docker tests skip with a reason when no engine is reachable).
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## Lint Python (ruff) and the Dockerfile (hadolint).
+	$(VENV)/bin/ruff check entrypoint tests bench
+
+.PHONY: lock
+lock: ## Re-resolve the newest dependencies into constraints.txt.
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet torch==2.13.0 $(PIP_EXTRA) -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu//'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
+
+.PHONY: clean
+clean: ## Remove the virtualenv, demo files, output and caches.
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+##@ Container
+
+##@ Kubernetes
+
+##@ Benchmarks

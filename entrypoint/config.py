@@ -1,0 +1,324 @@
+"""The configuration schema: one frozen dataclass per command, its presets, and the checks on values.
+
+Every field is one option in three spellings: `--learning-rate`, `FINETUNE_LEARNING_RATE` and the YAML key
+`learning_rate`. The `help` under each field becomes `--help`. Precedence, highest first:
+flag > FINETUNE_* env var > platform contract (SageMaker, Vertex AI) > preset > built-in default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FINETUNE_"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
+# Installed (non-editable) copies find the presets here; the image sets it to /app/config.
+PRESET_DIR = Path(os.environ.get("FINETUNE_PRESET_DIR", PRESET_DIR))
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A config field: its default, its help line, and optional choices/min/max/secret/multiple."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `train`, `prepare`, `doctor` and `config` run with."""
+
+    # Model
+    model: str = opt("gpt2", "Base model: a Hugging Face Hub id or a local model directory.")
+    # Data
+    data_dir: Path = opt(Path("/data"), "Directory with the training text (train.txt, *.jsonl, ...).")
+    train_file: tuple[str, ...] = opt(
+        (), "Training files or globs, relative to --data-dir (repeat, or space-separated in the env var).",
+        multiple=True)
+    valid_file: tuple[str, ...] = opt(
+        (), "Validation files or globs; without one, --validation-split percent is held out.", multiple=True)
+    text_field: str = opt("text", "Field holding the text in .jsonl/.json/.csv/.parquet/saved datasets.")
+    txt_split: str = opt("line", "How .txt files divide into documents.", choices=("line", "paragraph", "file"))
+    validation_split: float = opt(5.0, "Percent of documents held out for evaluation when no --valid-file.",
+                                  min=0.1, max=50.0)
+    block_size: int | None = opt(None, "Tokens per training sequence [default: the model's context, at most 1024].",
+                                 min=8)
+    packing: bool = opt(True, "Pack documents into full blocks (EOS between them) instead of padding each one.")
+    cache_dir: Path | None = opt(None, "Where the tokenized dataset is cached [default: <output-dir>/cache].")
+    preprocessing_workers: int = opt(0, "Processes for tokenization [default 0: one per CPU core].", min=0)
+    # Training
+    output_dir: Path = opt(Path("/output"), "Where the model, metrics, plot and status are published.")
+    checkpoint_dir: Path | None = opt(None, "Where checkpoints go [default: <output-dir>/checkpoints].")
+    epochs: float = opt(3.0, "Training epochs (ignored when --max-steps is set).", min=0.01)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
+    batch_size: int = opt(8, "Sequences per device per micro-batch.", min=1)
+    grad_accum: int = opt(4, "Micro-batches accumulated per optimizer step.", min=1)
+    learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0, max=1.0)
+    warmup_steps: int = opt(0, "Linear warm-up steps.", min=0)
+    lr_scheduler: str = opt("linear", "Learning-rate schedule.",
+                            choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    precision: str = opt("auto", "auto: bf16 where the GPU has it, else fp16 on CUDA, fp32 on CPU.",
+                         choices=("auto", "fp16", "bf16", "fp32"))
+    eval_steps: int | None = opt(None, "Evaluate every N steps [default: once per epoch].", min=1)
+    save_steps: int = opt(200, "Save a checkpoint every N optimizer steps.", min=1)
+    save_total_limit: int = opt(3, "Checkpoints kept (the newest; the best one too with early stopping).", min=2)
+    early_stopping_patience: int | None = opt(
+        None, "Stop after N evaluations without improvement and publish the best model.", min=1)
+    logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
+    seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
+    log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
+    nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
+    tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
+    hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
+
+    @property
+    def model_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir or self.output_dir / "checkpoints"
+
+    @property
+    def data_cache_dir(self) -> Path:
+        return self.cache_dir or self.output_dir / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.tensorboard_dir or self.output_dir / "runs"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What `generate` runs with."""
+
+    model_dir: Path = opt(Path("/output/model"), "Model directory to sample from (a published model/).")
+    prompt: str = opt("The", "Text the samples continue.")
+    max_new_tokens: int = opt(60, "Tokens generated per sample.", min=1)
+    temperature: float = opt(0.8, "Sampling temperature; 0 picks the likeliest token (greedy).", min=0.0)
+    top_p: float = opt(0.95, "Nucleus sampling: keep the smallest token set with this much probability.",
+                       min=0.0, max=1.0)
+    num_samples: int = opt(1, "Samples to print.", min=1)
+    seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0)
+
+
+@dataclass(frozen=True)
+class InitModelConfig:
+    """What `init-model` runs with."""
+
+    output_dir: Path = opt(Path("/output/init-model"), "Directory to write the new model and tokenizer to.")
+    corpus: Path | None = opt(None, "Text file or directory (.txt) to train the byte-level BPE tokenizer on.")
+    size: str = opt("tiny", "Architecture preset.", choices=("tiny", "small", "gpt2"))
+    vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260)
+    context: int = opt(256, "Context length (n_positions).", min=8)
+    seed: int = opt(0, "Random seed for the weights.", min=0)
+
+
+# Architecture presets for `init-model`: (layers, heads, width). gpt2 is GPT-2 124M's shape.
+MODEL_SIZES = {"tiny": (2, 2, 64), "small": (4, 4, 256), "gpt2": (12, 12, 768)}
+
+
+def fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def base_type(f: dataclasses.Field) -> type:
+    """The field's type without `| None` and with tuples reduced to their element type."""
+    hint = typing.get_type_hints(_owner(f))[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _owner(f: dataclasses.Field) -> type:
+    for schema in (TrainConfig, GenerateConfig, InitModelConfig):
+        if fields(schema).get(f.name) is f:
+            return schema
+    raise KeyError(f.name)
+
+
+def coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Turn a YAML/JSON/env value into the field's type, or raise a ConfigError saying where it came from."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    kind = base_type(f)
+    try:
+        if f.metadata.get("multiple"):
+            items = value.split() if isinstance(value, str) else list(value)
+            return tuple(str(v) for v in items)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is Path:
+            return Path(str(value))
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {f.name} = {value!r} is not a valid {kind.__name__}; "
+                          f"fix the value (see finetune --help).") from None
+
+
+def check_values(cfg: Any) -> list[str]:
+    """Range, choice and cross-field checks; every problem, one line each."""
+    problems = []
+    for name, f in fields(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
+        if choices and value not in choices:
+            problems.append(f"--{_dash(name)} {value!r} is not one of {', '.join(choices)}; pick one of them.")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            problems.append(f"--{_dash(name)} {value} is out of range; use a value {bounds}.")
+    if isinstance(cfg, TrainConfig):
+        problems += _check_train(cfg)
+    return problems
+
+
+def _check_train(cfg: TrainConfig) -> list[str]:
+    problems = []
+    nproc = cfg.nproc_per_node
+    if nproc != "auto" and not (nproc.isdigit() and int(nproc) >= 1):
+        problems.append(f"--nproc-per-node {nproc!r} is not a positive integer or 'auto'; use e.g. 1, 4 or auto.")
+    if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
+        problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
+                        "with early stopping, so the best evaluation has a checkpoint; change either.")
+    report = {r.strip() for r in cfg.report_to.split(",")}
+    unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
+    if unknown:
+        problems.append(f"--report-to names unknown integration(s) {', '.join(sorted(unknown))}; "
+                        "use tensorboard, wandb, mlflow, comet_ml, clearml, trackio or none.")
+    return problems
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ---- presets and platform contracts ---------------------------------------------------------------
+
+def find_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        candidate = path
+    else:
+        candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        shipped = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) or "none found"
+        raise ConfigError(f"preset {name_or_path!r} not found; use a YAML path or one of: {shipped}.")
+    return candidate
+
+
+def load_preset(name_or_path: str, schema: type = TrainConfig) -> dict[str, Any]:
+    """A preset's overrides, coerced to the schema's types. Unknown keys are an error, not a silent no-op."""
+    path = find_preset(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path} must be a mapping of option names to values.")
+    known = fields(schema)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"preset {path} has unknown key(s) {', '.join(unknown)}; "
+                          f"keys are option names with underscores, e.g. learning_rate.")
+    return {k: coerce(known[k], v, f"preset {path.name}") for k, v in raw.items()}
+
+
+def gcs_to_fuse(uri: str) -> str:
+    """Vertex AI mounts buckets with Cloud Storage FUSE: gs://bucket/x is /gcs/bucket/x."""
+    return "/gcs/" + uri[len("gs://"):] if uri.startswith("gs://") else uri
+
+
+def platform_defaults(environ: typing.Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
+    """Defaults from SageMaker's or Vertex AI's training contract, and the platform's name."""
+    if "SM_MODEL_DIR" in environ or "SM_CHANNEL_TRAIN" in environ or "SM_TRAINING_ENV" in environ:
+        values: dict[str, Any] = {"checkpoint_dir": "/opt/ml/checkpoints"}
+        if "SM_CHANNEL_TRAIN" in environ:
+            values["data_dir"] = environ["SM_CHANNEL_TRAIN"]
+        if "SM_CHANNEL_VALIDATION" in environ:
+            values["valid_file"] = [environ["SM_CHANNEL_VALIDATION"]]
+        if "SM_MODEL_DIR" in environ:
+            values["output_dir"] = environ["SM_MODEL_DIR"]
+        hps = environ.get("SM_HPS")
+        if hps:
+            try:
+                parsed = json.loads(hps)
+            except json.JSONDecodeError:
+                raise ConfigError("SM_HPS is not valid JSON; check the estimator's hyperparameters.") from None
+            values.update({k.replace("-", "_"): v for k, v in parsed.items()})
+        return "sagemaker", values
+    if any(k.startswith("AIP_") for k in environ):
+        values = {}
+        if "AIP_MODEL_DIR" in environ:
+            values["output_dir"] = gcs_to_fuse(environ["AIP_MODEL_DIR"])
+        if "AIP_CHECKPOINT_DIR" in environ:
+            values["checkpoint_dir"] = gcs_to_fuse(environ["AIP_CHECKPOINT_DIR"])
+        if "AIP_TENSORBOARD_LOG_DIR" in environ:
+            values["tensorboard_dir"] = gcs_to_fuse(environ["AIP_TENSORBOARD_LOG_DIR"])
+        return "vertex", values
+    return None, {}
+
+
+def resolve(schema: type, explicit: dict[str, tuple[Any, str]], preset: str | None,
+            environ: typing.Mapping[str, str]) -> tuple[Any, dict[str, str]]:
+    """Build the config and say where each value came from.
+
+    `explicit` holds what the command line or a FINETUNE_* env var set: name -> (value, source label).
+    """
+    known = fields(schema)
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in known}
+    if preset:
+        for name, value in load_preset(preset, schema).items():
+            values[name], sources[name] = value, f"preset {preset}"
+    if schema is TrainConfig:
+        platform, overrides = platform_defaults(environ)
+        for name, value in overrides.items():
+            if name not in known:
+                raise ConfigError(f"{platform} hyperparameter {name!r} is not an option; "
+                                  "remove it or use an option name such as learning_rate.")
+            values[name], sources[name] = coerce(known[name], value, platform), platform
+    for name, (value, source) in explicit.items():
+        values[name], sources[name] = value, source
+    return schema(**values), sources
+
+
+def as_dict(cfg: Any, redact: bool = True) -> dict[str, Any]:
+    """Plain YAML-safe values; secrets become '***' so the dict can be logged and published."""
+    out = {}
+    for name, f in fields(type(cfg)).items():
+        value = getattr(cfg, name)
+        if f.metadata.get("secret") and value and redact:
+            value = "***"
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out

@@ -1,0 +1,79 @@
+"""Exit codes and the errors that carry them: the one table every other module, the README and the
+Kubernetes podFailurePolicy read from.
+
+A user error is raised as a `FinetuneError` subclass whose message is one line naming the problem and
+the fix; the CLI prints it without a traceback. Anything else is a bug and exits `INTERNAL`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1  # a bug: the traceback is printed
+    USAGE = 2  # bad option, env var or preset (click's own usage errors also exit 2)
+    DATA = 3  # data missing, unreadable, not UTF-8, empty, wrong field
+    OUTPUT = 4  # output or checkpoint dir unwritable, disk full, I/O error while saving
+    MODEL = 5  # model or tokenizer cannot be loaded (including missing while HF_HUB_OFFLINE=1)
+    OOM = 6  # out of memory on the accelerator
+    PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
+
+
+# What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
+DESCRIPTIONS = {
+    ExitCode.OK: "success (or the same model was already published)",
+    ExitCode.INTERNAL: "internal error, a bug: the traceback is in the log",
+    ExitCode.USAGE: "invalid option, environment variable or preset",
+    ExitCode.DATA: "training data missing, unreadable or invalid",
+    ExitCode.OUTPUT: "output or checkpoint directory unwritable, disk full or I/O error",
+    ExitCode.MODEL: "model or tokenizer could not be loaded",
+    ExitCode.OOM: "out of accelerator memory",
+    ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
+}
+
+# A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit.
+PERMANENT = (ExitCode.USAGE, ExitCode.DATA, ExitCode.MODEL)
+
+
+class FinetuneError(Exception):
+    """A user-facing failure: one line per problem, each naming the fix."""
+
+    code = ExitCode.INTERNAL
+
+    def __init__(self, *problems: str):
+        self.problems = [p for p in problems if p]
+        super().__init__("\n".join(self.problems))
+
+
+class ConfigError(FinetuneError):
+    code = ExitCode.USAGE
+
+
+class DataError(FinetuneError):
+    code = ExitCode.DATA
+
+
+class OutputError(FinetuneError):
+    code = ExitCode.OUTPUT
+
+
+class ModelLoadError(FinetuneError):
+    code = ExitCode.MODEL
+
+
+class OutOfMemory(FinetuneError):
+    code = ExitCode.OOM
+
+
+class Preempted(FinetuneError):
+    code = ExitCode.PREEMPTED
+
+
+def raise_all(errors: list[FinetuneError]) -> None:
+    """Raise every collected problem at once, with the code of the first (the most fundamental)."""
+    if not errors:
+        return
+    first = errors[0]
+    raise type(first)(*[p for e in errors for p in e.problems])
