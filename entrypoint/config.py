@@ -79,6 +79,8 @@ class TrainConfig:
     log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
     nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
+    resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any.")
+    overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration.")
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
 
     @property
@@ -223,10 +225,7 @@ def _dash(name: str) -> str:
 
 def find_preset(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        candidate = path
-    else:
-        candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = path if path.suffix in (".yaml", ".yml") or path.exists() else PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
         shipped = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) or "none found"
         raise ConfigError(f"preset {name_or_path!r} not found; use a YAML path or one of: {shipped}.")

@@ -1,0 +1,120 @@
+"""Checks that run before a model is loaded: `train` stops on any problem, `doctor` reports them all.
+
+Each check returns problems as `FinetuneError`s (one line each, naming the fix) instead of raising, so a user
+sees every problem in one run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig, check_values
+from .errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
+from .outputs import check_writable
+from .sources import discover
+
+MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for little fine-tuning gain
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What preflight resolved: the device, the precision and the block size to train with."""
+
+    device: str
+    precision: str
+    block_size: int
+    model_config: object
+
+
+def device_and_precision(requested: str) -> tuple[str, str]:
+    """auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU. An explicit request that the
+    hardware cannot honour is an error, never a silent change."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return device, "bf16" if bf16 else "fp16"
+        if requested == "bf16" and not bf16:
+            raise ConfigError(f"--precision bf16 is not supported by {device}; use --precision fp16 or auto.")
+        return device, requested
+    if requested in ("fp16", "bf16"):
+        raise ConfigError(f"--precision {requested} needs a CUDA GPU and none is visible; use --precision auto "
+                          "(fp32 on CPU) or run with --gpus all.")
+    return "cpu", "fp32"
+
+
+def load_model_config(model: str, token: str | None):
+    from transformers import AutoConfig
+
+    local = Path(model)
+    if (local.exists() or model.startswith(("/", "./", "../"))) and not (local / "config.json").is_file():
+        raise ModelLoadError(f"--model {model} is not a model directory (no config.json); point it at a "
+                             "save_pretrained folder or a Hub id.")
+    try:
+        return AutoConfig.from_pretrained(model, token=token)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = ("HF_HUB_OFFLINE=1 is set and it is not in the cache (HF_HOME); download it first or bake it "
+                "into the image") if offline else "check the name, network access, and HF_TOKEN for gated models"
+        raise ModelLoadError(f"cannot load model config for {model!r} ({str(exc).splitlines()[0][:120]}); "
+                             f"{hint}.") from None
+
+
+def preflight(cfg: TrainConfig) -> Plan:
+    """Everything checkable before weights load; raises one error carrying every problem."""
+    problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
+    device, precision = "cpu", "fp32"
+    try:
+        device, precision = device_and_precision(cfg.precision)
+    except FinetuneError as exc:
+        problems.append(exc)
+    try:
+        discover(cfg)
+    except FinetuneError as exc:
+        problems.append(exc)
+    for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir"),
+                            (cfg.data_cache_dir, "cache dir")):
+        try:
+            check_writable(directory, what)
+        except FinetuneError as exc:
+            problems.append(exc)
+            break  # the others usually live inside the first
+    model_config, block_size = None, cfg.block_size or 0
+    try:
+        model_config = load_model_config(cfg.model, cfg.hub_token)
+        positions = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
+        if cfg.block_size and cfg.block_size > positions:
+            problems.append(ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "
+                                        f"use --block-size {positions} or less."))
+        block_size = cfg.block_size or min(positions, MAX_DEFAULT_BLOCK)
+    except FinetuneError as exc:
+        problems.append(exc)
+    if problems:
+        problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
+        raise type(problems[0])(*[p for e in problems for p in e.problems])
+    return Plan(device=device, precision=precision, block_size=block_size, model_config=model_config)
+
+
+# The first problem decides the exit code: the most fundamental kind first.
+_ORDER = [ConfigError, DataError, ModelLoadError, OutputError]
+
+
+def free_disk(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(model_config) -> int:
+    """Weights (fp32) plus AdamW's two moments: about 12 bytes per parameter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return 12 * sum(p.numel() for p in model.parameters())

@@ -1,0 +1,266 @@
+"""The `finetune` command line. The only module that touches click and os.environ.
+
+Options are generated from the dataclasses in config.py, so an option, its env var and its YAML key cannot
+drift apart. Precedence: flag > FINETUNE_* env var > platform contract > preset > default.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from . import config as schema
+from .config import GenerateConfig, InitModelConfig, TrainConfig
+from .errors import DESCRIPTIONS, ExitCode, FinetuneError
+
+log = logging.getLogger("finetune")
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
+
+
+def schema_options(config_class: type):
+    """Decorate a command with one click option per field of `config_class`."""
+
+    def decorate(fn):
+        for name, f in reversed(schema.fields(config_class).items()):
+            fn = _option(name, f, config_class)(fn)
+        return fn
+
+    return decorate
+
+
+def _option(name: str, f, config_class: type):
+    kind = schema.base_type(f)
+    meta = f.metadata
+    flag = "--" + name.replace("_", "-")
+    kwargs = {"envvar": schema.env_name(name), "show_envvar": True, "help": meta["help"],
+              "default": f.default if f.default is not None else None,
+              "show_default": f.default is not None and f.default != ()}
+    if meta.get("secret"):
+        kwargs["show_default"] = False
+    if kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, **kwargs)
+    if meta.get("multiple"):
+        kwargs.update(multiple=True, default=f.default, show_default=False)
+    if meta.get("choices"):
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif kind is int:
+        kwargs["type"] = click.IntRange(min=meta.get("min"), max=meta.get("max"))
+    elif kind is float:
+        kwargs["type"] = click.FloatRange(min=meta.get("min"), max=meta.get("max"))
+    elif kind is Path:
+        kwargs["type"] = click.Path(path_type=Path)
+    return click.option(flag, name, **kwargs)
+
+
+def preset_option(fn):
+    return click.option("--preset", envvar="FINETUNE_PRESET", show_envvar=True, default=None,
+                        help="Preset name from config/ (e.g. gpt2, smoke) or a path to a YAML file of overrides.")(fn)
+
+
+def resolve(config_class: type, params: dict, preset: str | None = None):
+    """The config object and each value's source, from what click parsed plus presets and platforms."""
+    ctx = click.get_current_context()
+    explicit = {}
+    for name in schema.fields(config_class):
+        source = ctx.get_parameter_source(name)
+        if source is ParameterSource.COMMANDLINE:
+            explicit[name] = (_tuple(params[name]), f"flag --{name.replace('_', '-')}")
+        elif source is ParameterSource.ENVIRONMENT:
+            explicit[name] = (_tuple(params[name]), f"env {schema.env_name(name)}")
+    return schema.resolve(config_class, explicit, preset, os.environ)
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def handled(output_dir_of=None):
+    """Run a command body: a FinetuneError becomes one line per problem and its exit code (no traceback);
+    anything else is a bug, printed with its traceback, exit 1. Failures are also written to status.json
+    and /dev/termination-log."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from . import outputs
+
+            try:
+                return fn(*args, **kwargs)
+            except FinetuneError as exc:
+                code, lines = exc.code, exc.problems
+            except Exception:
+                code = ExitCode.INTERNAL
+                traceback.print_exc()
+                lines = [f"internal error (a bug, please report it with the traceback above): "
+                         f"{sys.exc_info()[1]!r}"]
+            for line in lines:
+                click.echo(f"error: {line}", err=True)
+            message = " | ".join(lines)
+            outputs.write_termination_message(message, schema.platform_defaults(os.environ)[0])
+            output_dir = _output_dir(output_dir_of, kwargs)
+            if output_dir is not None:
+                state = "preempted" if code == ExitCode.PREEMPTED else "failed"
+                outputs.write_status(output_dir, state, int(code), message)
+            sys.exit(int(code))
+
+        return wrapper
+
+    return decorate
+
+
+def _output_dir(output_dir_of, kwargs) -> Path | None:
+    try:
+        return Path(output_dir_of(kwargs)) if output_dir_of else None
+    except Exception:  # the config itself may be what failed; then there is no output dir to report into
+        return None
+
+
+def _train_output_dir(kwargs) -> Path:
+    return kwargs.get("output_dir") or Path("/output")
+
+
+def setup_logs(cfg: TrainConfig | None = None) -> None:
+    from . import logs
+
+    logs.setup(cfg.log_format if cfg else "text")
+
+
+def log_config(cfg, sources: dict[str, str]) -> None:
+    from .logs import event
+
+    values = schema.as_dict(cfg)
+    event("config: " + ", ".join(f"{k}={v}" for k, v in values.items()), config=values,
+          sources={k: v for k, v in sources.items() if v != "default"})
+    changed = {k: v for k, v in sources.items() if v != "default"}
+    if changed:
+        event("config sources: " + ", ".join(f"{k} from {v}" for k, v in changed.items()))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="finetune-gpt2")
+def cli():
+    """Fine-tune GPT-2-family causal language models on a folder of text.
+
+    Every option can also be set as an environment variable (shown in each command's --help) or in a preset
+    (--preset NAME). Precedence: flag > environment > platform (SageMaker, Vertex AI) > preset > default.
+    """
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled(_train_output_dir)
+def train(preset, **params):
+    """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model."""
+    from .train import run
+
+    cfg, sources = resolve(TrainConfig, params, preset)
+    setup_logs(cfg)
+    log_config(cfg, sources)
+    metrics = run(cfg, sources)
+    if metrics:
+        from .logs import event
+
+        event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+              f"{metrics['useful_tokens_per_second']:,.0f} tokens/s, {metrics['global_step']} steps in "
+              f"{metrics['train_runtime']:.0f} s, model at {cfg.output_dir / 'model'}", **metrics)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled()
+def prepare(preset, **params):
+    """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
+    from .checks import preflight
+    from .data import prepare as build
+    from .train import load_tokenizer
+
+    cfg, sources = resolve(TrainConfig, params, preset)
+    setup_logs(cfg)
+    log_config(cfg, sources)
+    plan = preflight(cfg)
+    _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size)
+    click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
+               f"{plan.block_size} tokens in {cfg.data_cache_dir}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled()
+def doctor(preset, **params):
+    """Check versions, device, precision, data, output, disk, shared memory and the model; exit non-zero on a
+    blocking problem."""
+    from .doctor import diagnose
+
+    cfg, _ = resolve(TrainConfig, params, preset)
+    setup_logs(cfg)
+    diagnose(cfg)
+
+
+@cli.command("config", epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled()
+def show_config(preset, **params):
+    """Print the resolved configuration as YAML, each value with where it came from."""
+    cfg, sources = resolve(TrainConfig, params, preset)
+    platform, _ = schema.platform_defaults(os.environ)
+    if platform:
+        click.echo(f"# platform contract applied: {platform}")
+    for name, value in schema.as_dict(cfg).items():
+        rendered = "null" if value is None else value
+        click.echo(f"{name}: {rendered}  # {sources[name]}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@schema_options(GenerateConfig)
+@handled()
+def generate(**params):
+    """Sample text from a model directory (by default the published model)."""
+    from .generate import sample
+
+    cfg, _ = resolve(GenerateConfig, params)
+    setup_logs()
+    for text in sample(cfg):
+        click.echo(text)
+
+
+@cli.command("init-model", epilog=EXIT_CODES_HELP)
+@schema_options(InitModelConfig)
+@handled()
+def init_model(**params):
+    """Create a small random GPT-2 with a byte-level BPE tokenizer trained on --corpus (no Hub needed)."""
+    from .modelinit import init_model as create
+
+    cfg, _ = resolve(InitModelConfig, params)
+    setup_logs()
+    create(cfg)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--output-dir", type=click.Path(path_type=Path), required=True, envvar="FINETUNE_OUTPUT_DIR",
+              show_envvar=True, help="Directory to write train.txt and valid.txt to.")
+@click.option("--max-documents", type=click.IntRange(min=1), default=None, envvar="FINETUNE_MAX_DOCUMENTS",
+              show_envvar=True, help="Stop after this many documents [default: all].")
+@handled()
+def corpus(output_dir, max_documents):
+    """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
+    tests: real prose on every machine, nothing downloaded)."""
+    from .corpus import build
+
+    counts = build(output_dir, max_documents)
+    click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation documents in {output_dir}")
+
+
+def main() -> None:
+    cli(prog_name="finetune")

@@ -1,0 +1,105 @@
+"""`doctor`: a preflight report a person can read, one line per check, and a non-zero exit on a blocking one."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import click
+
+from .checks import checkpoint_bytes, device_and_precision, free_disk, load_model_config
+from .config import TrainConfig, check_values
+from .errors import ConfigError, FinetuneError
+from .outputs import check_writable
+from .sources import discover, fingerprint
+
+SHM_MIN = 1 << 30  # bytes; DataLoader workers pass batches through /dev/shm and Docker's default is 64 MiB
+
+
+def diagnose(cfg: TrainConfig) -> None:
+    failures: list[FinetuneError] = []
+
+    def report(name: str, check):
+        try:
+            detail, warning = check()
+            click.echo(f"{'warn' if warning else 'ok':5} {name}: {detail}")
+        except FinetuneError as exc:
+            failures.append(exc)
+            for line in exc.problems:
+                click.echo(f"FAIL  {name}: {line}")
+
+    report("versions", _versions)
+    report("config", lambda: _config(cfg))
+    report("device", lambda: (_device(cfg), False))
+    report("data", lambda: _data(cfg))
+    for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir")):
+        report(what, lambda d=directory, w=what: _writable(d, w))
+    report("model", lambda: _model(cfg))
+    report("shared memory", _shm)
+    if failures:
+        click.echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")
+        raise type(failures[0])(*[p for f in failures for p in f.problems]) from None
+    click.echo("doctor: ready to train")
+
+
+def _versions():
+    names = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "click")
+    versions = ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
+    return f"python {platform.python_version()}, {versions}", False
+
+
+def _config(cfg):
+    problems = check_values(cfg)
+    if problems:
+        raise ConfigError(*problems)
+    return "values in range", False
+
+
+def _device(cfg):
+    import torch
+
+    device, precision = device_and_precision(cfg.precision)
+    gpus = torch.cuda.device_count()
+    bf16 = gpus and torch.cuda.is_bf16_supported()
+    support = f"{gpus} GPU(s), bf16 {'yes' if bf16 else 'no'}" if gpus else "no GPU visible (CPU training)"
+    return f"{device}: {support}; training precision {precision}"
+
+
+def _data(cfg):
+    train, valid = discover(cfg)
+    fingerprint(train)  # reads every byte: proves the files are readable and UTF-8
+    size = sum(p.stat().st_size for p in train.files)
+    detail = f"{train.describe()} ({size / 1e6:.1f} MB), validation: " + (
+        valid.describe() if valid else f"{cfg.validation_split}% held out")
+    return detail, False
+
+
+def _writable(directory: Path, what: str):
+    check_writable(directory, what)
+    return f"{directory} is writable", False
+
+
+def _model(cfg):
+    model_config = load_model_config(cfg.model, cfg.hub_token)
+    need = 2 * checkpoint_bytes(model_config)  # a new checkpoint is written before the oldest is rotated out
+    free = free_disk(cfg.model_checkpoint_dir)
+    params = checkpoint_bytes(model_config) // 12
+    detail = (f"{cfg.model} loads ({params / 1e6:.1f}M parameters; about {12 * params / 1e9:.2f} GB per "
+              f"checkpoint, {free / 1e9:.1f} GB free)")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline:
+        detail += "; available offline"
+    return detail, free < need
+
+
+def _shm():
+    shm = Path("/dev/shm")
+    if not shm.exists():
+        return "no /dev/shm (DataLoader workers may fail)", True
+    size = shutil.disk_usage(shm).total
+    return f"/dev/shm is {size / 2**20:.0f} MiB" + ("" if size >= SHM_MIN else
+                                                     "; use --shm-size=1g (docker) or a memory emptyDir"), \
+        size < SHM_MIN

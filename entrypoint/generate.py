@@ -1,0 +1,31 @@
+"""`generate`: sample from a model directory, reproducibly (seeded)."""
+
+from __future__ import annotations
+
+from .config import GenerateConfig
+from .errors import ModelLoadError
+
+
+def sample(cfg: GenerateConfig) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    if not (cfg.model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{cfg.model_dir} is not a model directory (no config.json); train first or point "
+                             "--model-dir at a published model/.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {cfg.model_dir} ({str(exc).splitlines()[0][:120]}); "
+                             "is the model complete (model/COMPLETE)?") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    set_seed(cfg.seed)
+    inputs = tokenizer([cfg.prompt] * cfg.num_samples, return_tensors="pt").to(device)
+    greedy = cfg.temperature == 0
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=not greedy,
+                             temperature=None if greedy else cfg.temperature, top_p=None if greedy else cfg.top_p,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]

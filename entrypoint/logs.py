@@ -1,0 +1,101 @@
+"""Logs that read well in `kubectl logs`: plain timestamped lines (or one JSON object a line), progress as
+periodic lines with step, loss, learning rate, tokens/s and ETA, and a progress bar only on a terminal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("finetune")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry)
+
+
+def setup(log_format: str = "text", rank: int = 0) -> None:
+    """Configure our loggers once; quiet the libraries' own chatter and progress bars off a terminal."""
+    import datasets
+    import transformers
+
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        prefix = f"[rank {rank}] " if rank else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("entrypoint")
+    for logger in (root, log):
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.propagate = False
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if not is_tty():
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def event(message: str, **fields) -> None:
+    """A log line whose fields also appear as keys in JSON format."""
+    log.info(message, extra={"fields": fields})
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressLog(TrainerCallback):
+    """One line per logging step (unless a progress bar shows it), one per evaluation and per save.
+
+    `counter` is the trainer's token counter: real tokens this session, read only when a line is printed.
+    """
+
+    def __init__(self, counter, show_steps: bool):
+        self.counter = counter
+        self.show_steps = show_steps
+        self.start = time.perf_counter()
+        self.first_step = 0
+        self.history: list[dict] = []  # every log record, for the loss plot and metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        self.history.append({"step": state.global_step, **logs})
+        if "eval_loss" in logs:
+            loss = logs["eval_loss"]
+            event(f"eval  step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}",
+                  step=state.global_step, eval_loss=loss, perplexity=perplexity(loss))
+        elif "loss" in logs and self.show_steps:
+            elapsed = time.perf_counter() - self.start
+            done = state.global_step - self.first_step
+            left = state.max_steps - state.global_step
+            eta = duration(elapsed / done * left) if done else "?"
+            tokens = self.counter.tokens() / elapsed if elapsed > 0 else 0.0
+            percent = 100 * state.global_step / max(1, state.max_steps)
+            event(f"train step {state.global_step}/{state.max_steps} ({percent:.0f}%) epoch {state.epoch:.2f} "
+                  f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} "
+                  f"eta {eta}", step=state.global_step, epoch=state.epoch, loss=logs["loss"],
+                  learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

@@ -1,0 +1,222 @@
+"""What the job leaves in the output directory, and how it gets there without a reader ever seeing half:
+
+    model/         final model, tokenizer, generation config, model card; COMPLETE written last
+    metrics.json   one flat object (losses, perplexity, throughput, padding, device, memory)
+    loss.png       train and eval loss curves
+    runs/          TensorBoard events
+    config.yaml    the resolved configuration, secrets redacted
+    status.json    state (running, succeeded, failed, preempted), exit code, message
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import OutputError
+
+MODEL_DIR = "model"
+COMPLETE = "COMPLETE"
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Really try: create the directory and a file in it, so permission and read-only mounts show now."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{what} {directory} is not writable ({exc.strerror or exc}); mount it read-write "
+                          f"or choose another --{what.replace(' ', '-')}.") from None
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename, readable by every user (0644)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def write_status(output_dir: Path, state: str, exit_code: int | None = None, message: str = "",
+                 **extra: Any) -> None:
+    if not output_dir.is_dir():
+        return
+    status = {"state": state, "exit_code": exit_code, "message": message,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+    with contextlib.suppress(OSError):  # the failure being reported may be this very directory
+        write_file(output_dir / "status.json", json.dumps(status, indent=2) + "\n")
+
+
+def write_termination_message(message: str, platform: str | None = None) -> None:
+    """Kubernetes shows /dev/termination-log in the pod status; SageMaker reads /opt/ml/output/failure."""
+    targets = [TERMINATION_LOG]
+    if platform == "sagemaker":
+        targets.append(Path("/opt/ml/output/failure"))
+    for target in targets:
+        try:
+            if target.parent.is_dir() and os.access(target.parent if not target.exists() else target, os.W_OK):
+                target.write_text(message[:4096] + "\n")
+        except OSError:
+            pass
+
+
+def publish_model(output_dir: Path, save: callable, card: str, marker: dict) -> Path:
+    """Stage the model beside its final place (same filesystem), then rename it into place.
+
+    `save(directory)` writes the model files; `marker` goes into COMPLETE as JSON. COMPLETE is written after
+    everything is flushed, so a reader that sees model/COMPLETE sees a whole model; a crash leaves only a hidden
+    staging folder, cleared on the next publish.
+    """
+    final = output_dir / MODEL_DIR
+    staging = output_dir / f".{MODEL_DIR}.staging-{os.getpid()}"
+    for leftover in output_dir.glob(f".{MODEL_DIR}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        save(staging)
+        (staging / "README.md").write_text(card)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
+        _fsync_tree(staging)
+        stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
+        (staging / COMPLETE).write_text(json.dumps(stamp) + "\n")
+        staging.chmod(0o755)
+        _fsync_tree(staging)
+        if final.exists():
+            retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(final)
+        _fsync_dir(output_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
+                          "output volume and rerun (training resumes from the last checkpoint).") from None
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
+    hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
+                                    "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
+                                    "packing", "seed") if k in config}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
+             "train_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
+    results = "\n".join(f"| {k} | {_fmt(metrics[k])} |" for k in shown if k in metrics)
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+base_model: {base_model}
+---
+# Fine-tuned {base_model}
+
+Fine-tuned with `finetune train` (Hugging Face Trainer) on data with fingerprint `{data_fingerprint}`.
+
+## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/model")
+tokenizer = AutoTokenizer.from_pretrained("path/to/model")
+```
+
+or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
+
+## Hyperparameters
+
+| name | value |
+| --- | --- |
+{rows}
+
+## Results
+
+| metric | value |
+| --- | --- |
+{results}
+"""
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_metrics(output_dir: Path, metrics: dict) -> None:
+    write_file(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def write_config(output_dir: Path, config: dict, sources: dict) -> None:
+    body = yaml.safe_dump(config, sort_keys=False)
+    origin = "".join(f"#   {k}: {v}\n" for k, v in sources.items() if v != "default")
+    header = "# Resolved configuration (secrets redacted). Non-default values came from:\n"
+    write_file(output_dir / "config.yaml", header + origin + body)
+
+
+def plot_losses(output_dir: Path, history: list[dict]) -> None:
+    """loss.png: training loss per logging step and eval loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Fine-tuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = output_dir / f".loss.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.chmod(0o644)
+    tmp.replace(output_dir / "loss.png")
+
+
+def remove_model(output_dir: Path) -> None:
+    """Used by --overwrite: take the old model out of view first (rename), then delete it."""
+    final = output_dir / MODEL_DIR
+    if final.exists():
+        retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
+        final.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,215 @@
+"""Finding the training files, checking them, fingerprinting them and reading them into documents.
+
+Everything here runs before a model is loaded, so a bad file costs seconds, not a GPU allocation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import glob
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import DataError
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FORMATS = {"text", "json", "csv"}  # checked for UTF-8 before loading
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+TRAIN_STEMS = ("train",)
+VALID_STEMS = ("valid", "validation", "val", "dev")
+CHUNK = 1 << 20  # bytes read at a time while hashing and checking UTF-8
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split's input: either files (grouped by loader) or a `save_to_disk` directory."""
+
+    files: tuple[Path, ...] = ()
+    saved_dataset: Path | None = None
+    split: str = "train"  # which split of a saved DatasetDict
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.saved_dataset)
+
+    def describe(self) -> str:
+        if self.saved_dataset:
+            return f"saved dataset {self.saved_dataset}"
+        return ", ".join(str(p) for p in self.files[:3]) + (f" and {len(self.files) - 3} more"
+                                                            if len(self.files) > 3 else "")
+
+
+def file_format(path: Path) -> str | None:
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    return FORMATS.get(suffixes[0].lower()) if suffixes else None
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS)
+
+
+def _expand(cfg: TrainConfig, patterns: tuple[str, ...], option: str) -> Source:
+    files: list[Path] = []
+    for pattern in patterns:
+        full = pattern if Path(pattern).is_absolute() else str(cfg.data_dir / pattern)
+        matches = sorted(Path(m) for m in glob.glob(full, recursive=True))
+        if not matches:
+            raise DataError(f"{option} {pattern!r} matches nothing under {cfg.data_dir}; "
+                            "check the name, or give a path relative to --data-dir.")
+        for match in matches:
+            if is_saved_dataset(match):
+                if len(patterns) > 1 or len(matches) > 1:
+                    raise DataError(f"{option}: a saved dataset ({match}) cannot be mixed with other inputs; "
+                                    "pass it alone.")
+                return Source(saved_dataset=match)
+            files += _supported_in(match) if match.is_dir() else [match]
+    unsupported = [p for p in files if file_format(p) is None]
+    if unsupported:
+        raise DataError(f"{unsupported[0]} has an unsupported type; use .txt, .jsonl, .json, .csv or .parquet "
+                        "(optionally .gz), or a datasets.save_to_disk directory.")
+    return Source(files=tuple(dict.fromkeys(files)))
+
+
+def _supported_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and file_format(p))
+
+
+def discover(cfg: TrainConfig) -> tuple[Source, Source]:
+    """The training and validation inputs; an empty validation Source means "split from training"."""
+    if not cfg.data_dir.is_dir() and not any(Path(p).is_absolute() for p in cfg.train_file):
+        raise DataError(f"data directory {cfg.data_dir} does not exist; mount your data there "
+                        "(docker run -v ./data:/data:ro) or set --data-dir.")
+    if cfg.train_file:
+        train = _expand(cfg, cfg.train_file, "--train-file")
+    elif is_saved_dataset(cfg.data_dir):
+        train = Source(saved_dataset=cfg.data_dir)
+    else:
+        candidates = _supported_in(cfg.data_dir)
+        named = [p for p in candidates if _stem(p) in TRAIN_STEMS]
+        held_out = {p for p in candidates if _stem(p) in VALID_STEMS + ("test",)}
+        train = Source(files=tuple(named or [p for p in candidates if p not in held_out]))
+    if not train:
+        present = ", ".join(sorted(p.name for p in cfg.data_dir.iterdir())[:8]) or "nothing"
+        raise DataError(f"no training data in {cfg.data_dir} (found: {present}); add train.txt (or .jsonl, "
+                        ".csv, .parquet) or set --train-file.")
+    if cfg.valid_file:
+        valid = _expand(cfg, cfg.valid_file, "--valid-file")
+    elif train.saved_dataset:
+        valid = _saved_validation(train.saved_dataset)
+    elif cfg.train_file:
+        valid = Source()
+    else:
+        valid = Source(files=tuple(p for p in _supported_in(cfg.data_dir) if _stem(p) in VALID_STEMS))
+    return train, valid
+
+
+def _stem(path: Path) -> str:
+    return path.name.split(".")[0].lower()
+
+
+def fingerprint(source: Source) -> str:
+    """A hash of the inputs' bytes (not their names or times), checking text files are UTF-8 on the way."""
+    digest = hashlib.blake2b(digest_size=16)
+    paths = sorted(p for p in source.saved_dataset.rglob("*") if p.is_file()) if source.saved_dataset \
+        else list(source.files)
+    for path in paths:
+        check_utf8 = source.saved_dataset is None and file_format(path) in TEXT_FORMATS
+        digest.update(_hash_file(path, check_utf8).encode())
+    return digest.hexdigest()
+
+
+def _hash_file(path: Path, check_utf8: bool) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        opener = gzip.open if path.suffix == ".gz" else contextlib.nullcontext
+        with path.open("rb") as raw, opener(raw) as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                if check_utf8:
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as exc:
+                        raise DataError(f"{path} is not valid UTF-8 (byte {offset + exc.start}); convert it, "
+                                        "e.g. iconv -f latin1 -t utf-8, or remove it.") from None
+                offset += len(chunk)
+            if check_utf8:
+                decoder.decode(b"", final=True)
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, gzip.BadGzipFile | EOFError):
+            raise DataError(f"{path} is not a valid gzip file ({exc}); re-compress it or remove it.") from None
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}); check it exists and is readable "
+                        "by this user.") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} ends inside a UTF-8 character (byte {offset + exc.start}); "
+                        "fix the file's encoding.") from None
+    if offset == 0:
+        raise DataError(f"{path} is empty; remove it or add text.")
+    return digest.hexdigest()
+
+
+def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
+    """A `datasets.Dataset` with one column, `text`, one non-empty document per row."""
+    import datasets
+
+    if source.saved_dataset:
+        ds = _load_saved(source, cfg.text_field)
+    else:
+        parts = []
+        by_loader: dict[str, list[str]] = {}
+        for path in source.files:
+            by_loader.setdefault(file_format(path), []).append(str(path))
+        for loader, files in sorted(by_loader.items()):
+            kwargs = {"sample_by": {"file": "document"}.get(cfg.txt_split, cfg.txt_split)} if loader == "text" \
+                else {}
+            try:
+                part = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir),
+                                             **kwargs)
+            except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
+                cause = exc.__cause__ or exc
+                first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+                raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
+                    from None
+            field = "text" if loader == "text" else cfg.text_field
+            parts.append(_text_column(part, field, files[0]))
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{source.describe()} contains no text; check --text-field and the files' contents.")
+    return ds
+
+
+def _load_saved(source: Source, field: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(str(source.saved_dataset))
+    if isinstance(loaded, datasets.DatasetDict):
+        if source.split not in loaded:
+            raise DataError(f"saved dataset {source.saved_dataset} has splits {', '.join(loaded)} but no "
+                            f"{source.split!r}; save one, or pass --train-file/--valid-file.")
+        loaded = loaded[source.split]
+    return _text_column(loaded, field, source.describe())
+
+
+def _text_column(ds, field: str, where: str):
+    if field not in ds.column_names:
+        raise DataError(f"{where} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
+                        "set --text-field to the one holding the text.")
+    if ds.features[field].dtype != "string":
+        raise DataError(f"field {field!r} in {where} holds {ds.features[field].dtype}, not text; "
+                        "set --text-field to a text field.")
+    ds = ds.select_columns([field])
+    return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def _saved_validation(path: Path) -> Source:
+    """The validation split saved beside `train` in a DatasetDict, read from its index, not loaded."""
+    index = path / "dataset_dict.json"
+    splits = json.loads(index.read_text()).get("splits", []) if index.is_file() else []
+    name = next((s for s in ("validation", "valid", "test") if s in splits), None)
+    return Source(saved_dataset=path, split=name) if name else Source()

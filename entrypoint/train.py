@@ -1,0 +1,263 @@
+"""The training job: resolve -> check -> data -> model -> Trainer -> publish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+
+from . import checkpoints, data, outputs
+from .checks import Plan, preflight
+from .config import TrainConfig, as_dict
+from .errors import ConfigError, ModelLoadError, OutOfMemory
+from .logs import ProgressLog, event, is_tty, perplexity
+
+log = logging.getLogger(__name__)
+# Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
+COSMETIC = {"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir", "cache_dir",
+            "logging_steps", "resume", "overwrite"}
+
+
+def run(cfg: TrainConfig, sources: dict[str, str]) -> dict:
+    """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures."""
+    plan = preflight(cfg)
+    if already_published(cfg):
+        return outputs.read_json(cfg.output_dir / "metrics.json") or {}
+    outputs.write_status(cfg.output_dir, "running")
+    outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
+    event(f"plan: device {plan.device}, precision {plan.precision}, block size {plan.block_size}",
+          device=plan.device, precision=plan.precision, block_size=plan.block_size)
+
+    tokenizer = load_tokenizer(cfg)
+    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size)
+    model = load_model(cfg)
+    resume = checkpoints.latest_complete(cfg.model_checkpoint_dir) if cfg.resume else None
+    if resume:
+        event(f"resume: from {resume}", checkpoint=str(resume))
+    elif not cfg.resume:
+        event("resume: disabled by --no-resume; starting fresh")
+    trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        final = final_evaluation(trainer, progress)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(f"out of GPU memory at --batch-size {cfg.batch_size}, --block-size {plan.block_size}; "
+                          "lower --batch-size (raise --grad-accum to keep the effective batch) or add "
+                          "--gradient-checkpointing.") from None
+
+    metrics = summarize(cfg, plan, trainer, result, final, progress, stats)
+    card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), metrics)
+
+    def save(directory: Path) -> None:
+        trainer.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)})
+    outputs.write_metrics(cfg.output_dir, metrics)
+    outputs.plot_losses(cfg.output_dir, progress.history)
+    outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
+    return metrics
+
+
+def final_evaluation(trainer, progress: ProgressLog) -> dict:
+    """The last evaluation when it scored the model being published; otherwise evaluate now."""
+    last = next((h for h in reversed(progress.history) if "eval_loss" in h), None)
+    best_loaded = trainer.args.load_best_model_at_end
+    if last and last["step"] == trainer.state.global_step and not best_loaded:
+        return last
+    return trainer.evaluate()
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    relevant = {k: v for k, v in as_dict(cfg, redact=True).items() if k not in COSMETIC}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def already_published(cfg: TrainConfig) -> bool:
+    """A retried Job after success does nothing; a different configuration over a model needs --overwrite."""
+    marker = outputs.read_json(cfg.output_dir / outputs.MODEL_DIR / outputs.COMPLETE)
+    if not (cfg.output_dir / outputs.MODEL_DIR).exists():
+        return False
+    if marker and marker.get("config_hash") == config_hash(cfg) and not cfg.overwrite:
+        event(f"done already: {cfg.output_dir / outputs.MODEL_DIR} was published by this configuration; "
+              "nothing to do (use --overwrite to train again)")
+        return True
+    if not cfg.overwrite:
+        raise ConfigError(f"{cfg.output_dir / outputs.MODEL_DIR} holds a model from a different configuration; "
+                          "use another --output-dir, or --overwrite to replace it.")
+    return False
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
+                             "the model directory needs tokenizer files.") from None
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{cfg.model!r} has no fast tokenizer with an EOS token; save one with "
+                             "tokenizer.json (transformers' PreTrainedTokenizerFast).")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used under an attention mask of 0
+    return tokenizer
+
+
+def load_model(cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
+                                                     token=cfg.hub_token)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
+                             "check the directory has model.safetensors, or the Hub id and HF_TOKEN.") from None
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+class TokenCounter:
+    """Real (non-padding) tokens and all positions the training loop consumed, kept on the device so counting
+    costs no synchronisation; read only when a log line is printed."""
+
+    def __init__(self):
+        self.real = self.positions = None
+
+    def add(self, inputs: dict) -> None:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+        self.real = real if self.real is None else self.real + real
+        self.positions = ids.numel() + (self.positions or 0)
+
+    def tokens(self) -> int:
+        return int(self.real.item()) if self.real is not None else 0
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer plus token counting and a completion marker on every checkpoint."""
+
+    def __init__(self, *args, counter: TokenCounter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counter = counter
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.counter.add(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and path.is_dir():
+            checkpoints.mark_complete(path, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            event(f"checkpoint: saved {path.name} in {seconds:.1f} s (size the grace period above this)",
+                  checkpoint=str(path), save_seconds=seconds)
+
+
+def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval_ds, fresh: bool):
+    """`fresh` runs also evaluate before the first step, so metrics show what training gained."""
+    cuda = plan.device != "cpu"
+    eval_steps = cfg.eval_steps
+    if cfg.early_stopping_patience and not eval_steps:
+        eval_steps = cfg.save_steps  # the best model must have a checkpoint to come back to
+    report = [r.strip() for r in cfg.report_to.split(",") if r.strip() not in ("none", "tensorboard", "")]
+    quiet = not is_tty() or cfg.log_format == "json"
+    args = TrainingArguments(
+        output_dir=str(cfg.model_checkpoint_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        eval_strategy="steps" if eval_steps else "epoch",
+        eval_steps=eval_steps,
+        eval_on_start=fresh,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=bool(cfg.early_stopping_patience),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to=report or "none",
+        disable_tqdm=quiet,
+        dataloader_num_workers=2 if cuda else 0,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+    )
+    counter = TokenCounter()
+    progress = ProgressLog(counter, show_steps=quiet)
+    callbacks = [progress]
+    if "tensorboard" in cfg.report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(cfg.runs_dir)  # it re-opens its writer after training, for the last eval
+        callbacks.append(tensorboard)
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    collator = data.PackedCollator() if cfg.packing else data.PaddingCollator(tokenizer.pad_token_id,
+                                                                              plan.block_size)
+    # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
+    trainer = FinetuneTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
+                              eval_dataset=eval_ds, callbacks=callbacks, counter=counter)
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
+    return trainer, progress
+
+
+def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressLog, stats) -> dict:
+    counter: TokenCounter = trainer.counter
+    real = counter.real if counter.real is not None else torch.tensor(0)
+    positions = torch.tensor(counter.positions or 0, device=real.device)
+    real, positions = (int(trainer.accelerator.reduce(t, reduction="sum").item()) for t in (real, positions))
+    runtime = result.metrics.get("train_runtime", 0.0)
+    evals = [h for h in progress.history if "eval_loss" in h]
+    initial = [h["eval_loss"] for h in evals if h["step"] == 0]
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "eval_loss": final["eval_loss"],
+        "perplexity": perplexity(final["eval_loss"]),
+        "best_eval_loss": min([h["eval_loss"] for h in evals] or [final["eval_loss"]]),
+        **({"initial_eval_loss": initial[0]} if initial else {}),
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "train_runtime": runtime,
+        "train_tokens": real,
+        "useful_tokens_per_second": real / runtime if runtime else 0.0,
+        "padding_fraction": 1 - real / positions if positions else 0.0,
+        "world_size": trainer.args.world_size,
+        "device": plan.device,
+        "precision": plan.precision,
+        "peak_memory_bytes": peak,
+        "block_size": plan.block_size,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "data_prepare_seconds": stats.prepare_seconds,
+        "data_cache_hit": stats.cache_hit,
+        "train_documents": stats.train_documents,
+        "dropped_tokens": stats.dropped_tokens,
+    }
