@@ -117,9 +117,10 @@ def load_model(cfg: TrainConfig):
         # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
                                                      token=cfg.hub_token)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
-                             "check the directory has model.safetensors, or the Hub id and HF_TOKEN.") from None
+    except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
+        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}); check the directory has a complete "
+                             "model.safetensors, or the Hub id and HF_TOKEN.") from None
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model
@@ -199,7 +200,7 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         greater_is_better=False,
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         report_to=report or "none",
         disable_tqdm=quiet,
         dataloader_num_workers=2 if cuda else 0,

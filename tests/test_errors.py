@@ -1,0 +1,176 @@
+"""Bad input of every kind: a one-line error naming the fix, the documented exit code, nothing published."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from entrypoint.errors import ExitCode
+from tests.helpers import FAST_TRAIN, clean_env, finetune
+
+
+def no_data(data: Path, model: Path) -> list[str]:
+    shutil.rmtree(data)
+    return []
+
+
+def empty_dir(data: Path, model: Path) -> list[str]:
+    for path in data.iterdir():
+        path.unlink()
+    return []
+
+
+def not_utf8(data: Path, model: Path) -> list[str]:
+    (data / "train.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    return []
+
+
+def empty_file(data: Path, model: Path) -> list[str]:
+    (data / "train.txt").write_text("")
+    return []
+
+
+def jsonl_without_field(data: Path, model: Path) -> list[str]:
+    (data / "train.txt").unlink()
+    (data / "train.jsonl").write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(50)))
+    return []
+
+
+def glob_matches_nothing(data: Path, model: Path) -> list[str]:
+    return ["--train-file", "nothing-*.txt"]
+
+
+def unsupported_type(data: Path, model: Path) -> list[str]:
+    (data / "notes.docx").write_bytes(b"PK\x03\x04")
+    return ["--train-file", "notes.docx"]
+
+
+def corrupt_gzip(data: Path, model: Path) -> list[str]:
+    packed = gzip.compress((data / "train.txt").read_bytes())
+    (data / "train.txt").unlink()
+    (data / "train.txt.gz").write_bytes(packed[: len(packed) // 2])
+    return []
+
+
+def too_little_text(data: Path, model: Path) -> list[str]:
+    (data / "train.txt").write_text("tiny\nfile\n")
+    (data / "valid.txt").write_text("tiny\n")
+    return []
+
+
+def model_dir_without_config(data: Path, model: Path) -> list[str]:
+    (model / "config.json").unlink()
+    return []
+
+
+def corrupt_weights(data: Path, model: Path) -> list[str]:
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    return []
+
+
+def offline_hub_model(data: Path, model: Path) -> list[str]:
+    return ["--model", "no-such-org/no-such-model"]
+
+
+def block_beyond_positions(data: Path, model: Path) -> list[str]:
+    return ["--block-size", "4096"]
+
+
+def fp16_on_cpu(data: Path, model: Path) -> list[str]:
+    return ["--precision", "fp16"]
+
+
+def zero_batch(data: Path, model: Path) -> list[str]:
+    return ["--batch-size", "0"]
+
+
+def non_numeric_lr(data: Path, model: Path) -> list[str]:
+    return ["--learning-rate", "fast"]
+
+
+def bad_nproc(data: Path, model: Path) -> list[str]:
+    return ["--nproc-per-node", "two"]
+
+
+def missing_preset(data: Path, model: Path) -> list[str]:
+    return ["--preset", "no-such-preset"]
+
+
+def save_not_multiple_of_eval(data: Path, model: Path) -> list[str]:
+    return ["--early-stopping-patience", "2", "--eval-steps", "3", "--save-steps", "8"]
+
+
+def output_under_a_file(data: Path, model: Path) -> list[str]:
+    (data.parent / "a-file").write_text("x")
+    return ["--output-dir", str(data.parent / "a-file" / "out")]
+
+
+def huge_validation_split(data: Path, model: Path) -> list[str]:
+    return ["--validation-split", "90"]
+
+
+CASES = [
+    (no_data, ExitCode.DATA, "does not exist"),
+    (empty_dir, ExitCode.DATA, "no training data"),
+    (not_utf8, ExitCode.DATA, "not valid UTF-8"),
+    (empty_file, ExitCode.DATA, "is empty"),
+    (jsonl_without_field, ExitCode.DATA, "no field 'text'"),
+    (glob_matches_nothing, ExitCode.DATA, "matches nothing"),
+    (unsupported_type, ExitCode.DATA, "unsupported type"),
+    (corrupt_gzip, ExitCode.DATA, "gzip"),
+    (too_little_text, ExitCode.DATA, "fewer than --block-size"),
+    (model_dir_without_config, ExitCode.MODEL, "not a model directory"),
+    (corrupt_weights, ExitCode.MODEL, "cannot load model weights"),
+    (offline_hub_model, ExitCode.MODEL, "HF_HUB_OFFLINE=1"),
+    (block_beyond_positions, ExitCode.USAGE, "exceeds the model's 128 positions"),
+    (fp16_on_cpu, ExitCode.USAGE, "needs a CUDA GPU"),
+    (zero_batch, ExitCode.USAGE, "--batch-size"),
+    (non_numeric_lr, ExitCode.USAGE, "--learning-rate"),
+    (bad_nproc, ExitCode.USAGE, "--nproc-per-node"),
+    (missing_preset, ExitCode.USAGE, "not found"),
+    (save_not_multiple_of_eval, ExitCode.USAGE, "multiple of --eval-steps"),
+    (output_under_a_file, ExitCode.OUTPUT, "not writable"),
+    (huge_validation_split, ExitCode.USAGE, "--validation-split"),
+]
+
+
+@pytest.mark.parametrize(("breaks", "code", "says"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input_fails_cleanly(tmp_path, data_dir, tiny_model, breaks, code, says):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    args = breaks(data_dir, model)
+    env = clean_env(**{**FAST_TRAIN, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data_dir),
+                       "FINETUNE_OUTPUT_DIR": str(out)})
+    result = finetune("train", *args, env=env)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "Error:"))]
+    assert errors, result.stderr
+    assert not (out / "model").exists()
+    if (out / "status.json").exists():
+        status = json.loads((out / "status.json").read_text())
+        assert (status["state"], status["exit_code"]) == ("failed", code)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, tiny_model):
+    env = clean_env(FINETUNE_MODEL=str(tiny_model), FINETUNE_DATA_DIR=str(tmp_path / "missing"),
+                    FINETUNE_OUTPUT_DIR=str(tmp_path / "out"), FINETUNE_BLOCK_SIZE="4096",
+                    FINETUNE_NPROC_PER_NODE="many")
+    result = finetune("train", env=env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, result.stderr
+    assert result.returncode == ExitCode.USAGE  # the most fundamental problem decides the code
+
+
+def test_exit_code_table_in_readme_matches_the_code():
+    from entrypoint.errors import DESCRIPTIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code, description in DESCRIPTIONS.items():
+        assert f"| {int(code)} | `{code.name}` | {description} |" in readme, f"README lacks exit code {int(code)}"
