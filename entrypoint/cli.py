@@ -95,6 +95,8 @@ def handled(output_dir_of=None):
                 return fn(*args, **kwargs)
             except FinetuneError as exc:
                 code, lines = exc.code, exc.problems
+            except KeyboardInterrupt:  # a signal before training installed its own handler: nothing to save
+                code, lines = ExitCode.PREEMPTED, ["interrupted before training started; rerun the same command."]
             except Exception:
                 code = ExitCode.INTERNAL
                 traceback.print_exc()

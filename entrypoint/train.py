@@ -15,8 +15,9 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traini
 from . import checkpoints, data, outputs
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
-from .errors import ConfigError, ModelLoadError, OutOfMemory
+from .errors import ConfigError, ModelLoadError, OutOfMemory, OutputError, Preempted
 from .logs import ProgressLog, event, is_tty, perplexity
+from .preemption import StopOnSignal, StopRequest
 
 log = logging.getLogger(__name__)
 # Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
@@ -29,6 +30,7 @@ def run(cfg: TrainConfig, sources: dict[str, str]) -> dict:
     plan = preflight(cfg)
     if already_published(cfg):
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
+    stop = StopRequest().install()
     outputs.write_status(cfg.output_dir, "running")
     outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
     event(f"plan: device {plan.device}, precision {plan.precision}, block size {plan.block_size}",
@@ -37,14 +39,20 @@ def run(cfg: TrainConfig, sources: dict[str, str]) -> dict:
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size)
     model = load_model(cfg)
+    stop.raise_if_requested("before training started")
     resume = checkpoints.latest_complete(cfg.model_checkpoint_dir) if cfg.resume else None
     if resume:
         event(f"resume: from {resume}", checkpoint=str(resume))
     elif not cfg.resume:
         event("resume: disabled by --no-resume; starting fresh")
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
+    trainer.add_callback(StopOnSignal(stop))
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if stop.requested:
+            saved = cfg.model_checkpoint_dir / f"checkpoint-{trainer.state.global_step}"
+            raise Preempted(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of "
+                            f"{trainer.state.max_steps}; {saved} is complete; rerun the same command to resume.")
         final = final_evaluation(trainer, progress)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of GPU memory at --batch-size {cfg.batch_size}, --block-size {plan.block_size}; "
@@ -158,13 +166,27 @@ class FinetuneTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
-        super()._save_checkpoint(model, trial)
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not is_io_error(exc):
+                raise
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:100]
+            raise OutputError(f"cannot save {path.name} to {path.parent} ({reason}); free space or lower "
+                              "--save-total-limit, then rerun: the previous checkpoint is intact.") from None
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is on disk before the marker says so
         if self.args.should_save and path.is_dir():
             checkpoints.mark_complete(path, time.perf_counter() - start)
             seconds = time.perf_counter() - start
             event(f"checkpoint: saved {path.name} in {seconds:.1f} s (size the grace period above this)",
                   checkpoint=str(path), save_seconds=seconds)
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """torch.save reports a full disk as RuntimeError("... failed writing file ..."), safetensors as OSError."""
+    text = str(exc).lower()
+    return isinstance(exc, OSError) or ("writ" in text and ("fail" in text or "space" in text))
 
 
 def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval_ds, fresh: bool):
