@@ -281,6 +281,20 @@ def test_read_only_root_has_writable_tmp_and_cache_from_emptydirs(overlay):
 
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mounts_name_pod_volumes_and_claims_are_the_storage_pvcs(overlay):
+    claims = {o["metadata"]["name"] for o in render("storage") if o["kind"] == "PersistentVolumeClaim"}
+    for where, template in pod_templates(render(overlay)):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for c in containers(template["spec"]):
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{overlay}: {where} {c['name']}: no volume {m['name']}"
+        for v in volumes.values():
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, f"{overlay}: {v}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_data_is_read_only_and_shm_is_bounded_memory(overlay):
     for where, template in pod_templates(render(overlay)):
         spec = template["spec"]
