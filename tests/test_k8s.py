@@ -7,19 +7,21 @@ Needs only kubectl (for `kubectl kustomize`, which works without a cluster); no 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import os
 import re
 import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
 
+import click
 import kubernetes_validate
 import pytest
 import yaml
 
+from entrypoint import cli as finetune_cli
 from entrypoint import config
-from entrypoint.errors import DESCRIPTIONS, PERMANENT, ExitCode
+from entrypoint.errors import DESCRIPTIONS, PERMANENT, ExitCode, FinetuneError
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -362,39 +364,81 @@ def test_training_env_comes_from_the_config_map_and_an_optional_token(overlay):
         assert token["optional"] is True, f"{overlay}: a missing hf-token Secret would block the pod"
 
 
-TRAIN_FIELDS = config.fields(config.TrainConfig)
+TRAIN_COMMAND = finetune_cli.cli.commands["train"]
+# Every env var `finetune train` reads: the TrainConfig fields plus FINETUNE_PRESET (--preset).
+TRAIN_ENV = {p.envvar for p in TRAIN_COMMAND.params if p.envvar}
+TRAIN_FIELD_ENV = {config.env_name(n) for n in config.fields(config.TrainConfig)}
 
 
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_finetune_env_names_are_train_options_with_valid_values(overlay):
+def test_finetune_env_names_are_train_config_fields(overlay):
     objects = render(overlay)
-    values = dict(config_map(objects))
-    assert all(k.startswith(config.ENV_PREFIX) for k in values), f"{overlay}: non-FINETUNE_ key in ConfigMap"
-    names = set(values)
+    names = set(config_map(objects))
+    assert all(k.startswith(config.ENV_PREFIX) for k in names), f"{overlay}: non-FINETUNE_ key in ConfigMap"
     for _, template in pod_templates(objects):
         for c in containers(template["spec"]):
             names |= {e["name"] for e in c.get("env", []) if e["name"].startswith(config.ENV_PREFIX)}
-    by_env = {config.env_name(n): n for n in TRAIN_FIELDS}
-    unknown = sorted(names - set(by_env))
+    assert "FINETUNE_PRESET" in TRAIN_ENV  # --preset: the one option that is not a TrainConfig field
+    unknown = sorted(names - TRAIN_FIELD_ENV - {"FINETUNE_PRESET"})
     assert not set(unknown) - PENDING_OPTIONS, f"{overlay}: not finetune options: {unknown}"
-    # The values must pass the CLI's own coercion and checks.
-    known = {by_env[k]: config.coerce(TRAIN_FIELDS[by_env[k]], v, overlay)
-             for k, v in values.items() if k in by_env}
-    cfg = dataclasses.replace(config.TrainConfig(), **known)
-    assert config.check_values(cfg) == [], overlay
     if unknown:
         pytest.xfail(f"{', '.join(unknown)} not yet fields of entrypoint.config.TrainConfig "
                      "(multi-node options the lead adds to the CLI)")
 
 
+def parse_command(container: dict, env: dict[str, str], monkeypatch) -> tuple[str, object]:
+    """What the container's `finetune ARGS` resolves to, through the real CLI with the pod's environment,
+    without running it: the config object (TrainConfig, InitModelConfig) or the parsed parameters."""
+    for name in list(os.environ):
+        if name.startswith((config.ENV_PREFIX, "SM_", "AIP_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = container["args"]
+    parent = click.Context(finetune_cli.cli, info_name="finetune")
+    command = finetune_cli.cli.get_command(parent, args[0])
+    assert command is not None, f"{container['name']}: finetune has no command {args[0]!r}"
+    try:
+        ctx = command.make_context(args[0], list(args[1:]), parent=parent)
+        with ctx:
+            schema = {"train": config.TrainConfig, "prepare": config.TrainConfig,
+                      "init-model": config.InitModelConfig}.get(args[0])
+            if schema is None:
+                return args[0], ctx.params
+            cfg, _ = finetune_cli.resolve(schema, ctx.params, ctx.params.get("preset"))
+    except (click.ClickException, FinetuneError) as exc:
+        pytest.fail(f"{container['name']}: finetune {' '.join(args)}: {exc}")
+    assert config.check_values(cfg) == [], container["name"]
+    return args[0], cfg
+
+
+def pod_env(container: dict, objects: list[dict]) -> dict[str, str]:
+    """The FINETUNE_* environment the container starts with (a downward-API index reads as 0)."""
+    env = dict(config_map(objects)) if container.get("envFrom") else {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = "0"
+    return {k: v for k, v in env.items() if k.startswith(config.ENV_PREFIX)}
+
+
 @needs_kubectl
-def test_smoke_preset_is_shipped():
-    train = training_container(pod_templates(render("cpu-smoke"))[0][1]["spec"])
-    preset = train["args"][train["args"].index("--preset") + 1]
-    if not (config.PRESET_DIR / f"{preset}.yaml").is_file():
-        pytest.xfail(f"preset {preset!r} not yet in {config.PRESET_DIR} (the lead's CLI work)")
-    config.load_preset(preset)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_command_parses_with_the_cli(overlay, monkeypatch):
+    objects = render(overlay)
+    expected = {"prepare": "prepare"}.get(overlay, "train")
+    for _, template in pod_templates(objects):
+        for c in containers(template["spec"]):
+            command, cfg = parse_command(c, pod_env(c, objects), monkeypatch)
+            if c["name"] in TRAINING_CONTAINERS:
+                assert command == expected, overlay
+                # It reads and writes where the volumes are, not on the read-only root filesystem.
+                mounts = {m["name"]: Path(m["mountPath"]) for m in c["volumeMounts"]}
+                assert cfg.data_dir == mounts["data"], overlay
+                assert cfg.output_dir.is_relative_to(mounts["output"]), overlay
+                assert cfg.data_cache_dir.is_relative_to(mounts["output"]), "the dataset cache must survive a retry"
 
 
 @needs_kubectl
@@ -480,17 +524,19 @@ def test_pytorchjob_runs_the_base_pod_template():
 
 
 @needs_kubectl
-def test_cpu_smoke_needs_neither_gpu_nor_hub():
-    spec = one(render("cpu-smoke"), "Job")["spec"]["template"]["spec"]
-    values = config_map(render("cpu-smoke"))
+def test_cpu_smoke_trains_what_its_init_containers_wrote_without_gpu_or_hub(monkeypatch):
+    objects = render("cpu-smoke")
+    spec = one(objects, "Job")["spec"]["template"]["spec"]
     init = {c["name"]: c for c in spec["initContainers"]}
-    assert init["corpus"]["args"][:1] == ["corpus"] and init["init-model"]["args"][:1] == ["init-model"]
-    out = init["init-model"]["args"][init["init-model"]["args"].index("--output-dir") + 1]
-    assert values["FINETUNE_MODEL"] == out, "training must start from the model init-model wrote"
-    corpus_dir = init["corpus"]["args"][init["corpus"]["args"].index("--output-dir") + 1]
-    assert values["FINETUNE_DATA_DIR"] == corpus_dir
     train = training_container(spec)
+    _, corpus = parse_command(init["corpus"], pod_env(init["corpus"], objects), monkeypatch)
+    _, model = parse_command(init["init-model"], pod_env(init["init-model"], objects), monkeypatch)
+    _, cfg = parse_command(train, pod_env(train, objects), monkeypatch)
+    assert model.corpus == corpus["output_dir"] / "train.txt"
+    assert cfg.data_dir == corpus["output_dir"], "training must read the corpus the init container wrote"
+    assert Path(cfg.model) == model.output_dir, "training must start from the model init-model wrote"
+    assert cfg.max_steps is not None and cfg.max_steps <= 100, "the smoke preset should train a few steps"
+    assert cfg.output_dir != Path("/output"), "the smoke model must not overwrite a real one"
     assert {"name": "HF_HUB_OFFLINE", "value": "1"} in train["env"]
-    assert values["FINETUNE_OUTPUT_DIR"] != "/output", "the smoke model must not overwrite a real one"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["data"] and "persistentVolumeClaim" not in volumes["data"]
