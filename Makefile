@@ -17,7 +17,7 @@ VENV_STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help
 help: ## List the targets.
-	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*?##/ {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_-]+:.*?##/ {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)}' $(MAKEFILE_LIST)
 
 ##@ Development
 
@@ -62,5 +62,25 @@ clean: ## Remove the virtualenv, demo files, output and caches.
 ##@ Container
 
 ##@ Kubernetes
+
+# kubectl with its context and namespace, e.g. KUBECTL='kubectl --context gpu-cluster -n ml'.
+KUBECTL ?= kubectl
+OVERLAY ?= single-gpu
+K8S_BUILD ?= build/k8s
+OVERLAYS := $(notdir $(wildcard k8s/overlays/*))
+
+.PHONY: k8s-render
+k8s-render: ## Render every overlay offline into build/k8s/<overlay>.yaml (kubectl kustomize; no cluster needed).
+	@mkdir -p $(K8S_BUILD)
+	@for o in $(OVERLAYS); do $(KUBECTL) kustomize k8s/overlays/$$o > $(K8S_BUILD)/$$o.yaml || exit 1; \
+		echo "$(K8S_BUILD)/$$o.yaml"; done
+
+.PHONY: k8s-apply
+k8s-apply: ## Submit one overlay: make k8s-apply OVERLAY=multi-gpu (the PVCs first: kubectl apply -k k8s/storage).
+	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
+
+.PHONY: k8s-delete
+k8s-delete: ## Delete one overlay's Job, pods and ConfigMap (never the PVCs, so the model stays).
+	$(KUBECTL) delete -k k8s/overlays/$(OVERLAY) --ignore-not-found
 
 ##@ Benchmarks
