@@ -197,13 +197,19 @@ def _load_saved(source: Source, field: str):
 
 
 def _text_column(ds, field: str, where: str):
+    import datasets
+
     if field not in ds.column_names:
         raise DataError(f"{where} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
                         "set --text-field to the one holding the text.")
-    if ds.features[field].dtype != "string":
-        raise DataError(f"field {field!r} in {where} holds {ds.features[field].dtype}, not text; "
-                        "set --text-field to a text field.")
+    feature = ds.features[field]  # a Value, or a List/dict/Json without a dtype for nested fields
+    dtype = getattr(feature, "dtype", type(feature).__name__)
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"field {field!r} in {where} holds {dtype}, not text; set --text-field to a text field.")
     ds = ds.select_columns([field])
+    if dtype == "large_string":
+        # pandas 3 (the csv loader) and polars write large_string; one type lets the parts concatenate.
+        ds = ds.cast_column(field, datasets.Value("string"))
     return ds.rename_column(field, "text") if field != "text" else ds
 
 
