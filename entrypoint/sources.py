@@ -11,6 +11,7 @@ import glob
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +141,8 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
                 offset += len(chunk)
             if check_utf8:
                 decoder.decode(b"", final=True)
-    except (OSError, EOFError) as exc:
-        if isinstance(exc, gzip.BadGzipFile | EOFError):
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error):
             raise DataError(f"{path} is not a valid gzip file ({exc}); re-compress it or remove it.") from None
         raise DataError(f"cannot read {path} ({exc.strerror or exc}); check it exists and is readable "
                         "by this user.") from None
