@@ -133,13 +133,16 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
             while chunk := stream.read(CHUNK):
                 digest.update(chunk)
                 if check_utf8:
+                    # Where the decoder's input starts: it still holds any character split across chunks.
+                    base = offset - len(decoder.getstate()[0])
                     try:
                         decoder.decode(chunk)
                     except UnicodeDecodeError as exc:
-                        raise DataError(f"{path} is not valid UTF-8 (byte {offset + exc.start}); convert it, "
+                        raise DataError(f"{path} is not valid UTF-8 (byte {base + exc.start}); convert it, "
                                         "e.g. iconv -f latin1 -t utf-8, or remove it.") from None
                 offset += len(chunk)
             if check_utf8:
+                base = offset - len(decoder.getstate()[0])
                 decoder.decode(b"", final=True)
     except (OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error):
@@ -147,7 +150,7 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
         raise DataError(f"cannot read {path} ({exc.strerror or exc}); check it exists and is readable "
                         "by this user.") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} ends inside a UTF-8 character (byte {offset + exc.start}); "
+        raise DataError(f"{path} ends inside a UTF-8 character (byte {base + exc.start}); "
                         "fix the file's encoding.") from None
     if offset == 0:
         raise DataError(f"{path} is empty; remove it or add text.")
