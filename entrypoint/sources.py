@@ -11,6 +11,7 @@ import glob
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,21 +133,24 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
             while chunk := stream.read(CHUNK):
                 digest.update(chunk)
                 if check_utf8:
+                    # Where the decoder's input starts: it still holds any character split across chunks.
+                    base = offset - len(decoder.getstate()[0])
                     try:
                         decoder.decode(chunk)
                     except UnicodeDecodeError as exc:
-                        raise DataError(f"{path} is not valid UTF-8 (byte {offset + exc.start}); convert it, "
+                        raise DataError(f"{path} is not valid UTF-8 (byte {base + exc.start}); convert it, "
                                         "e.g. iconv -f latin1 -t utf-8, or remove it.") from None
                 offset += len(chunk)
             if check_utf8:
+                base = offset - len(decoder.getstate()[0])
                 decoder.decode(b"", final=True)
-    except (OSError, EOFError) as exc:
-        if isinstance(exc, gzip.BadGzipFile | EOFError):
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error):
             raise DataError(f"{path} is not a valid gzip file ({exc}); re-compress it or remove it.") from None
         raise DataError(f"cannot read {path} ({exc.strerror or exc}); check it exists and is readable "
                         "by this user.") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} ends inside a UTF-8 character (byte {offset + exc.start}); "
+        raise DataError(f"{path} ends inside a UTF-8 character (byte {base + exc.start}); "
                         "fix the file's encoding.") from None
     if offset == 0:
         raise DataError(f"{path} is empty; remove it or add text.")
@@ -168,8 +172,10 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
             kwargs = {"sample_by": {"file": "document"}.get(cfg.txt_split, cfg.txt_split)} if loader == "text" \
                 else {}
             try:
+                # datasets keys its own cache on path and mtime, so bytes changed under an unchanged mtime
+                # (cp -p, rsync -t, archives) would load stale rows; only a cache miss of ours gets here.
                 part = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir),
-                                             **kwargs)
+                                             download_mode="force_redownload", **kwargs)
             except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
                 cause = exc.__cause__ or exc
                 first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
@@ -197,13 +203,19 @@ def _load_saved(source: Source, field: str):
 
 
 def _text_column(ds, field: str, where: str):
+    import datasets
+
     if field not in ds.column_names:
         raise DataError(f"{where} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
                         "set --text-field to the one holding the text.")
-    if ds.features[field].dtype != "string":
-        raise DataError(f"field {field!r} in {where} holds {ds.features[field].dtype}, not text; "
-                        "set --text-field to a text field.")
+    feature = ds.features[field]  # a Value, or a List/dict/Json without a dtype for nested fields
+    dtype = getattr(feature, "dtype", type(feature).__name__)
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"field {field!r} in {where} holds {dtype}, not text; set --text-field to a text field.")
     ds = ds.select_columns([field])
+    if dtype == "large_string":
+        # pandas 3 (the csv loader) and polars write large_string; one type lets the parts concatenate.
+        ds = ds.cast_column(field, datasets.Value("string"))
     return ds.rename_column(field, "text") if field != "text" else ds
 
 
