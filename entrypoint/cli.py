@@ -107,7 +107,7 @@ def handled(output_dir_of=None):
             message = " | ".join(lines)
             outputs.write_termination_message(message, schema.platform_defaults(os.environ)[0])
             output_dir = _output_dir(output_dir_of, kwargs)
-            if output_dir is not None:
+            if output_dir is not None and os.environ.get("RANK", "0") == "0":
                 state = "preempted" if code == ExitCode.PREEMPTED else "failed"
                 outputs.write_status(output_dir, state, int(code), message)
             sys.exit(int(code))
@@ -128,10 +128,19 @@ def _train_output_dir(kwargs) -> Path:
     return kwargs.get("output_dir") or Path("/output")
 
 
-def setup_logs(cfg: TrainConfig | None = None) -> None:
+def setup_logs(cfg: TrainConfig | None = None, rank: int = 0) -> None:
     from . import logs
 
-    logs.setup(cfg.log_format if cfg else "text")
+    logs.setup(cfg.log_format if cfg else "text", rank)
+
+
+def this_process():
+    """Rank, local rank and world size from the variables torchrun sets."""
+    from .launch import Dist
+
+    env = os.environ
+    return Dist(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
+                world_size=int(env.get("WORLD_SIZE", 1))) if "LOCAL_RANK" in env else Dist()
 
 
 def log_config(cfg, sources: dict[str, str]) -> None:
@@ -161,14 +170,29 @@ def cli():
 @schema_options(TrainConfig)
 @handled(_train_output_dir)
 def train(preset, **params):
-    """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model."""
+    """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model.
+
+    With --nproc-per-node > 1 or --nnodes > 1 it re-launches itself under torchrun with the same arguments."""
     from .train import run
 
     cfg, sources = resolve(TrainConfig, params, preset)
-    setup_logs(cfg)
-    log_config(cfg, sources)
-    metrics = run(cfg, sources)
-    if metrics:
+    dist = this_process()
+    setup_logs(cfg, dist.rank)
+    if dist.is_main:
+        log_config(cfg, sources)
+    if "LOCAL_RANK" not in os.environ:
+        from .checks import preflight
+        from .launch import run_torchrun, torchrun_arguments
+
+        args = torchrun_arguments(cfg, sys.argv[1:])
+        if args:
+            preflight(cfg)  # one clean error here rather than one per worker
+            # The agent forwards SIGTERM to the workers, then kills them after this many seconds: long enough
+            # for a checkpoint save; the kubelet's own grace period still bounds it.
+            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
+            sys.exit(run_torchrun(args))
+    metrics = run(cfg, sources, dist)
+    if metrics and dist.is_main:
         from .logs import event
 
         event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
@@ -190,7 +214,7 @@ def prepare(preset, **params):
     setup_logs(cfg)
     log_config(cfg, sources)
     plan = preflight(cfg)
-    _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size)
+    _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size, builds=True)
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
                f"{plan.block_size} tokens in {cfg.data_cache_dir}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ class TrainConfig:
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
     log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
     nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
+    nnodes: str = opt("1", "Nodes in a multi-node run (an integer, or min:max for elastic PyTorchJobs) "
+                           "[from PET_NNODES or the Indexed Job's completions when unset].")
+    node_rank: int = opt(0, "This node's rank [from PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK when unset].", min=0)
+    rdzv_endpoint: str | None = opt(None, "host:port of node 0 for multi-node rendezvous "
+                                          "[from PET_RDZV_ENDPOINT or MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration.")
@@ -206,6 +212,15 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     nproc = cfg.nproc_per_node
     if nproc != "auto" and not (nproc.isdigit() and int(nproc) >= 1):
         problems.append(f"--nproc-per-node {nproc!r} is not a positive integer or 'auto'; use e.g. 1, 4 or auto.")
+    if not all(part.isdigit() and int(part) >= 1 for part in cfg.nnodes.split(":", 1)):
+        problems.append(f"--nnodes {cfg.nnodes!r} is not a positive integer or min:max; use e.g. 2 or 1:4.")
+    elif cfg.nnodes != "1" and ":" not in cfg.nnodes and not cfg.rdzv_endpoint:
+        problems.append("--nnodes > 1 needs --rdzv-endpoint host:port (node 0's address), or MASTER_ADDR and "
+                        "MASTER_PORT in the environment.")
+    elif cfg.nnodes.isdigit() and cfg.node_rank >= int(cfg.nnodes):
+        problems.append(f"--node-rank {cfg.node_rank} must be below --nnodes {cfg.nnodes}; ranks count from 0.")
+    if cfg.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", cfg.rdzv_endpoint):
+        problems.append(f"--rdzv-endpoint {cfg.rdzv_endpoint!r} is not host:port; use e.g. finetune-0.nodes:29500.")
     if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
@@ -284,6 +299,30 @@ def platform_defaults(environ: typing.Mapping[str, str]) -> tuple[str | None, di
     return None, {}
 
 
+def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Where a launcher or Job controller already said how many nodes there are and which one this is.
+
+    Inside a torchrun worker RANK/WORLD_SIZE count processes, so there the node values come from torchrun's
+    GROUP_* variables instead. Returns name -> (value, the variable it came from).
+    """
+    if "LOCAL_RANK" in environ or "TORCHELASTIC_RUN_ID" in environ:
+        pairs = {"nnodes": "GROUP_WORLD_SIZE", "node_rank": "GROUP_RANK", "nproc_per_node": "LOCAL_WORLD_SIZE"}
+        return {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
+    found: dict[str, tuple[Any, str]] = {}
+    for name, candidates in (("nnodes", ("PET_NNODES",)),
+                             ("node_rank", ("PET_NODE_RANK", "JOB_COMPLETION_INDEX", "RANK")),
+                             ("rdzv_endpoint", ("PET_RDZV_ENDPOINT",)),
+                             ("nproc_per_node", ("PET_NPROC_PER_NODE",))):
+        var = next((v for v in candidates if environ.get(v)), None)
+        if var:
+            found[name] = (environ[var], f"env {var}")
+    if "rdzv_endpoint" not in found and environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
+        found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}", "env MASTER_ADDR/MASTER_PORT")
+    if "nnodes" not in found and environ.get("MASTER_ADDR") and environ.get("WORLD_SIZE"):
+        found["nnodes"] = (environ["WORLD_SIZE"], "env WORLD_SIZE")  # a Job controller's per-pod world
+    return found
+
+
 def resolve(schema: type, explicit: dict[str, tuple[Any, str]], preset: str | None,
             environ: typing.Mapping[str, str]) -> tuple[Any, dict[str, str]]:
     """Build the config and say where each value came from.
@@ -303,6 +342,8 @@ def resolve(schema: type, explicit: dict[str, tuple[Any, str]], preset: str | No
                 raise ConfigError(f"{platform} hyperparameter {name!r} is not an option; "
                                   "remove it or use an option name such as learning_rate.")
             values[name], sources[name] = coerce(known[name], value, platform), platform
+        for name, (value, source) in cluster_defaults(environ).items():
+            values[name], sources[name] = coerce(known[name], value, source), source
     for name, (value, source) in explicit.items():
         values[name], sources[name] = value, source
     return schema(**values), sources

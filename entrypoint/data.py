@@ -12,11 +12,13 @@ FORMAT_VERSION: bump it whenever this file changes what it writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,14 +66,19 @@ def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_s
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def prepare(cfg: TrainConfig, tokenizer, block_size: int):
-    """Return (train, validation, stats), building and caching them unless an identical build exists."""
+def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True):
+    """Return (train, validation, stats), building and caching them unless an identical build exists.
+
+    A process with `builds=False` waits for another to finish the cache instead (no collective is open yet, so
+    a long tokenization cannot hit a NCCL timeout)."""
     import datasets
 
     start = time.perf_counter()
     train_src, valid_src = discover(cfg)
     key = cache_key(cfg, tokenizer, train_src, valid_src, block_size)
     target = cfg.data_cache_dir / f"blocks-{key}"
+    if not builds:
+        wait_for(target / COMPLETE)
     if (target / COMPLETE).is_file():
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
         stats.cache_hit, stats.prepare_seconds = True, time.perf_counter() - start
@@ -81,10 +88,29 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int):
         return loaded["train"], loaded["validation"], stats
 
     log.info("data: cache miss; reading %s", train_src.describe())
-    raw_cache = cfg.data_cache_dir / "raw"
-    train_docs = load_documents(train_src, cfg, raw_cache)
+    # The datasets library's own intermediate files go to a scratch folder private to this process: builders on
+    # several nodes sharing one cache volume must not delete each other's, and a miss re-reads the files anyway.
+    scratch = cfg.data_cache_dir / f".scratch-{socket.gethostname()}-{os.getpid()}"
+    try:
+        datasets_dict, stats = build(cfg, tokenizer, block_size, train_src, valid_src, scratch)
+        stats.prepare_seconds, stats.fingerprint = time.perf_counter() - start, key
+        save_atomically(datasets_dict, stats, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped) in %.1f s, "
+             "cached as %s", stats.train_documents, stats.train_tokens, stats.train_rows,
+             "blocks" if cfg.packing else "rows", block_size, stats.dropped_tokens, stats.prepare_seconds, target.name)
+    loaded = datasets.load_from_disk(str(target))
+    return loaded["train"], loaded["validation"], stats
+
+
+def build(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source, valid_src: Source, scratch: Path):
+    """Read, split, tokenize and pack: the DatasetDict to cache and its statistics."""
+    import datasets
+
+    train_docs = load_documents(train_src, cfg, scratch)
     if valid_src:
-        valid_docs = load_documents(valid_src, cfg, raw_cache)
+        valid_docs = load_documents(valid_src, cfg, scratch)
     else:
         train_docs, valid_docs = split_documents(train_docs, cfg.validation_split, cfg.seed)
     workers = cfg.preprocessing_workers or os.cpu_count() or 1
@@ -96,13 +122,17 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int):
                         "can be made; add text, lower --block-size, or use --no-packing.")
     stats = DataStats(train_documents=len(train_docs), valid_documents=len(valid_docs), train_tokens=train_tokens,
                       valid_tokens=valid_tokens, train_rows=len(train_ds), valid_rows=len(valid_ds),
-                      dropped_tokens=dropped, prepare_seconds=time.perf_counter() - start, fingerprint=key)
-    save_atomically(datasets.DatasetDict(train=train_ds, validation=valid_ds), stats, target)
-    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped) in %.1f s, "
-             "cached as %s", stats.train_documents, train_tokens, len(train_ds),
-             "blocks" if cfg.packing else "rows", block_size, dropped, stats.prepare_seconds, target.name)
-    loaded = datasets.load_from_disk(str(target))
-    return loaded["train"], loaded["validation"], stats
+                      dropped_tokens=dropped, prepare_seconds=0.0)
+    return datasets.DatasetDict(train=train_ds, validation=valid_ds), stats
+
+
+def wait_for(marker: Path, poll_seconds: float = 1.0) -> None:
+    waited = 0.0
+    while not marker.is_file():
+        if waited % 60 < poll_seconds and waited:
+            log.info("data: waiting for another process to build %s (%.0f s)", marker.parent.name, waited)
+        time.sleep(poll_seconds)
+        waited += poll_seconds
 
 
 def split_documents(docs, percent: float, seed: int):
@@ -154,15 +184,19 @@ def _piece_index(pieces: np.ndarray) -> np.ndarray:
 
 
 def save_atomically(dataset_dict, stats: DataStats, target: Path) -> None:
-    """Write to a sibling staging folder and rename it into place, so a reader never sees half a cache."""
-    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    """Write to a sibling staging folder and rename it into place, so a reader never sees half a cache. When
+    nodes sharing a cache volume build at once, the first rename wins and the others discard their copy."""
+    staging = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         shutil.rmtree(staging, ignore_errors=True)
         dataset_dict.save_to_disk(str(staging))
         (staging / "stats.json").write_text(json.dumps(asdict(stats), indent=1))
         (staging / COMPLETE).write_text("")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        if not (target / COMPLETE).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an interrupted build's leftovers
+            with contextlib.suppress(FileExistsError, OSError):
+                staging.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "

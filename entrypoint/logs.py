@@ -89,7 +89,8 @@ class ProgressLog(TrainerCallback):
             done = state.global_step - self.first_step
             left = state.max_steps - state.global_step
             eta = duration(elapsed / done * left) if done else "?"
-            tokens = self.counter.tokens() / elapsed if elapsed > 0 else 0.0
+            # Every rank consumes the same number of (packed) positions, so rank 0's count x world is the total.
+            tokens = self.counter.tokens() * args.world_size / elapsed if elapsed > 0 else 0.0
             percent = 100 * state.global_step / max(1, state.max_steps)
             event(f"train step {state.global_step}/{state.max_steps} ({percent:.0f}%) epoch {state.epoch:.2f} "
                   f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} "

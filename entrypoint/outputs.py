@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ TERMINATION_LOG = Path("/dev/termination-log")
 
 def check_writable(directory: Path, what: str) -> None:
     """Really try: create the directory and a file in it, so permission and read-only mounts show now."""
-    probe = directory / f".write-test-{os.getpid()}"
+    probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")

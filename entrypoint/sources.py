@@ -172,10 +172,10 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
             kwargs = {"sample_by": {"file": "document"}.get(cfg.txt_split, cfg.txt_split)} if loader == "text" \
                 else {}
             try:
-                # datasets keys its own cache on path and mtime, so bytes changed under an unchanged mtime
-                # (cp -p, rsync -t, archives) would load stale rows; only a cache miss of ours gets here.
+                # cache_dir is a fresh scratch folder per build (data.prepare): datasets keys its own cache on
+                # path and mtime, so a shared one could serve stale rows for bytes changed under an unchanged mtime.
                 part = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir),
-                                             download_mode="force_redownload", **kwargs)
+                                             **kwargs)
             except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
                 cause = exc.__cause__ or exc
                 first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__

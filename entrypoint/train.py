@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -16,28 +19,33 @@ from . import checkpoints, data, outputs
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, ModelLoadError, OutOfMemory, OutputError, Preempted
+from .launch import SINGLE_PROCESS, Dist
 from .logs import ProgressLog, event, is_tty, perplexity
 from .preemption import StopOnSignal, StopRequest
 
 log = logging.getLogger(__name__)
 # Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
 COSMETIC = {"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir", "cache_dir",
-            "logging_steps", "resume", "overwrite"}
+            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint"}
 
 
-def run(cfg: TrainConfig, sources: dict[str, str]) -> dict:
-    """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures."""
+def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) -> dict:
+    """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures.
+
+    In a multi-process run every rank calls this; only rank 0 writes status, metrics and the model."""
     plan = preflight(cfg)
     if already_published(cfg):
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
     stop = StopRequest().install()
-    outputs.write_status(cfg.output_dir, "running")
-    outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
-    event(f"plan: device {plan.device}, precision {plan.precision}, block size {plan.block_size}",
-          device=plan.device, precision=plan.precision, block_size=plan.block_size)
+    if dist.is_main:
+        outputs.write_status(cfg.output_dir, "running")
+        outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
+    event(f"plan: device {plan.device}, precision {plan.precision}, block size {plan.block_size}, "
+          f"world size {dist.world_size}", device=plan.device, precision=plan.precision,
+          block_size=plan.block_size, world_size=dist.world_size)
 
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size)
+    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache)
     model = load_model(cfg)
     stop.raise_if_requested("before training started")
     resume = checkpoints.latest_complete(cfg.model_checkpoint_dir) if cfg.resume else None
@@ -60,6 +68,8 @@ def run(cfg: TrainConfig, sources: dict[str, str]) -> dict:
                           "--gradient-checkpointing.") from None
 
     metrics = summarize(cfg, plan, trainer, result, final, progress, stats)
+    if not dist.is_main:
+        return metrics
     card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), metrics)
 
     def save(directory: Path) -> None:
@@ -170,9 +180,11 @@ class FinetuneTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as exc:
-            if not is_io_error(exc):
+            reason = storage_failure(path.parent)
+            if not (reason or isinstance(exc, OSError)):
                 raise
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:100]
+            shutil.rmtree(path, ignore_errors=True)  # it has no marker; removing it frees the space it took
+            reason = reason or exc.strerror or str(exc)
             raise OutputError(f"cannot save {path.name} to {path.parent} ({reason}); free space or lower "
                               "--save-total-limit, then rerun: the previous checkpoint is intact.") from None
         self.accelerator.wait_for_everyone()  # every rank's RNG file is on disk before the marker says so
@@ -183,10 +195,23 @@ class FinetuneTrainer(Trainer):
                   checkpoint=str(path), save_seconds=seconds)
 
 
-def is_io_error(exc: BaseException) -> bool:
-    """torch.save reports a full disk as RuntimeError("... failed writing file ..."), safetensors as OSError."""
-    text = str(exc).lower()
-    return isinstance(exc, OSError) or ("writ" in text and ("fail" in text or "space" in text))
+def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:
+    """Why the storage under `directory` cannot take a write, or None if it can.
+
+    torch.save reports a full disk as a RuntimeError about zip positions, so after a failed save the storage
+    itself is asked: a small flushed write either works or names the real cause (ENOSPC, EROFS, EIO)."""
+    probe = directory / f".probe-{os.getpid()}"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval_ds, fresh: bool):
@@ -211,6 +236,7 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         optim="adamw_torch_fused" if cuda else "adamw_torch",
+        use_cpu=not cuda,  # also what makes accelerate use gloo for several CPU processes
         eval_strategy="steps" if eval_steps else "epoch",
         eval_steps=eval_steps,
         eval_on_start=fresh,
@@ -228,6 +254,7 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         dataloader_num_workers=2 if cuda else 0,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # GPT-2 uses every parameter; the search costs a pass per step
     )
     counter = TokenCounter()
     progress = ProgressLog(counter, show_steps=quiet)

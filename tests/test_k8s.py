@@ -38,9 +38,6 @@ CRD_KINDS = {("kubeflow.org/v1", "PyTorchJob")}
 KNOWN_KINDS = {"ConfigMap", "Service", "PersistentVolumeClaim", "Job", "PyTorchJob"}
 TRAINING_CONTAINERS = {"finetune", "pytorch"}  # the PyTorchJob operator needs its container named pytorch
 
-# Options the manifests use for multi-node training that the CLI adds with multi-node support; until then
-# the test that checks names against TrainConfig reports them as an expected failure, naming them.
-PENDING_OPTIONS = {"FINETUNE_NNODES", "FINETUNE_NODE_RANK", "FINETUNE_RDZV_ENDPOINT"}
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH: install it to render k8s/")
 
@@ -381,10 +378,7 @@ def test_finetune_env_names_are_train_config_fields(overlay):
             names |= {e["name"] for e in c.get("env", []) if e["name"].startswith(config.ENV_PREFIX)}
     assert "FINETUNE_PRESET" in TRAIN_ENV  # --preset: the one option that is not a TrainConfig field
     unknown = sorted(names - TRAIN_FIELD_ENV - {"FINETUNE_PRESET"})
-    assert not set(unknown) - PENDING_OPTIONS, f"{overlay}: not finetune options: {unknown}"
-    if unknown:
-        pytest.xfail(f"{', '.join(unknown)} not yet fields of entrypoint.config.TrainConfig "
-                     "(multi-node options the lead adds to the CLI)")
+    assert not unknown, f"{overlay}: not finetune options: {unknown}"
 
 
 def parse_command(container: dict, env: dict[str, str], monkeypatch) -> tuple[str, object]:

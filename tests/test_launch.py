@@ -1,0 +1,103 @@
+"""Several processes on CPU (gloo), for real: the CLI re-launches itself under torchrun."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from entrypoint.config import TrainConfig
+from entrypoint.errors import ExitCode
+from entrypoint.launch import torchrun_arguments
+from tests.helpers import FAST_TRAIN, clean_env, finetune
+from tests.test_preemption import Job
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(model, data, out, **extra) -> dict[str, str]:
+    return clean_env(**{**FAST_TRAIN, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data),
+                        "FINETUNE_OUTPUT_DIR": str(out), "FINETUNE_LOGGING_STEPS": "1", **extra})
+
+
+def test_one_process_needs_no_launcher():
+    assert torchrun_arguments(TrainConfig(), ["train"]) is None
+
+
+def test_launcher_arguments_per_topology():
+    single = torchrun_arguments(TrainConfig(nproc_per_node="4"), ["train", "--x"])
+    assert "--standalone" in single and single[-4:] == ["-m", "entrypoint", "train", "--x"]
+    static = torchrun_arguments(TrainConfig(nnodes="2", node_rank=1, rdzv_endpoint="job-0.nodes:29400"), ["train"])
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=job-0.nodes", "--master-port=29400"} <= set(static)
+    elastic = torchrun_arguments(TrainConfig(nnodes="1:4", rdzv_endpoint="svc:29400"), ["train"])
+    assert {"--rdzv-backend=c10d", "--rdzv-endpoint=svc:29400", "--nnodes=1:4"} <= set(elastic)
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(tmp_path, tiny_model, corpus_dir):
+    out = tmp_path / "out"
+    result = finetune("train", "--nproc-per-node", "2", env=env_for(tiny_model, corpus_dir, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["train_tokens"] == 2 * 16 * 8 * 32  # both ranks' batches, all real tokens
+    assert (out / "model" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-16").glob("rng_state_*")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]
+    assert result.stderr.count("done: eval loss") == 1, "only rank 0 reports"
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_sigterm_and_resume(tmp_path, tiny_model, corpus_dir):
+    out = tmp_path / "out"
+    env = env_for(tiny_model, corpus_dir, out, FINETUNE_NPROC_PER_NODE="2")
+    job = Job(env)
+    job.wait_for(r"train step 5/")
+    job.proc.send_signal(signal.SIGTERM)  # to the launcher only, as tini or the kubelet would
+    code, log = job.finish(timeout=180)
+    assert code == ExitCode.PREEMPTED, log[-3000:]
+    assert not (out / "model").exists()
+    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
+    assert (out / "checkpoints" / f"checkpoint-{stopped}" / "finetune-complete.json").is_file()
+
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint-{stopped}" in re.search(r"resume: from .*", result.stderr).group(0)
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_loopback(tmp_path, tiny_model, corpus_dir):
+    out = tmp_path / "out"
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "entrypoint", "train"], text=True, stderr=subprocess.PIPE,
+                              env=env_for(tiny_model, corpus_dir, out, FINETUNE_NNODES="2",
+                                          FINETUNE_NODE_RANK=str(rank), FINETUNE_RDZV_ENDPOINT=endpoint))
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["global_step"]) == (2, 16)
+    assert "done: eval loss" in logs[0] and "done: eval loss" not in logs[1]
+
+
+def test_indexed_job_environment_sets_the_node_rank_and_endpoint():
+    result = finetune("config", env=clean_env(JOB_COMPLETION_INDEX="1", MASTER_ADDR="finetune-0.finetune-nodes",
+                                              MASTER_PORT="29500", FINETUNE_NNODES="2"))
+    assert "node_rank: 1  # env JOB_COMPLETION_INDEX" in result.stdout
+    assert "rdzv_endpoint: finetune-0.finetune-nodes:29500  # env MASTER_ADDR/MASTER_PORT" in result.stdout
+
+
+def test_multi_node_without_an_endpoint_is_a_usage_error(tmp_path):
+    result = finetune("train", env=clean_env(FINETUNE_NNODES="2", FINETUNE_DATA_DIR=str(tmp_path)))
+    assert result.returncode == ExitCode.USAGE
+    assert "--rdzv-endpoint" in result.stderr
