@@ -138,3 +138,35 @@ def test_early_stopping_stops_and_publishes_the_best_model(tmp_path, tiny_model,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 8
     assert metrics["eval_loss"] == pytest.approx(metrics["best_eval_loss"])
+
+
+@pytest.mark.slow
+def test_finetunes_a_model_made_elsewhere_on_text_it_never_saw(tmp_path, corpus_dir):
+    """A GPT-2 built with plain transformers and tokenizers (not init-model), tokenizer trained on docstrings,
+    fine-tuned through environment variables alone on the language reference topics shipped in pydoc_data."""
+    from pydoc_data.topics import topics
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    base = tmp_path / "base"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(corpus_dir / "train.txt")], vocab_size=1024, special_tokens=["<|endoftext|>"],
+              show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                               eos_token_id=0, bos_token_id=0)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    data = tmp_path / "reference"
+    data.mkdir()
+    paragraphs = [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.strip()) > 40]
+    (data / "topics.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    out = tmp_path / "out"
+    result = finetune("train", env=clean_env(FINETUNE_MODEL=str(base), FINETUNE_DATA_DIR=str(data),
+                                             FINETUNE_OUTPUT_DIR=str(out), FINETUNE_BLOCK_SIZE="64",
+                                             FINETUNE_BATCH_SIZE="16", FINETUNE_GRAD_ACCUM="1",
+                                             FINETUNE_MAX_STEPS="150", FINETUNE_LEARNING_RATE="3e-3",
+                                             FINETUNE_EVAL_STEPS="50", FINETUNE_SAVE_STEPS="50"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 1.5, metrics
