@@ -180,13 +180,13 @@ def train(preset, **params):
     setup_logs(cfg, dist.rank)
     if dist.is_main:
         log_config(cfg, sources)
-    if "LOCAL_RANK" not in os.environ:
+    if "LOCAL_RANK" not in os.environ and (cfg.nproc_per_node, cfg.nnodes) != ("1", "1"):
         from .checks import preflight
         from .launch import run_torchrun, torchrun_arguments
 
+        preflight(cfg)  # one clean error here rather than one per worker
         args = torchrun_arguments(cfg, sys.argv[1:])
         if args:
-            preflight(cfg)  # one clean error here rather than one per worker
             # The agent forwards SIGTERM to the workers, then kills them after this many seconds: long enough
             # for a checkpoint save; the kubelet's own grace period still bounds it.
             os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")

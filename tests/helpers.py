@@ -29,3 +29,9 @@ def finetune(*args: str, env: dict[str, str] | None = None, timeout: float = 600
 FAST_TRAIN = {"FINETUNE_BLOCK_SIZE": "32", "FINETUNE_BATCH_SIZE": "8", "FINETUNE_GRAD_ACCUM": "1",
               "FINETUNE_MAX_STEPS": "16", "FINETUNE_EVAL_STEPS": "8", "FINETUNE_SAVE_STEPS": "8",
               "FINETUNE_LOGGING_STEPS": "4", "FINETUNE_LEARNING_RATE": "3e-3"}
+
+
+def train_env(model: Path, data: Path, out: Path, base: dict[str, str] = FAST_TRAIN, **extra: str) -> dict[str, str]:
+    """A clean environment that configures `finetune train` by FINETUNE_* variables alone."""
+    return clean_env(**{**base, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data),
+                        "FINETUNE_OUTPUT_DIR": str(out), **extra})

@@ -14,8 +14,10 @@ import pytest
 from entrypoint.config import TrainConfig
 from entrypoint.errors import ExitCode
 from entrypoint.launch import torchrun_arguments
-from tests.helpers import FAST_TRAIN, clean_env, finetune
+from tests.helpers import FAST_TRAIN, clean_env, finetune, train_env
 from tests.test_preemption import Job
+
+STEPWISE = {**FAST_TRAIN, "FINETUNE_LOGGING_STEPS": "1"}  # a log line per step, to signal at a known one
 
 
 def free_port() -> int:
@@ -24,9 +26,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_for(model, data, out, **extra) -> dict[str, str]:
-    return clean_env(**{**FAST_TRAIN, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data),
-                        "FINETUNE_OUTPUT_DIR": str(out), "FINETUNE_LOGGING_STEPS": "1", **extra})
 
 
 def test_one_process_needs_no_launcher():
@@ -45,7 +44,7 @@ def test_launcher_arguments_per_topology():
 @pytest.mark.slow
 def test_two_processes_train_one_model(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "out"
-    result = finetune("train", "--nproc-per-node", "2", env=env_for(tiny_model, corpus_dir, out))
+    result = finetune("train", "--nproc-per-node", "2", env=train_env(tiny_model, corpus_dir, out, base=STEPWISE))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -59,7 +58,7 @@ def test_two_processes_train_one_model(tmp_path, tiny_model, corpus_dir):
 @pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_and_resume(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "out"
-    env = env_for(tiny_model, corpus_dir, out, FINETUNE_NPROC_PER_NODE="2")
+    env = train_env(tiny_model, corpus_dir, out, base=STEPWISE, FINETUNE_NPROC_PER_NODE="2")
     job = Job(env)
     job.wait_for(r"train step 5/")
     job.proc.send_signal(signal.SIGTERM)  # to the launcher only, as tini or the kubelet would
@@ -80,7 +79,7 @@ def test_two_nodes_rendezvous_over_loopback(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "out"
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "entrypoint", "train"], text=True, stderr=subprocess.PIPE,
-                              env=env_for(tiny_model, corpus_dir, out, FINETUNE_NNODES="2",
+                              env=train_env(tiny_model, corpus_dir, out, base=STEPWISE, FINETUNE_NNODES="2",
                                           FINETUNE_NODE_RANK=str(rank), FINETUNE_RDZV_ENDPOINT=endpoint))
              for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[1] for node in nodes]

@@ -24,7 +24,7 @@ from entrypoint import checkpoints
 from entrypoint.config import InitModelConfig
 from entrypoint.errors import ExitCode
 from entrypoint.modelinit import init_model
-from tests.helpers import FAST_TRAIN, clean_env, finetune
+from tests.helpers import FAST_TRAIN, finetune, train_env
 
 STEPS = 24
 RUN = {**FAST_TRAIN, "FINETUNE_MAX_STEPS": str(STEPS), "FINETUNE_SAVE_STEPS": "8", "FINETUNE_EVAL_STEPS": "8",
@@ -33,8 +33,7 @@ IS_ROOT = os.geteuid() == 0
 
 
 def env_for(model: Path, data: Path, out: Path, **extra: str) -> dict[str, str]:
-    return clean_env(**{**RUN, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data),
-                        "FINETUNE_OUTPUT_DIR": str(out), "FINETUNE_CACHE_DIR": str(out.parent / "cache"), **extra})
+    return train_env(model, data, out, base=RUN, FINETUNE_CACHE_DIR=str(out.parent / "cache"), **extra)
 
 
 class Job:

@@ -8,19 +8,14 @@ import stat
 import pytest
 
 from entrypoint.errors import ExitCode
-from tests.helpers import FAST_TRAIN, clean_env, finetune
-
-
-def env_for(model, data, out, **extra) -> dict[str, str]:
-    return clean_env(**{**FAST_TRAIN, "FINETUNE_MODEL": str(model), "FINETUNE_DATA_DIR": str(data),
-                        "FINETUNE_OUTPUT_DIR": str(out), **extra})
+from tests.helpers import clean_env, finetune, train_env
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model, corpus_dir):
     """One run configured only by environment variables, shared by the assertions below."""
     out = tmp_path_factory.mktemp("run") / "out"
-    env = env_for(tiny_model, corpus_dir, out, FINETUNE_HUB_TOKEN="hf_do_not_print")
+    env = train_env(tiny_model, corpus_dir, out, FINETUNE_HUB_TOKEN="hf_do_not_print")
     result = finetune("train", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result, env
@@ -120,7 +115,7 @@ def test_different_configuration_over_a_published_model_needs_overwrite(trained,
 @pytest.mark.slow
 def test_padding_path_trains_and_reports_its_padding(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "out"
-    result = finetune("train", "--no-packing", env=env_for(tiny_model, corpus_dir, out))
+    result = finetune("train", "--no-packing", env=train_env(tiny_model, corpus_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["padding_fraction"] < 0.9
@@ -131,7 +126,7 @@ def test_padding_path_trains_and_reports_its_padding(tmp_path, tiny_model, corpu
 def test_early_stopping_stops_and_publishes_the_best_model(tmp_path, tiny_model, corpus_dir):
     """With a learning rate of 0 no evaluation improves on the first, so patience 1 stops after the second."""
     out = tmp_path / "out"
-    env = env_for(tiny_model, corpus_dir, out, FINETUNE_LEARNING_RATE="0", FINETUNE_EARLY_STOPPING_PATIENCE="1",
+    env = train_env(tiny_model, corpus_dir, out, FINETUNE_LEARNING_RATE="0", FINETUNE_EARLY_STOPPING_PATIENCE="1",
                   FINETUNE_MAX_STEPS="40", FINETUNE_EVAL_STEPS="4", FINETUNE_SAVE_STEPS="4")
     result = finetune("train", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,6 +140,7 @@ def test_finetunes_a_model_made_elsewhere_on_text_it_never_saw(tmp_path, corpus_
     """A GPT-2 built with plain transformers and tokenizers (not init-model), tokenizer trained on docstrings,
     fine-tuned through environment variables alone on the language reference topics shipped in pydoc_data."""
     from pydoc_data.topics import topics
+
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
