@@ -70,10 +70,3 @@ class OutOfMemory(FinetuneError):
 class Preempted(FinetuneError):
     code = ExitCode.PREEMPTED
 
-
-def raise_all(errors: list[FinetuneError]) -> None:
-    """Raise every collected problem at once, with the code of the first (the most fundamental)."""
-    if not errors:
-        return
-    first = errors[0]
-    raise type(first)(*[p for e in errors for p in e.problems])

@@ -207,15 +207,6 @@ def plot_losses(output_dir: Path, history: list[dict]) -> None:
     tmp.replace(output_dir / "loss.png")
 
 
-def remove_model(output_dir: Path) -> None:
-    """Used by --overwrite: take the old model out of view first (rename), then delete it."""
-    final = output_dir / MODEL_DIR
-    if final.exists():
-        retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
-        final.rename(retired)
-        shutil.rmtree(retired, ignore_errors=True)
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
