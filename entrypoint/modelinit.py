@@ -58,6 +58,8 @@ def init_model(cfg: InitModelConfig) -> Path:
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     model.save_pretrained(cfg.output_dir)
     tokenizer.save_pretrained(cfg.output_dir)
+    for path in cfg.output_dir.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; the model is often made by one user and read by another
     params = sum(p.numel() for p in model.parameters())
     log.info("init-model: %s GPT-2 (%d layers, %d heads, width %d, %.2fM parameters), vocabulary %d, "
              "context %d -> %s", cfg.size, layers, heads, width, params / 1e6, len(tokenizer), cfg.context,
