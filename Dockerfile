@@ -111,8 +111,10 @@ RUN --mount=type=secret,id=ca \
     && pip install --no-deps -e . \
     && rm -rf /tmp/ca.pem /tmp/requirements-dev.txt \
     && chown -R 1000:0 /workspace
-# A real home for the person in the dev container (the runtime's HOME=/tmp suits jobs, not editors).
-ENV HOME=/home/finetune
+# A real home for the person in the dev container (the runtime's HOME=/tmp suits jobs, not editors), and the
+# presets being edited rather than a copy.
+ENV HOME=/home/finetune \
+    FINETUNE_PRESET_DIR=/workspace/config
 USER 1000:0
 
 FROM base AS runtime

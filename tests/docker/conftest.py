@@ -1,9 +1,9 @@
 """Fixtures for the container tests: a Docker engine, the CPU image built by `make image-cpu`, compose through
 pytest-docker, and a tiny model and corpus that any container user can read.
 
-Every test here is marked `docker` (pytestmark in each module). Without a reachable engine they skip with the fix in the reason; under CI
-(CI set) they fail instead, so a CI run can never pass by skipping them. Start an engine with
-`scripts/docker-engine.sh` (as root).
+Every test here is marked `docker` (pytestmark in each module). Without a reachable engine they skip with the
+fix in the reason; under CI (CI set) they fail instead, so a CI run can never pass by skipping them. Start an
+engine with `scripts/docker-engine.sh` (as root).
 """
 
 from __future__ import annotations
@@ -16,31 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-# Debian's docker client has BuildKit built in; another `docker` earlier on PATH may not.
-DOCKER = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
-CPU_IMAGE = os.environ.get("CPU_IMAGE", "finetune:cpu")
-# Built by scripts/docker-engine.sh where no registry is reachable; the Makefile picks it up by the same tag.
-TEST_BASE_IMAGE = "finetune-test-base:bookworm"
-CA_CERT = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
-def docker(*args: str, timeout: float = 900, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-    """Run the docker client; output captured as text."""
-    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def output_of(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-
-
-def skip_or_fail(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the container tests, so this fails rather than skips)")
-    pytest.skip(reason)
+from tests.docker.helpers import CPU_IMAGE, DOCKER, REPO, docker, readable_copy, skip_or_fail
 
 
 @pytest.fixture(scope="session")
@@ -60,23 +36,6 @@ def cpu_image(engine) -> str:
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, "make image-cpu failed:\n" + result.stdout[-4000:] + result.stderr[-4000:]
     return CPU_IMAGE
-
-
-def build_args() -> list[str]:
-    """What make image-cpu passes to docker build, for the tests that build other targets of the Dockerfile."""
-    base = TEST_BASE_IMAGE if docker("image", "inspect", TEST_BASE_IMAGE).returncode == 0 else ""
-    args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", "PIP_FIND_LINKS=/wheels"]
-    if CA_CERT.exists():
-        args += ["--secret", f"id=ca,src={CA_CERT}"]
-    return args
-
-
-def readable_copy(source: Path, target: Path) -> Path:
-    """Copy a tree so that any container UID can read it (init-model writes its weights 0600)."""
-    shutil.copytree(source, target)
-    for path in [target, *target.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return target
 
 
 @pytest.fixture(scope="session")
