@@ -59,7 +59,7 @@ def test_build_secret_leaves_no_trace_in_the_image(cpu_image):
 
 
 def test_trains_with_compose_as_the_image_user(compose, cpu_image, container_assets, output_dir):
-    result = compose("--profile", "cpu", "run", "--rm", "-T", "-v", f"{container_assets['model']}:/model:ro",
+    result = compose("run", "--rm", "-T", "-v", f"{container_assets['model']}:/model:ro",
                      "train-cpu", "train", "--preset", "smoke", "--model", "/model",
                      env={"CPU_IMAGE": cpu_image, "DATA_DIR": str(container_assets["data"]),
                           "OUTPUT_DIR": str(output_dir)})
