@@ -46,6 +46,7 @@ test: install ## Run the test suite (Docker tests skip with a reason when no eng
 .PHONY: lint
 lint: install ## Lint Python (ruff) and the Dockerfile (hadolint).
 	$(VENV)/bin/ruff check entrypoint tests bench
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
 
 .PHONY: lock
 lock: ## Re-resolve the newest dependencies into constraints.txt.
@@ -60,6 +61,52 @@ clean: ## Remove the virtualenv, demo files, output and caches.
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container
+
+# Debian's docker client has BuildKit built in (the Dockerfile needs it); prefer it to another on PATH.
+DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
+IMAGE ?= finetune:latest
+CPU_IMAGE ?= finetune:cpu
+# The CPU image's base: the local Debian image scripts/docker-engine.sh builds where no registry is reachable,
+# else Debian from the registry.
+CPU_BASE_IMAGE ?= $(shell $(DOCKER) image inspect finetune-test-base:bookworm >/dev/null 2>&1 \
+	&& echo finetune-test-base:bookworm \
+	|| echo debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251)
+# Extra CA certificates for pip behind a TLS-intercepting proxy, passed as a BuildKit secret (never a layer).
+# The host's trust store by default, so the build trusts what the host trusts; empty to pass none.
+CA_CERT ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+# More `docker build` arguments, e.g. BUILD_ARGS='--build-arg BAKE_MODEL=models/my-gpt2'.
+BUILD_ARGS ?=
+DATA_DIR ?= data
+PRESET ?=
+GPUS ?= all
+# Files in OUTPUT_DIR belong to whoever runs make; the image's own default user is 1000:0.
+RUN_USER ?= $(shell id -u):0
+
+comma := ,
+BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --target runtime $(if $(CA_CERT),--secret id=ca$(comma)src=$(CA_CERT)) $(BUILD_ARGS)
+RUN_MOUNTS = -v $(abspath $(DATA_DIR)):/data:ro -v $(abspath $(OUTPUT_DIR)):/output -e FINETUNE_PRESET=$(PRESET)
+
+.PHONY: image
+image: ## Build the CUDA image, IMAGE (torch with its CUDA libraries from PyPI, about 6 GB).
+	$(BUILD) -t $(IMAGE) .
+
+.PHONY: image-cpu
+image-cpu: ## Build the CPU-only image, CPU_IMAGE (for machines without a GPU, and CI).
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt $(PIP_EXTRA) torch -d .docker-wheels
+	@ls .docker-wheels/torch-*+cpu-*.whl >/dev/null 2>&1 || { echo "no CPU torch wheel in .docker-wheels/;" \
+		"rerun with PIP_EXTRA='--extra-index-url https://download.pytorch.org/whl/cpu'" >&2; exit 1; }
+	$(BUILD) --build-arg BASE_IMAGE=$(CPU_BASE_IMAGE) --build-arg PIP_FIND_LINKS=/wheels -t $(CPU_IMAGE) .
+
+.PHONY: run
+run: ## Train in IMAGE on all GPUs: DATA_DIR mounted read-only at /data, OUTPUT_DIR at /output, PRESET.
+	mkdir -p $(OUTPUT_DIR)
+	$(DOCKER) run --rm $(if $(GPUS),--gpus $(GPUS)) --shm-size=1g --user $(RUN_USER) $(RUN_MOUNTS) $(IMAGE)
+
+.PHONY: shell
+shell: ## Open a bash shell in IMAGE with the same mounts as make run.
+	mkdir -p $(OUTPUT_DIR)
+	$(DOCKER) run --rm -it $(if $(GPUS),--gpus $(GPUS)) --shm-size=1g --user $(RUN_USER) $(RUN_MOUNTS) \
+		--entrypoint bash $(IMAGE)
 
 ##@ Kubernetes
 
