@@ -1,0 +1,163 @@
+"""The Kubernetes overlays' pods, run as a cluster would run them but on one Docker engine: tests/docker/pods.py
+translates the rendered manifests field by field (and refuses fields it cannot), so a manifest change that
+breaks the container breaks these tests. As close to a cluster as CI gets without one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.docker import jobs, pods
+from tests.docker.helpers import REPO, skip_or_fail
+
+pytestmark = pytest.mark.docker
+
+OVERLAYS = REPO / "k8s" / "overlays"
+WAIT = 300  # s: at most this long for a Job's pods, or its activeDeadlineSeconds if shorter
+
+# multi-node, as a CPU-only CI machine can run it. Why each line: test_multi_node_job_* below.
+CPU_NODES = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {multi_node}
+configMapGenerator:
+  - name: finetune-config
+    behavior: merge
+    literals:
+      - FINETUNE_PRESET=smoke
+      - FINETUNE_MODEL=/model
+      - FINETUNE_NPROC_PER_NODE=1
+patches:
+  - patch: |-
+      apiVersion: batch/v1
+      kind: Job
+      metadata:
+        name: finetune
+      spec:
+        template:
+          spec:
+            nodeSelector: null
+            tolerations: null
+            containers:
+              - name: finetune
+                resources:
+                  requests: {{cpu: "1", memory: 4Gi, nvidia.com/gpu: null}}
+                  limits: {{cpu: "1", memory: 4Gi, nvidia.com/gpu: null}}
+                volumeMounts:
+                  - {{name: model, mountPath: /model, readOnly: true}}
+            volumes:
+              - name: model
+                persistentVolumeClaim: {{claimName: finetune-model, readOnly: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def kubectl() -> str:
+    if shutil.which(jobs.KUBECTL) is None:
+        skip_or_fail(f"{jobs.KUBECTL} not on PATH: install kubectl to render k8s/ (no cluster needed)")
+    return jobs.KUBECTL
+
+
+def wait_for(job: dict) -> float:
+    return min(WAIT, job["spec"].get("activeDeadlineSeconds", WAIT))
+
+
+def assert_succeeded(results: dict[str, jobs.Result]) -> None:
+    failed = [str(r) for r in results.values() if r.exit_code != 0]
+    assert not failed, "\n\n".join(failed)
+
+
+def assert_published(cluster: pods.Cluster, pod: pods.Pod, output_pvc: Path) -> dict:
+    """The model is published where the pod's rendered FINETUNE_OUTPUT_DIR points, on the output PVC, after
+    the preset's number of steps; returns metrics.json."""
+    (container,) = pod.spec["containers"]
+    env = cluster.env(pod, container)
+    published = cluster.host_path(pod, container, env["FINETUNE_OUTPUT_DIR"])
+    assert published.is_relative_to(output_pvc), f"FINETUNE_OUTPUT_DIR {published} is not on the output PVC"
+    assert (published / "model" / "COMPLETE").is_file(), sorted(str(p) for p in output_pvc.rglob("*"))
+    assert json.loads((published / "status.json").read_text())["state"] == "succeeded"
+    metrics = json.loads((published / "metrics.json").read_text())
+    preset = yaml.safe_load((REPO / "config" / f"{env['FINETUNE_PRESET']}.yaml").read_text())
+    assert metrics["global_step"] == preset["max_steps"]
+    return metrics
+
+
+def test_cpu_smoke_job_builds_its_inputs_trains_and_publishes_with_no_network(
+        kubectl, cpu_image, output_dir, container_name, tmp_path):
+    """The cpu-smoke Job's one pod exactly as rendered: init containers corpus and init-model, then train,
+    under the manifests' users, fsGroup, read-only root, dropped capabilities, limits and volumes, with no
+    network at all (the overlay promises a run without the Hub). The output PVC is a host directory; the
+    image the overlay names, finetune:cpu, is the one `make image-cpu` builds (the cpu_image fixture)."""
+    objects = jobs.render(OVERLAYS / "cpu-smoke")
+    job = jobs.the_one(objects, "Job")
+    (pod,) = jobs.job_pods(job)
+    cluster = pods.Cluster(objects, images={"finetune:cpu": cpu_image}, claims={"finetune-output": output_dir},
+                           workdir=tmp_path / "pods", prefix=container_name)
+    with jobs.sandbox(cluster):
+        results = jobs.run(cluster, [pod], timeout=wait_for(job))
+
+    assert_succeeded(results)
+    assert [name.removeprefix(f"{container_name}-{pod.name}-") for name in results] == \
+        ["corpus", "init-model", "finetune"]
+    assert_published(cluster, pod, output_dir)
+    owners = {p.stat().st_uid for p in output_dir.rglob("*")}
+    assert owners == {pod.spec["securityContext"]["runAsUser"]}
+
+
+def test_multi_node_job_trains_one_model_across_two_pods_found_through_the_headless_service(
+        kubectl, cpu_image, container_assets, output_dir, container_name, tmp_path):
+    """The multi-node Job's two pods, each a container on one internal Docker network under the hostname the
+    Indexed Job gives it (<job>-<index>) and the DNS names its headless Service gives it
+    (<job>-<index>.<service>, and the cluster FQDN), with JOB_COMPLETION_INDEX and the downward-API
+    FINETUNE_NODE_RANK, sharing one output directory as a ReadWriteMany PVC would. Rank 0 publishes.
+
+    Overridden, by the kustomize overlay CPU_NODES on top of multi-node, because CI has one 2-core machine
+    and no GPU:
+      - nvidia.com/gpu requests and limits, nodeSelector and tolerations: removed (no GPU to ask for);
+      - cpu and memory: 1 core and 4Gi per pod instead of 32 and 192Gi, so both pods fit on this machine
+        (docker refuses --cpus above the host's cores, as a scheduler would find no node);
+      - FINETUNE_NPROC_PER_NODE=1 instead of 4: one process per CPU-only pod;
+      - FINETUNE_PRESET=smoke instead of gpt2 (30 steps, not GPT-2 124M for hours);
+      - FINETUNE_MODEL=/model: the tiny model from the container_assets fixture, on a new read-only volume
+        (PVC finetune-model), since nothing may be downloaded;
+      - the image: the CPU image (cpu_image) in place of the CUDA image finetune:latest.
+    Not overridden: FINETUNE_DATA_DIR stays /data, with the finetune-data PVC bound to the corpus directory;
+    FINETUNE_NNODES, FINETUNE_RDZV_ENDPOINT, the Service, the security context and the other volumes are the
+    overlay's own."""
+    overlay = tmp_path / "cpu-nodes"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        CPU_NODES.format(multi_node=os.path.relpath(OVERLAYS / "multi-node", overlay)))
+    objects = jobs.render(overlay)
+    job = jobs.the_one(objects, "Job")
+    nodes = jobs.job_pods(job)
+    assert len(nodes) == 2
+    claims = {"finetune-data": container_assets["data"], "finetune-model": container_assets["model"],
+              "finetune-output": output_dir}
+    cluster = pods.Cluster(objects, images={"finetune:latest": cpu_image}, claims=claims,
+                           workdir=tmp_path / "pods", prefix=container_name, network=True)
+    envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
+    assert [(e["JOB_COMPLETION_INDEX"], e["FINETUNE_NODE_RANK"]) for e in envs] == [("0", "0"), ("1", "1")]
+    with jobs.sandbox(cluster):
+        results = jobs.run(cluster, nodes, timeout=wait_for(job))
+
+    assert_succeeded(results)
+    assert assert_published(cluster, nodes[0], output_dir)["world_size"] == 2
+    # Both trained; only rank 0 (pod 0) published and said so.
+    assert ["done: " in r.logs for r in results.values()] == [True, False]
+
+
+def test_a_pod_spec_field_without_a_translation_fails_rather_than_being_ignored(kubectl, tmp_path):
+    objects = jobs.render(OVERLAYS / "cpu-smoke")
+    job = jobs.the_one(objects, "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["livenessProbe"] = {"exec": {"command": ["true"]}}
+    (pod,) = jobs.job_pods(job)
+    cluster = pods.Cluster(objects, images={"finetune:cpu": "unused"}, claims={}, workdir=tmp_path, prefix="x")
+    with pytest.raises(pods.NotTranslated, match="livenessProbe"):
+        cluster.commands(pod)
