@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-from . import checkpoints, data, outputs
+from . import checkpoints, data, efficiency, outputs
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, ModelLoadError, OutOfMemory, OutputError, Preempted
@@ -300,6 +300,8 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "train_tokens": real,
         "useful_tokens_per_second": real / runtime if runtime else 0.0,
         "padding_fraction": 1 - real / positions if positions else 0.0,
+        "mfu": efficiency.mfu(trainer.model, plan.device, plan.precision, plan.block_size,
+                              real / runtime / trainer.args.world_size if runtime else 0.0),
         "world_size": trainer.args.world_size,
         "device": plan.device,
         "precision": plan.precision,
