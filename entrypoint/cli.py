@@ -195,9 +195,13 @@ def train(preset, **params):
     if metrics and dist.is_main:
         from .logs import event
 
+        mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
         event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
-              f"{metrics['useful_tokens_per_second']:,.0f} tokens/s, {metrics['global_step']} steps in "
-              f"{metrics['train_runtime']:.0f} s, model at {cfg.output_dir / 'model'}", **metrics)
+              f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
+              f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "
+              f"{metrics['global_step']} steps in {metrics['train_runtime']:.0f} s after "
+              f"{metrics['data_prepare_seconds']:.1f} s of data preparation, model at {cfg.output_dir / 'model'}",
+              **metrics)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
