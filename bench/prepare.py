@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
-    from entrypoint import data
     from entrypoint.config import TrainConfig
     from entrypoint.train import load_tokenizer
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cache_hit_seconds": warm["seconds"],
         "cache_hit_ratio": warm["seconds"] / cold["seconds"],
         **phases,
-        "tokenize_tokens_per_second": tokens / phases["tokenize_pack_seconds"],
+        "tokenize_tokens_per_second": cold["train_tokens"] / phases["tokenize_pack_seconds"],
     }
     for key, value in report.items():
         print(f"{key:<28} {value:,.3f}" if isinstance(value, float) else f"{key:<28} {value:,}")
