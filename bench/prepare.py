@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import time
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    import datasets
+
+    datasets.disable_progress_bars()
 
     from entrypoint.config import TrainConfig
     from entrypoint.train import load_tokenizer
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": args.workers or os.cpu_count(),
         "cold_seconds": cold["seconds"],
         "cold_tokens_per_second": tokens / cold["seconds"],
+        # Other jobs share this machine's cores; per CPU-second the figure does not depend on how busy it is.
+        "cold_cpu_seconds": cold["cpu_seconds"],
+        "cold_tokens_per_cpu_second": tokens / cold["cpu_seconds"],
         "cache_hit_seconds": warm["seconds"],
         "cache_hit_ratio": warm["seconds"] / cold["seconds"],
         **phases,
@@ -92,10 +99,16 @@ def big_corpus(workdir: Path, model: Path, tokens: int) -> Path:
 def timed_prepare(cfg, tokenizer, block_size: int) -> dict:
     from entrypoint import data
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     _, _, stats = data.prepare(cfg, tokenizer, block_size)
-    return {"seconds": time.perf_counter() - start, "train_tokens": stats.train_tokens + stats.dropped_tokens,
-            "valid_tokens": stats.valid_tokens}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
+            "train_tokens": stats.train_tokens + stats.dropped_tokens, "valid_tokens": stats.valid_tokens}
+
+
+def cpu_seconds() -> float:
+    """User + system time of this process and its finished children (the tokenizing workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timed_phases(cfg, tokenizer, block_size: int) -> dict:

@@ -48,8 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from datasets import load_dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     start = time.perf_counter()
     dataset = load_dataset("text", data_files={"train": args.train_file, "validation": args.valid_file})
