@@ -76,6 +76,9 @@ class ProgressLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first_step = time.perf_counter(), state.global_step
+        # Trainer calls this after restoring a checkpoint: the line marks when resuming is done.
+        event(f"train: starting at step {state.global_step} of {state.max_steps}", step=state.global_step,
+              max_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
