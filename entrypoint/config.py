@@ -76,6 +76,8 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
     seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
+                       "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
     log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
     nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
