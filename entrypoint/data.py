@@ -2,9 +2,9 @@
 
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
-document (split into block-sized pieces when longer) is its own row and the collator pads per batch, masking
-pad positions out of the labels by the attention mask, never by token id, so real EOS tokens stay targets
-even when pad == eos.
+document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
+length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
+mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key covers the inputs' bytes, the tokenizer, every option that changes the result, and
 FORMAT_VERSION: bump it whenever this file changes what it writes.
@@ -33,7 +33,7 @@ from .errors import DataError, OutputError
 from .sources import Source, discover, fingerprint, load_documents
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unpacked rows carry a length column
 COMPLETE = "COMPLETE"
 
 
@@ -163,7 +163,9 @@ def build_rows(docs, tokenizer, block_size: int, packing: bool, workers: int):
     row_lengths = np.minimum(block_size, lengths.repeat(pieces) - _piece_index(pieces) * block_size)
     offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
     array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
-    return datasets.Dataset(pa.table({"input_ids": array})), total, 0
+    # `length` lets Trainer group rows of similar length into batches without reading every row.
+    table = pa.table({"input_ids": array, "length": pa.array(row_lengths.astype(np.int32))})
+    return datasets.Dataset(table), total, 0
 
 
 def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
