@@ -52,11 +52,27 @@ def _option(name: str, f, config_class: type):
         kwargs["type"] = click.Choice(meta["choices"])
     elif kind is int:
         kwargs["type"] = click.IntRange(min=meta.get("min"), max=meta.get("max"))
+        if meta.get("auto"):
+            kwargs["type"] = IntOrAuto(kwargs["type"])
     elif kind is float:
         kwargs["type"] = click.FloatRange(min=meta.get("min"), max=meta.get("max"))
     elif kind is Path:
         kwargs["type"] = click.Path(path_type=Path)
     return click.option(flag, name, **kwargs)
+
+
+class IntOrAuto(click.ParamType):
+    """An integer in range, or the word auto."""
+
+    name = "integer|auto"
+
+    def __init__(self, ints: click.IntRange):
+        self.ints = ints
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return self.ints.convert(value, param, ctx)
 
 
 def preset_option(fn):
