@@ -222,12 +222,13 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         eval_steps = cfg.save_steps  # the best model must have a checkpoint to come back to
     report = [r.strip() for r in cfg.report_to.split(",") if r.strip() not in ("none", "tensorboard", "")]
     quiet = not is_tty() or cfg.log_format == "json"
-    compiled = speed.should_compile(cfg, plan, model, train_rows=len(train_ds))
+    batch, accumulation = speed.batch_and_accumulation(cfg, plan, model)
+    compiled = speed.should_compile(cfg, plan, model, len(train_ds), batch * accumulation)
     args = TrainingArguments(
         output_dir=str(cfg.model_checkpoint_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
