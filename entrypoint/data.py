@@ -181,10 +181,12 @@ def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy we may change
     backend.no_truncation()
     backend.no_padding()
-    spans = [(start, min(start + TOKENIZE_BATCH, len(docs))) for start in range(0, len(docs), TOKENIZE_BATCH)]
+    # At least 8 tasks per process, so a few very long documents (--txt-split file) still spread out.
+    size = max(1, min(TOKENIZE_BATCH, -(-len(docs) // (8 * workers))))
+    spans = [(start, min(start + size, len(docs))) for start in range(0, len(docs), size)]
     _JOB = (docs, backend, tokenizer.eos_token_id)
     try:
-        if workers > 1 and len(docs) >= PARALLEL_MIN_DOCUMENTS:
+        if workers > 1 and docs.data.nbytes >= PARALLEL_MIN_BYTES:
             with multiprocessing.get_context("fork").Pool(min(workers, len(spans))) as pool:
                 parts = pool.map(_tokenize_span, spans, chunksize=1)
         else:
@@ -196,8 +198,8 @@ def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-TOKENIZE_BATCH = 2000  # documents per task: amortises the transfer, and still balances the processes' load
-PARALLEL_MIN_DOCUMENTS = 10_000  # below this, starting processes costs more than it saves
+TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
+PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
 _JOB = None  # (documents, tokenizer, eos) while `tokenize` runs; forked workers inherit it
 
 
