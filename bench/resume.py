@@ -4,8 +4,9 @@ GPT-2 124M-shaped model.
 A first run trains one step and checkpoints it. Each timed run then restarts the same job with one more step,
 as a preempted Job's retry would, and is stopped once the resumed step is logged. Times are taken here, as each
 log line arrives: the plan line (imports and preflight), the resume line (data cache hit, model loaded), the
-training-start line (checkpoint restored: the resumed step begins) and the first logged step (one step trained). A fresh start (--no-resume) of the same
-command is timed alike, so the difference is what resuming itself costs.
+training-start line (checkpoint restored: the resumed step begins) and the first logged step (one step
+trained). A fresh start (--no-resume) of the same command is timed alike, so the difference is what resuming
+itself costs.
 
     python -m bench.resume --repeats 3 --json .bench/resume.json
 """
