@@ -8,7 +8,8 @@ OUTPUT_DIR ?= output
 DEMO_DIR ?= .demo
 PYTEST_ARGS ?=
 # make bench on CPU: a tiny GPT-2 (50,257-token vocabulary), 2 optimizer steps a side (4 x 8 x 512 tokens each),
-# 128 validation lines, 3 runs a side; about 10 minutes on 2 cores. On a GPU: BENCH_ARGS='--size gpt2 --epochs 3'.
+# 128 validation lines, 3 runs a side; about 10 minutes on 2 cores. On a GPU: BENCH_ARGS='--size gpt2 --epochs 3'
+# (the GPU defaults of python -m bench.compare).
 BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
 BENCH_DIR ?= .bench
 

@@ -5,8 +5,8 @@ rate 2e-5, 512-token blocks, the same epochs or optimizer steps).
 Each run of each side is a fresh process with cold caches; the sides alternate order between repeats. The
 table shows medians over --repeats; each ratio (ours / tutorial) is the median of the ratios within a repeat.
 
-    python -m bench.compare                       # CPU: small model, 8 optimizer steps, 3 repeats
-    python -m bench.compare --size gpt2 --epochs 3  # GPU: GPT-2 124M's shape, the tutorial's 3 epochs
+    python -m bench.compare   # CPU: tiny model, 2 optimizer steps, 128 validation lines, 3 repeats
+    python -m bench.compare   # GPU: GPT-2 124M's shape, the tutorial's 3 epochs, all validation lines
 """
 
 from __future__ import annotations
@@ -48,15 +48,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--valid-file", type=Path, help="Validation text [default: every 20th line of the train "
                                                         "file, or the corpus's valid.txt].")
     parser.add_argument("--valid-lines", type=int, help="Use only the first N validation lines: the tutorial "
-                        "evaluates every line padded to 512, which dominates short CPU runs [default: all].")
+                        "evaluates every line padded to 512, which dominates short CPU runs [default: 128 on CPU, "
+                        "all on CUDA].")
     parser.add_argument("--model", type=Path, help="Model directory [default: a random GPT-2 of --size, built "
                                                    "locally]; its context must reach 512.")
     parser.add_argument("--size", choices=("tiny", "small", "gpt2"),
-                        help="Shape of the built model [default: gpt2 on CUDA, small on CPU].")
+                        help="Shape of the built model [default: gpt2 on CUDA, tiny on CPU].")
     parser.add_argument("--vocab-size", type=int, default=assets.GPT2_VOCAB, help="Tokenizer vocabulary.")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="Equal epochs on both sides [default on CUDA: 3].")
-    budget.add_argument("--max-steps", type=int, help="Equal optimizer steps on both sides [default on CPU: 8].")
+    budget.add_argument("--max-steps", type=int, help="Equal optimizer steps on both sides [default on CPU: 2].")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per side; the table shows medians.")
     parser.add_argument("--ours-args", default="", help="Extra `finetune train` options, e.g. '--compile on'.")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="Corpus, models and run outputs.")
@@ -71,11 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available()
     workdir = args.workdir.resolve()
+    if args.valid_lines is None and not cuda:
+        args.valid_lines = 128
     train_file, valid_file = data_files(args, workdir)
-    size = args.size or ("gpt2" if cuda else "small")
+    size = args.size or ("gpt2" if cuda else "tiny")
     model = args.model.resolve() if args.model else assets.model(workdir, size, args.vocab_size)
     if args.epochs is None and args.max_steps is None:
-        budget = ["--epochs", "3"] if cuda else ["--max-steps", "8"]
+        budget = ["--epochs", "3"] if cuda else ["--max-steps", "2"]
     else:
         budget = ["--epochs", str(args.epochs)] if args.epochs is not None else ["--max-steps", str(args.max_steps)]
     compared_at = f"equal {'epochs' if budget[0] == '--epochs' else 'optimizer steps'} ({budget[1]})"
