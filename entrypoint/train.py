@@ -287,6 +287,7 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
     positions = torch.tensor(counter.positions or 0, device=real.device)
     real, positions = (int(trainer.accelerator.reduce(t, reduction="sum").item()) for t in (real, positions))
     runtime = result.metrics.get("train_runtime", 0.0)
+    training = runtime - progress.eval_seconds  # train_runtime includes evaluations inside the loop
     evals = [h for h in progress.history if "eval_loss" in h]
     initial = [h["eval_loss"] for h in evals if h["step"] == 0]
     if torch.cuda.is_available():
@@ -303,10 +304,11 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "epoch": trainer.state.epoch,
         "train_runtime": runtime,
         "train_tokens": real,
-        "useful_tokens_per_second": real / runtime if runtime else 0.0,
+        "useful_tokens_per_second": real / training if training > 0 else 0.0,
+        "eval_seconds": progress.eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,
         "mfu": efficiency.mfu(trainer.model, plan.device, plan.precision, plan.block_size,
-                              real / runtime / trainer.args.world_size if runtime else 0.0,
+                              real / training / trainer.args.world_size if training > 0 else 0.0,
                               tf32=speed.tf32_supported()),
         "compile_seconds": speed.compile_seconds(trainer),
         "world_size": trainer.args.world_size,
