@@ -7,6 +7,11 @@ PIP_EXTRA ?=
 OUTPUT_DIR ?= output
 DEMO_DIR ?= .demo
 PYTEST_ARGS ?=
+# make bench on CPU: a tiny GPT-2 (50,257-token vocabulary), 2 optimizer steps a side (4 x 8 x 512 tokens each),
+# 128 validation lines, 3 runs a side; about 10 minutes on 2 cores. On a GPU: BENCH_ARGS='--size gpt2 --epochs 3'
+# (the GPU defaults of python -m bench.compare).
+BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
+BENCH_DIR ?= .bench
 
 FINETUNE := $(VENV)/bin/finetune
 VENV_STAMP := $(VENV)/.installed-stamp
@@ -56,8 +61,8 @@ lock: ## Re-resolve the newest dependencies into constraints.txt.
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 .PHONY: clean
-clean: ## Remove the virtualenv, demo files, output and caches.
-	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) .pytest_cache .ruff_cache
+clean: ## Remove the virtualenv, demo files, output, benchmark files and caches.
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(BENCH_DIR) .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container
@@ -131,3 +136,15 @@ k8s-delete: ## Delete one overlay's Job, pods and ConfigMap (never the PVCs, so 
 	$(KUBECTL) delete -k k8s/overlays/$(OVERLAY) --ignore-not-found
 
 ##@ Benchmarks
+
+.PHONY: bench
+bench: install ## The tutorial recipe vs `finetune train`, side by side: a table, and JSON in .bench/.
+	$(VENV)/bin/python -m bench.compare $(BENCH_ARGS) --workdir $(BENCH_DIR) --json $(BENCH_DIR)/compare.json
+
+.PHONY: bench-prepare
+bench-prepare: install ## Data preparation throughput on ~30M tokens with a 50k BPE, cold and cached.
+	$(VENV)/bin/python -m bench.prepare --workdir $(BENCH_DIR) --json $(BENCH_DIR)/prepare.json
+
+.PHONY: bench-resume
+bench-resume: install ## Seconds from process start to the first resumed step, GPT-2 124M shape on CPU.
+	$(VENV)/bin/python -m bench.resume --workdir $(BENCH_DIR) --json $(BENCH_DIR)/resume.json

@@ -52,11 +52,27 @@ def _option(name: str, f, config_class: type):
         kwargs["type"] = click.Choice(meta["choices"])
     elif kind is int:
         kwargs["type"] = click.IntRange(min=meta.get("min"), max=meta.get("max"))
+        if meta.get("auto"):
+            kwargs["type"] = IntOrAuto(kwargs["type"])
     elif kind is float:
         kwargs["type"] = click.FloatRange(min=meta.get("min"), max=meta.get("max"))
     elif kind is Path:
         kwargs["type"] = click.Path(path_type=Path)
     return click.option(flag, name, **kwargs)
+
+
+class IntOrAuto(click.ParamType):
+    """An integer in range, or the word auto."""
+
+    name = "integer|auto"
+
+    def __init__(self, ints: click.IntRange):
+        self.ints = ints
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return self.ints.convert(value, param, ctx)
 
 
 def preset_option(fn):
@@ -195,9 +211,13 @@ def train(preset, **params):
     if metrics and dist.is_main:
         from .logs import event
 
+        mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
         event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
-              f"{metrics['useful_tokens_per_second']:,.0f} tokens/s, {metrics['global_step']} steps in "
-              f"{metrics['train_runtime']:.0f} s, model at {cfg.output_dir / 'model'}", **metrics)
+              f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
+              f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "
+              f"{metrics['global_step']} steps in {metrics['train_runtime']:.0f} s after "
+              f"{metrics['data_prepare_seconds']:.1f} s of data preparation, model at {cfg.output_dir / 'model'}",
+              **metrics)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -28,7 +28,8 @@ PRESET_DIR = Path(os.environ.get("FINETUNE_PRESET_DIR", PRESET_DIR))
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
-    """A config field: its default, its help line, and optional choices/min/max/secret/multiple."""
+    """A config field: its default, its help line, and optional choices/min/max/secret/multiple/auto (an int
+    field that also takes the word auto)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -59,7 +60,9 @@ class TrainConfig:
     checkpoint_dir: Path | None = opt(None, "Where checkpoints go [default: <output-dir>/checkpoints].")
     epochs: float = opt(3.0, "Training epochs (ignored when --max-steps is set).", min=0.01)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
-    batch_size: int = opt(8, "Sequences per device per micro-batch.", min=1)
+    batch_size: int | str = opt(8, "Sequences per device per micro-batch; auto: the largest that fits the GPU, with "
+                                "--grad-accum rescaled to keep 8 x --grad-accum sequences per step (8 on CPU).",
+                                min=1, auto=True)
     grad_accum: int = opt(4, "Micro-batches accumulated per optimizer step.", min=1)
     learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0, max=1.0)
@@ -76,6 +79,8 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
     seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
+                       "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
     log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
     nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
@@ -161,6 +166,8 @@ def coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     """Turn a YAML/JSON/env value into the field's type, or raise a ConfigError saying where it came from."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
+    if f.metadata.get("auto") and str(value).strip().lower() == "auto":
+        return "auto"
     kind = base_type(f)
     try:
         if f.metadata.get("multiple"):
@@ -194,7 +201,7 @@ def check_values(cfg: Any) -> list[str]:
     problems = []
     for name, f in fields(type(cfg)).items():
         value = getattr(cfg, name)
-        if value is None:
+        if value is None or f.metadata.get("auto") and value == "auto":
             continue
         choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
         if choices and value not in choices:

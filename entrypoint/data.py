@@ -2,9 +2,9 @@
 
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
-document (split into block-sized pieces when longer) is its own row and the collator pads per batch, masking
-pad positions out of the labels by the attention mask, never by token id, so real EOS tokens stay targets
-even when pad == eos.
+document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
+length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
+mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key covers the inputs' bytes, the tokenizer, every option that changes the result, and
 FORMAT_VERSION: bump it whenever this file changes what it writes.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -31,7 +33,7 @@ from .errors import DataError, OutputError
 from .sources import Source, discover, fingerprint, load_documents
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unpacked rows carry a length column
 COMPLETE = "COMPLETE"
 
 
@@ -146,35 +148,68 @@ def split_documents(docs, percent: float, seed: int):
 
 
 def build_rows(docs, tokenizer, block_size: int, packing: bool, workers: int):
-    """Tokenize in parallel (fast tokenizer, batched) and pack or chunk. Returns (dataset, tokens, dropped)."""
+    """Tokenize (see `tokenize`) and pack or chunk. Returns (dataset, tokens, dropped)."""
     import datasets
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    eos = tokenizer.eos_token_id
-
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [doc + [eos] for doc in ids]}
-
-    tokenized = docs.map(tokenize, batched=True, batch_size=1000, remove_columns=docs.column_names,
-                         num_proc=workers if len(docs) >= 10 * 1000 else None,
-                         desc="tokenizing", features=datasets.Features(
-                             {"input_ids": datasets.List(datasets.Value("int32"))}))
-    column = tokenized.data.column("input_ids")
-    flat = pc.list_flatten(column).to_numpy().astype(np.int32, copy=False)
+    flat, lengths = tokenize(docs, tokenizer, workers)
     total = len(flat)
     if packing:
         blocks = total // block_size
         array = pa.FixedSizeListArray.from_arrays(pa.array(flat[: blocks * block_size]), block_size)
         return datasets.Dataset(pa.table({"input_ids": array})), blocks * block_size, total - blocks * block_size
     # One row per document; a document longer than a block continues in the next row, so nothing is cut.
-    lengths = pc.list_value_length(column).to_numpy()
     pieces = np.maximum(1, -(-lengths // block_size))
     row_lengths = np.minimum(block_size, lengths.repeat(pieces) - _piece_index(pieces) * block_size)
     offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
     array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
-    return datasets.Dataset(pa.table({"input_ids": array})), total, 0
+    # `length` lets Trainer group rows of similar length into batches without reading every row.
+    table = pa.table({"input_ids": array, "length": pa.array(row_lengths.astype(np.int32))})
+    return datasets.Dataset(table), total, 0
+
+
+def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every document's ids followed by EOS, concatenated (int32), and each document's length with its EOS.
+
+    Batches of documents go to `workers` forked processes, which inherit the documents and the Rust tokenizer
+    instead of receiving them pickled, and send back compact int32 arrays rather than lists of lists.
+    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py).
+    """
+    global _JOB
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy we may change
+    backend.no_truncation()
+    backend.no_padding()
+    # At least 8 tasks per process, so a few very long documents (--txt-split file) still spread out.
+    size = max(1, min(TOKENIZE_BATCH, -(-len(docs) // (8 * workers))))
+    spans = [(start, min(start + size, len(docs))) for start in range(0, len(docs), size)]
+    _JOB = (docs, backend, tokenizer.eos_token_id)
+    try:
+        if workers > 1 and docs.data.nbytes >= PARALLEL_MIN_BYTES:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(spans))) as pool:
+                parts = pool.map(_tokenize_span, spans, chunksize=1)
+        else:
+            parts = [_tokenize_span(span) for span in spans]
+    finally:
+        _JOB = None
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
+PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
+_JOB = None  # (documents, tokenizer, eos) while `tokenize` runs; forked workers inherit it
+
+
+def _tokenize_span(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    docs, backend, eos = _JOB
+    texts = docs[span[0]:span[1]]["text"]
+    ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
 
 
 def _piece_index(pieces: np.ndarray) -> np.ndarray:

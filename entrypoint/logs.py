@@ -73,13 +73,23 @@ class ProgressLog(TrainerCallback):
         self.start = time.perf_counter()
         self.first_step = 0
         self.history: list[dict] = []  # every log record, for the loss plot and metrics
+        self.training = False
+        self.eval_seconds = 0.0  # evaluations inside the training loop: not training time
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.start, self.first_step, self.training = time.perf_counter(), state.global_step, True
+        # Trainer calls this after restoring a checkpoint: the line marks when resuming is done.
+        event(f"train: starting at step {state.global_step} of {state.max_steps}", step=state.global_step,
+              max_steps=state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         self.history.append({"step": state.global_step, **logs})
+        if self.training:
+            self.eval_seconds += logs.get("eval_runtime", 0.0)
         if "eval_loss" in logs:
             loss = logs["eval_loss"]
             event(f"eval  step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-from . import checkpoints, data, outputs
+from . import checkpoints, data, efficiency, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, ModelLoadError, OutOfMemory, OutputError, Preempted
@@ -26,7 +26,7 @@ from .preemption import StopOnSignal, StopRequest
 log = logging.getLogger(__name__)
 # Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
 COSMETIC = {"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir", "cache_dir",
-            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint"}
+            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile"}
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) -> dict:
@@ -222,11 +222,13 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         eval_steps = cfg.save_steps  # the best model must have a checkpoint to come back to
     report = [r.strip() for r in cfg.report_to.split(",") if r.strip() not in ("none", "tensorboard", "")]
     quiet = not is_tty() or cfg.log_format == "json"
+    batch, accumulation = speed.batch_and_accumulation(cfg, plan, model)
+    compiled = speed.should_compile(cfg, plan, model, len(train_ds), batch * accumulation)
     args = TrainingArguments(
         output_dir=str(cfg.model_checkpoint_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
@@ -255,10 +257,13 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # GPT-2 uses every parameter; the search costs a pass per step
+        train_sampling_strategy="random" if cfg.packing else "group_by_length",  # less padding per batch
+        torch_compile=compiled,
+        tf32=True if speed.tf32_supported() else None,
     )
     counter = TokenCounter()
     progress = ProgressLog(counter, show_steps=quiet)
-    callbacks = [progress]
+    callbacks = [progress, speed.StepTimer()] if compiled else [progress]
     if "tensorboard" in cfg.report_to:
         from transformers.integrations import TensorBoardCallback
 
@@ -282,6 +287,7 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
     positions = torch.tensor(counter.positions or 0, device=real.device)
     real, positions = (int(trainer.accelerator.reduce(t, reduction="sum").item()) for t in (real, positions))
     runtime = result.metrics.get("train_runtime", 0.0)
+    training = runtime - progress.eval_seconds  # train_runtime includes evaluations inside the loop
     evals = [h for h in progress.history if "eval_loss" in h]
     initial = [h["eval_loss"] for h in evals if h["step"] == 0]
     if torch.cuda.is_available():
@@ -298,8 +304,13 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "epoch": trainer.state.epoch,
         "train_runtime": runtime,
         "train_tokens": real,
-        "useful_tokens_per_second": real / runtime if runtime else 0.0,
+        "useful_tokens_per_second": real / training if training > 0 else 0.0,
+        "eval_seconds": progress.eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,
+        "mfu": efficiency.mfu(trainer.model, plan.device, plan.precision, plan.block_size,
+                              real / training / trainer.args.world_size if training > 0 else 0.0,
+                              tf32=speed.tf32_supported()),
+        "compile_seconds": speed.compile_seconds(trainer),
         "world_size": trainer.args.world_size,
         "device": plan.device,
         "precision": plan.precision,

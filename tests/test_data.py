@@ -326,3 +326,15 @@ def test_text_too_short_for_one_block_is_a_data_error(tokenizer, tmp_path, short
     assert "lower --block-size" in message and "--no-packing" in message
     # The fix the message names works.
     assert prepare(tokenizer, tmp_path / "data", tmp_path / "out", block_size=64, packing=False)[2].train_rows
+
+
+def test_tokenizing_in_parallel_processes_gives_the_single_process_tokens(tokenizer, corpus_dir, monkeypatch):
+    import datasets
+
+    lines = (corpus_dir / "train.txt").read_text().splitlines()
+    docs = datasets.Dataset.from_dict({"text": lines})
+    monkeypatch.setattr(data, "PARALLEL_MIN_BYTES", 0)  # the corpus is smaller than the threshold
+    flat, lengths = data.tokenize(docs, tokenizer, workers=2)
+    one_flat, one_lengths = data.tokenize(docs, tokenizer, workers=1)
+    assert flat.tolist() == one_flat.tolist() and lengths.tolist() == one_lengths.tolist()
+    assert flat.tolist() == token_stream(tokenizer, lines)
