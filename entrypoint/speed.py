@@ -1,8 +1,8 @@
 """Speed settings that depend on the hardware and the run: the micro-batch for --batch-size auto, torch.compile,
 TF32, and timing the compile.
 
-Each choice is measured with bench/compare.py where the hardware allows; the README's Performance section has the figures
-and says which choices are GPU-only and unmeasured.
+Each choice is measured with bench/compare.py where the hardware allows; the README's Performance section has the
+figures and says which choices are GPU-only and unmeasured.
 """
 
 from __future__ import annotations
