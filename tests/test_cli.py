@@ -63,11 +63,11 @@ def test_version_and_top_level_help_list_exit_codes():
 
 
 def test_python_dash_m_and_the_console_script_are_the_same_program():
-    import shutil
     import subprocess
+    import sys
+    from pathlib import Path
 
-    script = shutil.which("finetune")
-    if script is None:
-        pytest.skip("console script not on PATH (package not installed into this interpreter's environment)")
-    via_script = subprocess.run([script, "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "finetune"  # pip puts console scripts beside the interpreter
+    assert script.is_file(), f"{script} missing: install the package (make install)"
+    via_script = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert via_script.stdout == finetune("--help").stdout
