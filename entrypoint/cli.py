@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from . import config as schema
 from .config import GenerateConfig, InitModelConfig, TrainConfig
 from .errors import DESCRIPTIONS, ExitCode, FinetuneError
+from .platforms import platform_defaults
 
 log = logging.getLogger("finetune")
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
@@ -121,7 +122,7 @@ def handled(output_dir_of=None):
             for line in lines:
                 click.echo(f"error: {line}", err=True)
             message = " | ".join(lines)
-            outputs.write_termination_message(message, schema.platform_defaults(os.environ)[0])
+            outputs.write_termination_message(message, platform_defaults(os.environ)[0])
             output_dir = _output_dir(output_dir_of, kwargs)
             if output_dir is not None and os.environ.get("RANK", "0") == "0":
                 state = "preempted" if code == ExitCode.PREEMPTED else "failed"
@@ -260,7 +261,7 @@ def doctor(preset, **params):
 def show_config(preset, **params):
     """Print the resolved configuration as YAML, each value with where it came from."""
     cfg, sources = resolve(TrainConfig, params, preset)
-    platform, _ = schema.platform_defaults(os.environ)
+    platform, _ = platform_defaults(os.environ)
     if platform:
         click.echo(f"# platform contract applied: {platform}")
     for name, value in schema.as_dict(cfg).items():

@@ -8,7 +8,6 @@ flag > FINETUNE_* env var > platform contract (SageMaker, Vertex AI) > preset > 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import types
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .platforms import cluster_defaults, platform_defaults
 
 ENV_PREFIX = "FINETUNE_"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -269,65 +269,6 @@ def load_preset(name_or_path: str, schema: type = TrainConfig) -> dict[str, Any]
         raise ConfigError(f"preset {path} has unknown key(s) {', '.join(unknown)}; "
                           f"keys are option names with underscores, e.g. learning_rate.")
     return {k: coerce(known[k], v, f"preset {path.name}") for k, v in raw.items()}
-
-
-def gcs_to_fuse(uri: str) -> str:
-    """Vertex AI mounts buckets with Cloud Storage FUSE: gs://bucket/x is /gcs/bucket/x."""
-    return "/gcs/" + uri[len("gs://"):] if uri.startswith("gs://") else uri
-
-
-def platform_defaults(environ: typing.Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
-    """Defaults from SageMaker's or Vertex AI's training contract, and the platform's name."""
-    if "SM_MODEL_DIR" in environ or "SM_CHANNEL_TRAIN" in environ or "SM_TRAINING_ENV" in environ:
-        values: dict[str, Any] = {"checkpoint_dir": "/opt/ml/checkpoints"}
-        if "SM_CHANNEL_TRAIN" in environ:
-            values["data_dir"] = environ["SM_CHANNEL_TRAIN"]
-        if "SM_CHANNEL_VALIDATION" in environ:
-            values["valid_file"] = [environ["SM_CHANNEL_VALIDATION"]]
-        if "SM_MODEL_DIR" in environ:
-            values["output_dir"] = environ["SM_MODEL_DIR"]
-        hps = environ.get("SM_HPS")
-        if hps:
-            try:
-                parsed = json.loads(hps)
-            except json.JSONDecodeError:
-                raise ConfigError("SM_HPS is not valid JSON; check the estimator's hyperparameters.") from None
-            values.update({k.replace("-", "_"): v for k, v in parsed.items()})
-        return "sagemaker", values
-    if any(k.startswith("AIP_") for k in environ):
-        values = {}
-        if "AIP_MODEL_DIR" in environ:
-            values["output_dir"] = gcs_to_fuse(environ["AIP_MODEL_DIR"])
-        if "AIP_CHECKPOINT_DIR" in environ:
-            values["checkpoint_dir"] = gcs_to_fuse(environ["AIP_CHECKPOINT_DIR"])
-        if "AIP_TENSORBOARD_LOG_DIR" in environ:
-            values["tensorboard_dir"] = gcs_to_fuse(environ["AIP_TENSORBOARD_LOG_DIR"])
-        return "vertex", values
-    return None, {}
-
-
-def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, str]]:
-    """Where a launcher or Job controller already said how many nodes there are and which one this is.
-
-    Inside a torchrun worker RANK/WORLD_SIZE count processes, so there the node values come from torchrun's
-    GROUP_* variables instead. Returns name -> (value, the variable it came from).
-    """
-    if "LOCAL_RANK" in environ or "TORCHELASTIC_RUN_ID" in environ:
-        pairs = {"nnodes": "GROUP_WORLD_SIZE", "node_rank": "GROUP_RANK", "nproc_per_node": "LOCAL_WORLD_SIZE"}
-        return {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
-    found: dict[str, tuple[Any, str]] = {}
-    for name, candidates in (("nnodes", ("PET_NNODES",)),
-                             ("node_rank", ("PET_NODE_RANK", "JOB_COMPLETION_INDEX", "RANK")),
-                             ("rdzv_endpoint", ("PET_RDZV_ENDPOINT",)),
-                             ("nproc_per_node", ("PET_NPROC_PER_NODE",))):
-        var = next((v for v in candidates if environ.get(v)), None)
-        if var:
-            found[name] = (environ[var], f"env {var}")
-    if "rdzv_endpoint" not in found and environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
-        found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}", "env MASTER_ADDR/MASTER_PORT")
-    if "nnodes" not in found and environ.get("MASTER_ADDR") and environ.get("WORLD_SIZE"):
-        found["nnodes"] = (environ["WORLD_SIZE"], "env WORLD_SIZE")  # a Job controller's per-pod world
-    return found
 
 
 def resolve(schema: type, explicit: dict[str, tuple[Any, str]], preset: str | None,
