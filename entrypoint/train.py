@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import resource
-import shutil
-import time
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
 from . import checkpoints, data, efficiency, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
-from .errors import ConfigError, ModelLoadError, OutOfMemory, OutputError, Preempted
+from .errors import ConfigError, ModelLoadError, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
 from .logs import ProgressLog, event, is_tty, perplexity
 from .preemption import StopOnSignal, StopRequest
+from .trainer import FinetuneTrainer, TokenCounter
 
 log = logging.getLogger(__name__)
 # Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
@@ -142,76 +139,6 @@ def load_model(cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model
-
-
-class TokenCounter:
-    """Real (non-padding) tokens and all positions the training loop consumed, kept on the device so counting
-    costs no synchronisation; read only when a log line is printed."""
-
-    def __init__(self):
-        self.real = self.positions = None
-
-    def add(self, inputs: dict) -> None:
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
-        self.real = real if self.real is None else self.real + real
-        self.positions = ids.numel() + (self.positions or 0)
-
-    def tokens(self) -> int:
-        return int(self.real.item()) if self.real is not None else 0
-
-
-class FinetuneTrainer(Trainer):
-    """Trainer plus token counting and a completion marker on every checkpoint."""
-
-    def __init__(self, *args, counter: TokenCounter, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.counter = counter
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.counter.add(inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-
-    def _save_checkpoint(self, model, trial):
-        start = time.perf_counter()
-        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as exc:
-            reason = storage_failure(path.parent)
-            if not (reason or isinstance(exc, OSError)):
-                raise
-            shutil.rmtree(path, ignore_errors=True)  # it has no marker; removing it frees the space it took
-            reason = reason or exc.strerror or str(exc)
-            raise OutputError(f"cannot save {path.name} to {path.parent} ({reason}); free space or lower "
-                              "--save-total-limit, then rerun: the previous checkpoint is intact.") from None
-        self.accelerator.wait_for_everyone()  # every rank's RNG file is on disk before the marker says so
-        if self.args.should_save and path.is_dir():
-            checkpoints.mark_complete(path, time.perf_counter() - start)
-            seconds = time.perf_counter() - start
-            event(f"checkpoint: saved {path.name} in {seconds:.1f} s (size the grace period above this)",
-                  checkpoint=str(path), save_seconds=seconds)
-
-
-def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:
-    """Why the storage under `directory` cannot take a write, or None if it can.
-
-    torch.save reports a full disk as a RuntimeError about zip positions, so after a failed save the storage
-    itself is asked: a small flushed write either works or names the real cause (ENOSPC, EROFS, EIO)."""
-    probe = directory / f".probe-{os.getpid()}"
-    try:
-        with probe.open("wb") as f:
-            f.write(b"\0" * probe_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
 
 
 def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval_ds, fresh: bool):
