@@ -53,6 +53,10 @@ lint: install ## Lint Python (ruff) and the Dockerfile (hadolint).
 	$(VENV)/bin/ruff check entrypoint tests bench
 	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
 
+.PHONY: docs
+docs: install ## Regenerate the option and exit-code tables in docs/ from the code.
+	$(VENV)/bin/python scripts/gen_docs.py
+
 .PHONY: lock
 lock: ## Re-resolve the newest dependencies into constraints.txt.
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

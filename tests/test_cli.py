@@ -1,4 +1,4 @@
-"""The command line as a contract: --help documents every option, the README agrees with --help."""
+"""The command line as a contract: --help documents every option, docs/configuration.md agrees with --help."""
 
 from __future__ import annotations
 
@@ -39,21 +39,22 @@ def test_help_shows_every_options_env_var_and_default(command):
                 f"{command} --help does not show the default of {option.opts[0]}"
 
 
-def test_readme_options_table_matches_train_help():
-    readme = (REPO / "README.md").read_text()
+def test_configuration_docs_options_table_matches_train_help():
+    readme = (REPO / "docs" / "configuration.md").read_text()
+    readme = readme.split("## `finetune train` options", 1)[1].split("\n## ", 1)[0]
     rows = {m.group(2): m.group(0) for m in re.finditer(r"^\| `(--[^`]+)` \| `(FINETUNE_\w+)` \| ([^|]*) \|", readme,
                                                          re.MULTILINE)}
     for option in options("train"):
         env = option.envvar
         if env == "FINETUNE_PRESET":
             continue
-        assert env in rows, f"README options table lacks {env}"
+        assert env in rows, f"docs/configuration.md options table lacks {env}"
         row = rows[env]
         assert f"`{option.opts[0]}`" in row or f"`{option.opts[0]} /" in row, row
         if option.show_default and option.default not in (None, ()):
-            assert f"`{option.default}`" in row, f"README default for {env} differs from --help: {row}"
+            assert f"`{option.default}`" in row, f"docs/configuration.md default for {env} differs from --help: {row}"
     documented = set(rows) - {"FINETUNE_PRESET"}
-    assert documented == {o.envvar for o in options("train")} - {"FINETUNE_PRESET"}, "README documents removed options"
+    assert documented == {o.envvar for o in options("train")} - {"FINETUNE_PRESET"}, "docs/configuration.md documents removed options"
 
 
 def test_version_and_top_level_help_list_exit_codes():

@@ -168,9 +168,9 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_model):
     assert result.returncode == ExitCode.USAGE  # the most fundamental problem decides the code
 
 
-def test_exit_code_table_in_readme_matches_the_code():
+def test_exit_code_table_in_the_docs_matches_the_code():
     from entrypoint.errors import DESCRIPTIONS
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     for code, description in DESCRIPTIONS.items():
-        assert f"| {int(code)} | `{code.name}` | {description} |" in readme, f"README lacks exit code {int(code)}"
+        assert f"| {int(code)} | `{code.name}` | {description} |" in readme, f"docs/reliability.md lacks exit code {int(code)}"

@@ -172,7 +172,7 @@ def policy_action(rules: list[dict], exit_code: int, conditions: tuple[str, ...]
     return "Count"
 
 
-# What the README says a batch Job does with each action.
+# What docs/reliability.md says a batch Job does with each action.
 JOB_EFFECT = {"FailJob": "fails the Job at once", "Count": "retried (counts against backoffLimit)"}
 
 
@@ -471,9 +471,9 @@ def test_docs_exit_code_table_matches_errors_and_the_policy():
     rules = one(render("single-gpu"), "Job")["spec"]["podFailurePolicy"]["rules"]
     effect = {c: "succeeds" if c == ExitCode.OK else JOB_EFFECT[policy_action(rules, c)] for c in ExitCode}
     expected = [f"| {c.value} | `{c.name}` | {DESCRIPTIONS[c]} | {effect[c]} |" for c in ExitCode]
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "reliability.md").read_text()
     rows = [line.strip() for line in text.splitlines() if re.match(r"\| \d+ \| `", line.strip())]
-    assert rows == expected, "README.md's exit-code table is stale; make it:\n" + "\n".join(expected)
+    assert rows == expected, "docs/reliability.md's exit-code table is stale; run make docs:\n" + "\n".join(expected)
 
 
 @needs_kubectl
