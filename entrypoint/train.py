@@ -71,6 +71,7 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)})
     outputs.write_metrics(cfg.output_dir, metrics)
     outputs.plot_losses(cfg.output_dir, progress.history)
+    outputs.write_history(cfg.output_dir, progress.history)
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
     return metrics
 
