@@ -3,6 +3,9 @@
 Trainer writes checkpoints in place, so a checkpoint killed mid-save looks like any other. Ours counts as
 complete only when our marker was written after all its files were flushed, and when a cheap integrity check
 passes (weights header readable, trainer state parses, optimizer archive intact).
+
+The marker also records the run that wrote the checkpoint (identity.py) and its whole-run totals (tokens,
+training seconds), so a resume continues only the same run and metrics cover the run from step 0.
 """
 
 from __future__ import annotations
@@ -11,24 +14,32 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import zipfile
 from pathlib import Path
 
+from . import identity
+from .errors import ConfigError
+from .logs import event
+
 log = logging.getLogger(__name__)
 MARKER = "finetune-complete.json"
+SET_ASIDE = "previous-run"  # where a fresh start moves the checkpoints of the run it replaces
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def mark_complete(checkpoint: Path, seconds: float) -> None:
-    """Flush every file, then write the marker (itself flushed): the marker's presence implies the rest."""
+def mark_complete(checkpoint: Path, seconds: float, record: dict | None = None) -> None:
+    """Flush every file, then write the marker (itself flushed): the marker's presence implies the rest.
+
+    `record` (the run's identity, world size and totals) is stored in the marker beside the save time."""
     for path in checkpoint.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
     marker = checkpoint / MARKER
     with marker.open("w") as f:
-        json.dump({"save_seconds": round(seconds, 3)}, f)
+        json.dump({"save_seconds": round(seconds, 3), **(record or {})}, f)
         f.flush()
         os.fsync(f.fileno())
     fd = os.open(checkpoint, os.O_RDONLY)
@@ -88,3 +99,63 @@ def latest_complete(directory: Path) -> Path | None:
             return path
         log.warning("checkpoint: skipping %s: %s", path.name, reason)
     return None
+
+
+def read_marker(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
+def choose(cfg, run: dict, world_size: int) -> Path | None:
+    """The checkpoint this run continues, or None to start fresh. Read-only, so every rank may call it alike; a
+    fresh start over existing checkpoints is carried out by `set_aside` on one rank.
+
+    A checkpoint of another identity is a ConfigError naming what changed, unless --overwrite (start fresh)."""
+    if not cfg.resume:
+        event("resume: disabled by --no-resume; starting fresh")
+        return None
+    found = latest_complete(cfg.model_checkpoint_dir)
+    if found is None:
+        return None
+    marker = read_marker(found)
+    saved = marker.get("identity")
+    if saved is None:
+        log.warning("resume: %s predates run identities; resuming it without comparing options", found.name)
+    elif marker.get("run") != identity.digest(run):
+        changed = "; ".join(identity.changes(saved, run)) or "the identity hash"
+        if cfg.overwrite:
+            event(f"resume: --overwrite: {found.name} belongs to a run with other options ({changed}); starting "
+                  f"fresh", checkpoint=str(found), changed=changed)
+            return None
+        raise ConfigError(f"{found} was saved by a run with other options ({changed}); rerun with its options to "
+                          f"resume it, or start over with --no-resume (its checkpoints move to {SET_ASIDE}/) or "
+                          "another --checkpoint-dir.")
+    saved_world = marker.get("world_size")
+    if saved_world and saved_world != world_size:
+        event(f"resume: {found.name} was saved by {saved_world} processes and this run has {world_size}: "
+              "continuing, but the resume is no longer exact (batches per step and data order differ)",
+              saved_world_size=saved_world, world_size=world_size)
+    event(f"resume: from {found}", checkpoint=str(found))
+    return found
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Move every checkpoint of the run being replaced into `directory`/previous-run (replacing the one there), so
+    Trainer neither overwrites them in place nor rotates the new run's away. Returns where they went, if any."""
+    old = [p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name)] if directory.is_dir() else []
+    if not old:
+        return None
+    target = directory / SET_ASIDE
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    for path in old:
+        path.rename(target / path.name)
+    event(f"checkpoint: moved {len(old)} checkpoint(s) of the previous run to {target} (delete it to free the "
+          "space)", set_aside=str(target))
+    return target

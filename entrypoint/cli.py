@@ -123,7 +123,8 @@ def handled(output_dir_of=None):
                 click.echo(f"error: {line}", err=True)
             message = " | ".join(lines)
             outputs.write_termination_message(message, platform_defaults(os.environ)[0])
-            output_dir = _output_dir(output_dir_of, kwargs)
+            ctx = click.get_current_context(silent=True)
+            output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
             if output_dir is not None and os.environ.get("RANK", "0") == "0":
                 state = "preempted" if code == ExitCode.PREEMPTED else "failed"
                 outputs.write_status(output_dir, state, int(code), message)
@@ -141,7 +142,13 @@ def _output_dir(output_dir_of, kwargs) -> Path | None:
         return None
 
 
+# Where a command body records the output directory its configuration resolved to (a flag, a variable, a preset
+# or a platform contract may set it), so every later failure's status.json lands there.
+RESOLVED_OUTPUT_DIR = "finetune.output_dir"
+
+
 def _train_output_dir(kwargs) -> Path:
+    """Before the configuration resolves (or when it is what failed): the raw flag or the default."""
     return kwargs.get("output_dir") or Path("/output")
 
 
@@ -193,6 +200,7 @@ def train(preset, **params):
     from .train import run
 
     cfg, sources = resolve(TrainConfig, params, preset)
+    click.get_current_context().meta[RESOLVED_OUTPUT_DIR] = cfg.output_dir
     dist = this_process()
     setup_logs(cfg, dist.rank)
     if dist.is_main:

@@ -90,8 +90,10 @@ class TrainConfig:
     rdzv_endpoint: str | None = opt(None, "host:port of node 0 for multi-node rendezvous "
                                           "[from PET_RDZV_ENDPOINT or MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
-    resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any.")
-    overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration.")
+    resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any; "
+                             "--no-resume starts fresh, moving the checkpoints there to previous-run/.")
+    overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration "
+                                 "(checkpoints of other options move to previous-run/ and training starts fresh).")
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
 
     @property

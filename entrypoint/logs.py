@@ -65,6 +65,7 @@ class ProgressLog(TrainerCallback):
     """One line per logging step (unless a progress bar shows it), one per evaluation and per save.
 
     `counter` is the trainer's token counter: real tokens this session, read only when a line is printed.
+    After a resume, `history` starts with the records of the steps before it (see `restore`).
     """
 
     def __init__(self, counter, show_steps: bool):
@@ -72,12 +73,25 @@ class ProgressLog(TrainerCallback):
         self.show_steps = show_steps
         self.start = time.perf_counter()
         self.first_step = 0
-        self.history: list[dict] = []  # every log record, for the loss plot and metrics
+        self.history: list[dict] = []  # every log record of the whole run, for the loss plot and metrics
         self.training = False
-        self.eval_seconds = 0.0  # evaluations inside the training loop: not training time
+        self.eval_seconds = 0.0  # evaluations inside this session's training loop: not training time
+        self.eval_seconds_before = 0.0  # the same, for the sessions before a resume
+
+    def restore(self, state) -> None:
+        """Start the history with the restored Trainer state's log (every record up to its checkpoint), so plots
+        and metrics describe the whole run however many restarts it took."""
+        self.history = [dict(h) for h in state.log_history if "step" in h]
+        self.eval_seconds_before = sum(h.get("eval_runtime", 0.0) for h in self.history)
+        self.first_step = state.global_step
+
+    def training_seconds(self) -> float:
+        """Seconds this session has spent training, evaluations excluded."""
+        return time.perf_counter() - self.start - self.eval_seconds if self.training else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.first_step, self.training = time.perf_counter(), state.global_step, True
+        self.restore(state)  # Trainer restores a checkpoint's state before this call
+        self.start, self.training = time.perf_counter(), True
         # Trainer calls this after restoring a checkpoint: the line marks when resuming is done.
         event(f"train: starting at step {state.global_step} of {state.max_steps}", step=state.global_step,
               max_steps=state.max_steps)

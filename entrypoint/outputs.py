@@ -3,6 +3,7 @@
     model/         final model, tokenizer, generation config, model card; COMPLETE written last
     metrics.json   one flat object (losses, perplexity, throughput, padding, device, memory)
     loss.png       train and eval loss curves
+    history.json   the curves' points: every training-loss and evaluation record of the whole run, by step
     runs/          TensorBoard events
     config.yaml    the resolved configuration, secrets redacted
     status.json    state (running, succeeded, failed, preempted), exit code, message
@@ -178,6 +179,12 @@ def write_config(output_dir: Path, config: dict, sources: dict) -> None:
     origin = "".join(f"#   {k}: {v}\n" for k, v in sources.items() if v != "default")
     header = "# Resolved configuration (secrets redacted). Non-default values came from:\n"
     write_file(output_dir / "config.yaml", header + origin + body)
+
+
+def write_history(output_dir: Path, history: list[dict]) -> None:
+    """history.json: the records loss.png is drawn from (step, loss, learning_rate, grad_norm, eval_loss, ...)."""
+    points = [h for h in history if "loss" in h or "eval_loss" in h]
+    write_file(output_dir / "history.json", json.dumps(points, indent=1) + "\n")
 
 
 def plot_losses(output_dir: Path, history: list[dict]) -> None:

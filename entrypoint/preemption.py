@@ -58,6 +58,7 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._agreed(args):
             control.should_save = True
+            control.should_log = True  # the loss since the last log goes into the checkpoint's history, not lost
             control.should_training_stop = True
             self.stopped_at = state.global_step
             log.warning("preemption: stopping at step %d and saving a checkpoint", state.global_step)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
-from . import checkpoints, data, efficiency, outputs, speed
+from . import checkpoints, data, efficiency, identity, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, ModelLoadError, OutOfMemory, Preempted
@@ -21,9 +21,6 @@ from .preemption import StopOnSignal, StopRequest
 from .trainer import FinetuneTrainer, TokenCounter
 
 log = logging.getLogger(__name__)
-# Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
-COSMETIC = {"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir", "cache_dir",
-            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile"}
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) -> dict:
@@ -43,17 +40,15 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
 
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache)
+    run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
+    resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     model = load_model(cfg)
     stop.raise_if_requested("before training started")
-    resume = checkpoints.latest_complete(cfg.model_checkpoint_dir) if cfg.resume else None
-    if resume:
-        event(f"resume: from {resume}", checkpoint=str(resume))
-    elif not cfg.resume:
-        event("resume: disabled by --no-resume; starting fresh")
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
+    trainer.run = run_identity
     trainer.add_callback(StopOnSignal(stop))
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        result = train_or_finish(cfg, trainer, progress, resume, dist)
         if stop.requested:
             saved = cfg.model_checkpoint_dir / f"checkpoint-{trainer.state.global_step}"
             raise Preempted(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of "
@@ -76,8 +71,31 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)})
     outputs.write_metrics(cfg.output_dir, metrics)
     outputs.plot_losses(cfg.output_dir, progress.history)
+    outputs.write_history(cfg.output_dir, progress.history)
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
     return metrics
+
+
+def train_or_finish(cfg: TrainConfig, trainer, progress: ProgressLog, resume: Path | None, dist: Dist):
+    """Train from `resume` (or from the base model), or take a checkpoint already at the last step as finished.
+
+    A fresh start first moves any checkpoints already in --checkpoint-dir aside: one rank, after every rank has
+    chosen, so none reads a directory in mid-move."""
+    if resume is None:
+        trainer.accelerator.wait_for_everyone()
+        if dist.is_main:
+            checkpoints.set_aside(cfg.model_checkpoint_dir)
+        trainer.accelerator.wait_for_everyone()
+        return trainer.train()
+    trainer.resume_totals(resume)
+    step, last = checkpoints.step_of(resume), trainer.last_step()
+    if step < last:
+        return trainer.train(resume_from_checkpoint=str(resume))
+    event(f"resume: {resume.name} is at step {step}, the last is {last}: publishing it without training",
+          step=step, max_steps=last)
+    result = trainer.finish_from(resume)
+    progress.restore(trainer.state)
+    return result
 
 
 def final_evaluation(trainer, progress: ProgressLog) -> dict:
@@ -90,7 +108,7 @@ def final_evaluation(trainer, progress: ProgressLog) -> dict:
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    relevant = {k: v for k, v in as_dict(cfg, redact=True).items() if k not in COSMETIC}
+    relevant = {k: v for k, v in as_dict(cfg, redact=True).items() if k not in identity.REPORTING}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -209,12 +227,13 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
 
 
 def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressLog, stats) -> dict:
+    """metrics.json: the whole run from step 0, whatever the restarts (totals and history come from the checkpoint
+    resumed, plus this session)."""
     counter: TokenCounter = trainer.counter
-    real = counter.real if counter.real is not None else torch.tensor(0)
-    positions = torch.tensor(counter.positions or 0, device=real.device)
-    real, positions = (int(trainer.accelerator.reduce(t, reduction="sum").item()) for t in (real, positions))
-    runtime = result.metrics.get("train_runtime", 0.0)
-    training = runtime - progress.eval_seconds  # train_runtime includes evaluations inside the loop
+    session = result.metrics.get("train_runtime", 0.0) - progress.eval_seconds  # it includes in-loop evaluations
+    totals = counter.totals(trainer.accelerator, max(session, 0.0))
+    real, positions, training = totals["train_tokens"], totals["train_positions"], totals["train_seconds"]
+    eval_seconds = progress.eval_seconds_before + progress.eval_seconds
     evals = [h for h in progress.history if "eval_loss" in h]
     initial = [h["eval_loss"] for h in evals if h["step"] == 0]
     if torch.cuda.is_available():
@@ -226,13 +245,14 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "perplexity": perplexity(final["eval_loss"]),
         "best_eval_loss": min([h["eval_loss"] for h in evals] or [final["eval_loss"]]),
         **({"initial_eval_loss": initial[0]} if initial else {}),
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_train_loss(progress.history, progress.first_step, result.training_loss,
+                                           trainer.state.global_step),
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
-        "train_runtime": runtime,
+        "train_runtime": training + eval_seconds,
         "train_tokens": real,
         "useful_tokens_per_second": real / training if training > 0 else 0.0,
-        "eval_seconds": progress.eval_seconds,
+        "eval_seconds": eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,
         "mfu": efficiency.mfu(trainer.model, plan.device, plan.precision, plan.block_size,
                               real / training / trainer.args.world_size if training > 0 else 0.0,
@@ -249,3 +269,17 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "train_documents": stats.train_documents,
         "dropped_tokens": stats.dropped_tokens,
     }
+
+
+def whole_run_train_loss(history: list[dict], first_step: int, session_loss: float, global_step: int) -> float:
+    """Mean training loss per step over the whole run: the logged windows before the resumed step, weighted by
+    their length, and this session's own mean over its steps."""
+    if first_step == 0:
+        return session_loss
+    total = steps = last = 0
+    for h in history:
+        if "loss" in h and last < h["step"] <= first_step:
+            total, steps, last = total + h["loss"] * (h["step"] - last), steps + h["step"] - last, h["step"]
+    session = global_step - first_step
+    total, steps = total + session_loss * session, steps + session
+    return total / steps if steps else session_loss

@@ -1,5 +1,6 @@
 """Trainer plus what the job adds to it: counting real tokens without a synchronisation per step, timing every
-checkpoint save and marking it complete, and telling a full or failing disk apart from a bug."""
+checkpoint save and marking it complete (with the run's identity and whole-run totals), finishing from a checkpoint
+at the last step, and telling a full or failing disk apart from a bug."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput
 
-from . import checkpoints
+from . import checkpoints, identity
 from .errors import OutputError
-from .logs import event
+from .logs import ProgressLog, event
 
 
 class TokenCounter:
     """Real (non-padding) tokens and all positions the training loop consumed, kept on the device so counting
-    costs no synchronisation; read only when a log line is printed."""
+    costs no synchronisation; read only when a log line is printed. `before` holds the whole run's totals (every
+    process) at the checkpoint this process resumed from."""
 
     def __init__(self):
         self.real = self.positions = None
+        self.before = {"train_tokens": 0, "train_positions": 0, "train_seconds": 0.0}
 
     def add(self, inputs: dict) -> None:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -33,13 +37,26 @@ class TokenCounter:
     def tokens(self) -> int:
         return int(self.real.item()) if self.real is not None else 0
 
+    def totals(self, accelerator, session_seconds: float) -> dict:
+        """Whole-run totals: `before` plus this session's counts summed over every process. A collective, so every
+        process calls it; the tensor reduced lives on this process's device (NCCL refuses CPU tensors)."""
+        device = accelerator.device
+        real = self.real.to(device) if self.real is not None else torch.zeros((), dtype=torch.long, device=device)
+        counts = torch.stack([real.long(), torch.tensor(self.positions or 0, dtype=torch.long, device=device)])
+        real, positions = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
+        return {"train_tokens": self.before["train_tokens"] + real,
+                "train_positions": self.before["train_positions"] + positions,
+                "train_seconds": round(self.before["train_seconds"] + session_seconds, 3)}
+
 
 class FinetuneTrainer(Trainer):
-    """Trainer plus token counting and a completion marker on every checkpoint."""
+    """Trainer plus token counting and a completion marker on every checkpoint. `run` is the run's identity
+    (identity.values), recorded in each marker."""
 
-    def __init__(self, *args, counter: TokenCounter, **kwargs):
+    def __init__(self, *args, counter: TokenCounter, run: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.counter = counter
+        self.run = run or {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -61,11 +78,33 @@ class FinetuneTrainer(Trainer):
             raise OutputError(f"cannot save {path.name} to {path.parent} ({reason}); free space or lower "
                               "--save-total-limit, then rerun: the previous checkpoint is intact.") from None
         self.accelerator.wait_for_everyone()  # every rank's RNG file is on disk before the marker says so
+        progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressLog)), None)
+        totals = self.counter.totals(self.accelerator, progress.training_seconds() if progress else 0.0)
         if self.args.should_save and path.is_dir():
-            checkpoints.mark_complete(path, time.perf_counter() - start)
+            record = {"run": identity.digest(self.run), "identity": self.run,
+                      "world_size": self.args.world_size, "totals": totals}
+            checkpoints.mark_complete(path, time.perf_counter() - start, record)
             seconds = time.perf_counter() - start
             event(f"checkpoint: saved {path.name} in {seconds:.1f} s (size the grace period above this)",
                   checkpoint=str(path), save_seconds=seconds)
+
+    def resume_totals(self, checkpoint: Path) -> None:
+        """Start the whole-run totals where `checkpoint` left them (a checkpoint from before totals: from zero)."""
+        self.counter.before.update(checkpoints.read_marker(checkpoint).get("totals", {}))
+
+    def last_step(self) -> int:
+        """The step this run ends at, as Trainer computes it (--max-steps, or epochs over this world's batches)."""
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+
+    def finish_from(self, checkpoint: Path) -> TrainOutput:
+        """Take a checkpoint at or past the last step as the finished run: its weights (or the best checkpoint's,
+        with early stopping) and its state, without the extra step Trainer.train takes when resumed there."""
+        self.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        self._load_from_checkpoint(str(checkpoint))
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best and Path(best).is_dir():
+            self._load_best_model()
+        return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
 
 
 def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:

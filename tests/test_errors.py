@@ -174,3 +174,20 @@ def test_exit_code_table_in_the_docs_matches_the_code():
     readme = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     for code, description in DESCRIPTIONS.items():
         assert f"| {int(code)} | `{code.name}` | {description} |" in readme, f"docs/reliability.md lacks exit code {int(code)}"
+
+
+@pytest.mark.parametrize("where", ["preset", "vertex"])
+def test_a_failure_writes_status_into_the_output_dir_the_configuration_resolved(tmp_path, tiny_model, where):
+    out = tmp_path / "resolved-out"
+    env = clean_env(FINETUNE_MODEL=str(tiny_model), FINETUNE_DATA_DIR=str(tmp_path / "missing"))
+    args = []
+    if where == "preset":
+        (tmp_path / "preset.yaml").write_text(f"output_dir: {out}\n")
+        args = ["--preset", str(tmp_path / "preset.yaml")]
+    else:
+        env.update(AIP_MODEL_DIR=str(out), AIP_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    result = finetune("train", *args, env=env)
+    assert result.returncode == ExitCode.DATA, result.stderr[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("failed", ExitCode.DATA)
+    assert "does not exist" in status["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,27 @@ def test_two_processes_stop_together_on_sigterm_and_resume(tmp_path, tiny_model,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint-{stopped}" in re.search(r"resume: from .*", result.stderr).group(0)
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_at_the_last_step_publish_with_whole_run_totals(tmp_path, tiny_model, corpus_dir):
+    out = tmp_path / "out"
+    env = train_env(tiny_model, corpus_dir, out, base=STEPWISE, FINETUNE_NPROC_PER_NODE="2")
+    first = finetune("train", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "metrics.json").read_text())
+    shutil.rmtree(out / "model")  # as if the publish had failed (exit 4) and the Job retried
+
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-16 is at step 16, the last is 16: publishing it without training" in result.stderr
+    assert "train step" not in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["global_step"], metrics["world_size"]) == (16, 2)
+    assert metrics["train_tokens"] == before["train_tokens"] == 2 * 16 * 8 * 32  # summed over both ranks
+    for key in ("eval_loss", "initial_eval_loss", "best_eval_loss"):
+        assert metrics[key] == before[key], key
+    assert (out / "model" / "COMPLETE").is_file()
 
 
 @pytest.mark.slow

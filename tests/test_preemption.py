@@ -100,12 +100,17 @@ def assert_preempted_and_unpublished(code: int, log: str, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, corpus_dir) -> dict:
-    """The uninterrupted run every resumed run must match."""
+def reference_out(tmp_path_factory, tiny_model, corpus_dir) -> Path:
+    """The output directory of the uninterrupted run every resumed run must match."""
     out = tmp_path_factory.mktemp("reference") / "out"
     result = finetune("train", env=env_for(tiny_model, corpus_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
-    return final_metrics(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_out) -> dict:
+    return final_metrics(reference_out)
 
 
 def random_steps(count: int) -> list[int]:
@@ -128,6 +133,59 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, tiny_model, corpus_dir, re
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resume: from {out / 'checkpoints' / f'checkpoint-{stopped}'}" in result.stderr
     assert_same_result(out, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_last_step_then_rerun_publishes_without_training(tmp_path, tiny_model, corpus_dir,
+                                                                           reference):
+    out = tmp_path / "out"
+    env = env_for(tiny_model, corpus_dir, out)
+    code, log = interrupt_at(env, STEPS - 1)  # the signal lands while step STEPS runs
+    assert_preempted_and_unpublished(code, log, out)
+    assert checkpoints.problem(out / "checkpoints" / f"checkpoint-{STEPS}") is None
+
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint-{STEPS} is at step {STEPS}, the last is {STEPS}: publishing it without training" in \
+        result.stderr
+    assert "train step" not in result.stderr and "eval  step" not in result.stderr, "its final eval was saved"
+    assert (out / "model" / "COMPLETE").is_file()
+    assert not (out / "checkpoints" / f"checkpoint-{STEPS + 1}").exists()
+    metrics = final_metrics(out)
+    assert metrics["global_step"] == STEPS
+    assert metrics["train_tokens"] == reference["train_tokens"] > 0
+    for key in ("eval_loss", "initial_eval_loss", "best_eval_loss", "train_loss"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-4), key
+
+
+def history(out: Path) -> dict[tuple[str, int], float]:
+    """history.json's curve points: (kind, step) -> loss."""
+    points = json.loads((out / "history.json").read_text())
+    return {(kind, h["step"]): h[kind] for h in points for kind in ("loss", "eval_loss") if kind in h}
+
+
+@pytest.mark.slow
+def test_three_interruptions_leave_the_metrics_and_curve_of_an_uninterrupted_run(tmp_path, tiny_model, corpus_dir,
+                                                                                  reference_out, reference):
+    out = tmp_path / "out"
+    env = env_for(tiny_model, corpus_dir, out)
+    for step in (4, 11, 18):
+        code, log = interrupt_at(env, step)
+        assert_preempted_and_unpublished(code, log, out)
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = final_metrics(out)
+    assert metrics["global_step"] == STEPS
+    for key in ("train_tokens", "padding_fraction", "initial_eval_loss"):
+        assert metrics[key] == reference[key], key
+    for key in ("best_eval_loss", "eval_loss", "train_loss"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-4), key
+    resumed, expected = history(out), history(reference_out)
+    assert resumed.keys() == expected.keys()
+    assert {("eval_loss", 0), ("loss", 1), ("loss", STEPS)} <= expected.keys()
+    for point, loss in expected.items():
+        assert resumed[point] == pytest.approx(loss, abs=1e-4), point
+    assert f"{STEPS} steps in" in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow
