@@ -128,8 +128,9 @@ class InitModelConfig:
     output_dir: Path = opt(Path("/output/init-model"), "Directory to write the new model and tokenizer to.")
     corpus: Path | None = opt(None, "Text file or directory (.txt) to train the byte-level BPE tokenizer on.")
     size: str = opt("tiny", "Architecture preset.", choices=("tiny", "small", "gpt2"))
-    vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260)
-    context: int = opt(256, "Context length (n_positions).", min=8)
+    vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260,
+                          max=1_000_000)
+    context: int = opt(256, "Context length (n_positions).", min=8, max=65536)
     seed: int = opt(0, "Random seed for the weights.", min=0)
 
 

@@ -82,6 +82,9 @@ def _supported_in(directory: Path) -> list[Path]:
 def discover(cfg: TrainConfig) -> tuple[Source, Source]:
     """The training and validation inputs; an empty validation Source means "split from training"."""
     if not cfg.data_dir.is_dir() and not any(Path(p).is_absolute() for p in cfg.train_file):
+        if cfg.data_dir.exists():
+            raise DataError(f"data directory {cfg.data_dir} is a file, not a directory; set --data-dir to the folder "
+                            f"that holds it, or --train-file {cfg.data_dir}.")
         raise DataError(f"data directory {cfg.data_dir} does not exist; mount your data there "
                         "(docker run -v ./data:/data:ro) or set --data-dir.")
     if cfg.train_file:
@@ -121,6 +124,11 @@ def fingerprint(source: Source) -> str:
         check_utf8 = source.saved_dataset is None and file_format(path) in TEXT_FORMATS
         digest.update(_hash_file(path, check_utf8).encode())
     return digest.hexdigest()
+
+
+def check_text_file(path: Path) -> None:
+    """Raise a DataError unless `path` is a readable, non-empty UTF-8 file (named by byte when it is not)."""
+    _hash_file(path, check_utf8=True)
 
 
 def _hash_file(path: Path, check_utf8: bool) -> str:
