@@ -21,11 +21,10 @@ BATCH = 32  # samples generated together; more are generated batch after batch, 
 def sample(cfg: GenerateConfig) -> Iterator[str]:
     """Yield `cfg.num_samples` texts. Everything checkable (prompt, model files, length) is checked before the
     weights load."""
+    check_inputs(cfg)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    check_prompt(cfg.prompt)
-    check_model_dir(cfg.model_dir, "--model-dir")
     config = _load(AutoConfig, cfg.model_dir, "config")
     tokenizer = _load(AutoTokenizer, cfg.model_dir, "tokenizer")
     ids = prompt_ids(tokenizer, cfg.prompt)
@@ -49,6 +48,12 @@ def sample(cfg: GenerateConfig) -> Iterator[str]:
                               "tokens; lower --max-new-tokens or --num-samples.") from None
         for seq in out:
             yield tokenizer.decode(seq, skip_special_tokens=True)
+
+
+def check_inputs(cfg: GenerateConfig) -> None:
+    """The checks that need no library: the prompt's encoding and the model directory's files."""
+    check_prompt(cfg.prompt)
+    check_model_dir(cfg.model_dir, "--model-dir")
 
 
 def check_prompt(prompt: str) -> None:

@@ -102,16 +102,23 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
         staging.rename(output_dir)
 
 
-def init_model(cfg: InitModelConfig) -> Path:
-    import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
-
+def check_inputs(cfg: InitModelConfig) -> list[Path]:
+    """The checks that need no library: the corpus (every byte) and the destination. Returns the corpus files."""
     if cfg.corpus is None:
         raise ConfigError("init-model needs --corpus: a .txt file or folder to train the tokenizer on "
                           "(finetune corpus writes one).")
     files = corpus_files(cfg.corpus)
     check_output_dir(cfg.output_dir)
+    return files
+
+
+def init_model(cfg: InitModelConfig, files: list[Path] | None = None) -> Path:
+    """Write the model directory; `files` is what check_inputs returned, when the caller ran it already."""
+    files = files or check_inputs(cfg)
     staging = staging_dir(cfg.output_dir)
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
     try:
         tokenizer = train_tokenizer(files, cfg.vocab_size)
         check_vocabulary(tokenizer, cfg.corpus, cfg.vocab_size)

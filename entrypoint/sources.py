@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import DataError
+from .errors import DataError, OutputError
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_FORMATS = {"text", "json", "csv"}  # checked for UTF-8 before loading
@@ -186,6 +187,9 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
                                              **kwargs)
             except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
                 cause = exc.__cause__ or exc
+                if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise OutputError(f"cannot write the dataset cache in {cache_dir} ({cause.strerror}); free space "
+                                      "there or set --cache-dir to a larger volume.") from None
                 first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
                 raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
                     from None
