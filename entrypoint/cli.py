@@ -122,7 +122,7 @@ def handled(output_dir_of=None):
             for line in lines:
                 click.echo(f"error: {line}", err=True)
             message = " | ".join(lines)
-            outputs.write_termination_message(message, platform_defaults(os.environ)[0])
+            outputs.write_termination_message(message, _platform())
             output_dir = _output_dir(output_dir_of, kwargs)
             if output_dir is not None and os.environ.get("RANK", "0") == "0":
                 state = "preempted" if code == ExitCode.PREEMPTED else "failed"
@@ -132,6 +132,13 @@ def handled(output_dir_of=None):
         return wrapper
 
     return decorate
+
+
+def _platform() -> str | None:
+    try:
+        return platform_defaults(os.environ)[0]
+    except FinetuneError:  # the platform's own variables (SM_HPS) may be what failed
+        return None
 
 
 def _output_dir(output_dir_of, kwargs) -> Path | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import MODEL_SIZES, InitModelConfig
 from .errors import ConfigError, DataError, OutputError
+from .outputs import check_writable
 from .sources import check_text_file
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,17 @@ def check_output_dir(output_dir: Path) -> None:
     """Refuse a destination whose contents would be mixed with or replaced by a model by mistake."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output-dir {output_dir} is a file; choose a directory path.")
+    above = next((p for p in output_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"--output-dir {output_dir} is under {above}, which is a file; choose a directory path.")
     if output_dir.is_dir() and not (output_dir / "config.json").is_file():
         others = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".staging-"))
         if others:
             raise OutputError(f"--output-dir {output_dir} holds other files ({', '.join(others[:3])}); choose a new "
                               "or empty directory (init-model replaces only a model directory).")
+    # Where the staging folder will go (see staging_dir): a read-only or misplaced volume shows now, not after
+    # the tokenizer has trained.
+    check_writable(output_dir if output_dir.is_dir() else output_dir.parent, "output dir")
 
 
 def staging_dir(output_dir: Path) -> Path:
