@@ -293,8 +293,11 @@ def generate(**params):
     cfg, _ = resolve(GenerateConfig, params)
     check_inputs(cfg)  # before the logging setup, which imports transformers: a typo costs no seconds
     setup_logs()
-    for text in sample(cfg):
-        click.echo(text)
+    try:
+        for text in sample(cfg):
+            click.echo(text)
+    except BrokenPipeError:  # the reader (`| head -1`) has what it wanted; silence the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @cli.command("init-model", epilog=EXIT_CODES_HELP)

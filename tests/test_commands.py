@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,17 @@ def test_empty_prompt_samples_unconditionally_up_to_the_whole_context(place):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
     assert "<|endoftext|>" not in result.stdout  # the start token is not printed
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(place):
+    # `finetune generate | head -1`: the reader leaves early. Here it has left before the first sample is written.
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoint", "generate", "--model-dir", str(place.model),
+                             "--max-new-tokens", "4"], env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "error:" not in stderr
 
 
 # ---- init-model -------------------------------------------------------------------------------------------------
