@@ -57,7 +57,11 @@ def load_model_config(model: str, token: str | None):
                              "save_pretrained folder or a Hub id.")
     try:
         return AutoConfig.from_pretrained(model, token=token)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:160]
+        if (local / "config.json").is_file():  # a local directory: the network and the Hub cache are not the cause
+            raise ModelLoadError(f"cannot read {local / 'config.json'} ({first}); it is not valid JSON or names an "
+                                 "architecture this transformers does not know: fix or replace the model.") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = ("HF_HUB_OFFLINE=1 is set and it is not in the cache (HF_HOME); download it first or bake it "
                 "into the image") if offline else "check the name, network access, and HF_TOKEN for gated models"

@@ -301,6 +301,8 @@ DOCTOR = [
      "has no weights"),
     ("corrupt_weights", lambda p: ["--model", str(p.model_with("model.safetensors", b"junk"))],
      ExitCode.MODEL, "model.safetensors is unreadable"),
+    ("unknown_architecture", lambda p: ["--model", str(p.model_with("config.json", b'{"model_type": "nosuch"}'))],
+     ExitCode.MODEL, "names an architecture this transformers does not know"),
     ("data_dir_is_a_file", lambda p: ["--data-dir", str(p.corpus / "train.txt")], ExitCode.DATA,
      "is a file, not a directory"),
 ]
