@@ -262,6 +262,9 @@ def load_preset(name_or_path: str, schema: type = TrainConfig) -> dict[str, Any]
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"preset {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid UTF-8 (byte {exc.start}); convert it, e.g. "
+                          "iconv -f latin1 -t utf-8.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path} must be a mapping of option names to values.")
     known = fields(schema)

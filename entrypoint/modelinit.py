@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import MODEL_SIZES, InitModelConfig
 from .errors import ConfigError, DataError, OutputError
-from .outputs import check_writable
+from .outputs import COMPLETE, check_writable
 from .sources import check_text_file
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,9 @@ def check_output_dir(output_dir: Path) -> None:
     above = next((p for p in output_dir.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise OutputError(f"--output-dir {output_dir} is under {above}, which is a file; choose a directory path.")
+    if (output_dir / COMPLETE).is_file():  # a model train published, not one init-model made
+        raise OutputError(f"--output-dir {output_dir} holds a model published by finetune train; choose another "
+                          "--output-dir (init-model will not replace a trained model).")
     if output_dir.is_dir() and not (output_dir / "config.json").is_file():
         others = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".staging-"))
         if others:

@@ -197,6 +197,11 @@ def _non_model_dir(p: Place) -> list[str]:
     return _init(p, p.corpus / "train.txt", p.path("notes"))
 
 
+def _trained_model(p: Place) -> list[str]:
+    p.file("model/COMPLETE", b"{}")  # the marker finetune train writes last when it publishes
+    return _init(p, p.corpus / "train.txt", p.model)
+
+
 INIT_MODEL = [
     ("no_corpus_option", lambda p: ["--output-dir", str(p.path("new-model"))], ExitCode.USAGE, "needs --corpus"),
     ("corpus_missing", lambda p: _init(p, p.path("none.txt")), ExitCode.DATA, "does not exist"),
@@ -217,6 +222,7 @@ INIT_MODEL = [
     ("output_under_a_file", lambda p: _init(p, p.corpus / "train.txt", p.file("a-file") / "m"), ExitCode.OUTPUT,
      "which is a file"),
     ("output_holds_other_files", _non_model_dir, ExitCode.OUTPUT, "holds other files (keep-me.txt)"),
+    ("output_is_a_trained_model", _trained_model, ExitCode.OUTPUT, "will not replace a trained model"),
     ("output_read_only", lambda p: _init(p, p.corpus / "train.txt", p.read_only() / "m"), ExitCode.OUTPUT,
      "Read-only file system"),
     ("output_volume_full", lambda p: _init(p, p.corpus / "train.txt", p.full() / "m"), ExitCode.OUTPUT,
@@ -327,6 +333,8 @@ CONFIG = [
     ("bad_env_value", lambda p: [], {"FINETUNE_BATCH_SIZE": "lots"}, "FINETUNE_BATCH_SIZE"),
     ("missing_preset", lambda p: ["--preset", "no-such-preset"], {}, "not found"),
     ("preset_not_yaml", lambda p: _preset(p, "epochs: [1,"), {}, "not valid YAML"),
+    ("preset_not_utf8", lambda p: ["--preset", str(p.file("latin1.yaml", b"epochs: 1  # caf\xe9\n"))], {},
+     "not valid UTF-8 (byte 16)"),
     ("preset_not_a_mapping", lambda p: _preset(p, "- epochs\n"), {}, "must be a mapping"),
     ("preset_unknown_key", lambda p: _preset(p, "epoch: 3\n"), {}, "unknown key(s) epoch"),
     ("preset_wrong_type", lambda p: _preset(p, "epochs: many\n"), {}, "epochs = 'many'"),
