@@ -57,12 +57,46 @@ def load_model_config(model: str, token: str | None):
                              "save_pretrained folder or a Hub id.")
     try:
         return AutoConfig.from_pretrained(model, token=token)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:160]
+        if (local / "config.json").is_file():  # a local directory: the network and the Hub cache are not the cause
+            raise ModelLoadError(f"cannot read {local / 'config.json'} ({first}); it is not valid JSON or names an "
+                                 "architecture this transformers does not know: fix or replace the model.") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = ("HF_HUB_OFFLINE=1 is set and it is not in the cache (HF_HOME); download it first or bake it "
                 "into the image") if offline else "check the name, network access, and HF_TOKEN for gated models"
         raise ModelLoadError(f"cannot load model config for {model!r} ({str(exc).splitlines()[0][:120]}); "
                              f"{hint}.") from None
+
+
+# What a local model directory must hold to be loaded: any one name of each group.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bool = True) -> None:
+    """Raise a ModelLoadError naming every missing part of a local model directory (config, weights,
+    tokenizer), before anything loads. A Hub id (not an existing path) passes unchecked."""
+    if not path.exists():
+        raise ModelLoadError(f"{option} {path} does not exist; train first (finetune train publishes "
+                             f"<output-dir>/model) or point {option} at a model directory.")
+    if not path.is_dir():
+        raise ModelLoadError(f"{option} {path} is a file, not a model directory; point {option} at the folder "
+                             "that holds config.json.")
+    if not (path / "config.json").is_file():
+        hint = (f"use {option} {path / 'model'} (the published model)" if (path / "model" / "config.json").is_file()
+                else f"point {option} at a save_pretrained folder such as <output-dir>/model")
+        raise ModelLoadError(f"{option} {path} is not a model directory (no config.json); {hint}.")
+    problems = []
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        problems.append(f"{option} {path} has no weights (model.safetensors); the model is incomplete: publish it "
+                        "again with finetune train, or copy the weights in.")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{option} {path} has no tokenizer files (tokenizer.json); training checkpoints have none: "
+                        "use the published model/, or save the base model's tokenizer into it.")
+    if problems:
+        raise ModelLoadError(*problems)
 
 
 def preflight(cfg: TrainConfig) -> Plan:

@@ -18,7 +18,7 @@ from click.core import ParameterSource
 
 from . import config as schema
 from .config import GenerateConfig, InitModelConfig, TrainConfig
-from .errors import DESCRIPTIONS, ExitCode, FinetuneError
+from .errors import DESCRIPTIONS, ConfigError, ExitCode, FinetuneError
 from .platforms import platform_defaults
 
 log = logging.getLogger("finetune")
@@ -122,7 +122,7 @@ def handled(output_dir_of=None):
             for line in lines:
                 click.echo(f"error: {line}", err=True)
             message = " | ".join(lines)
-            outputs.write_termination_message(message, platform_defaults(os.environ)[0])
+            outputs.write_termination_message(message, _platform())
             ctx = click.get_current_context(silent=True)
             output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
             if output_dir is not None and os.environ.get("RANK", "0") == "0":
@@ -133,6 +133,13 @@ def handled(output_dir_of=None):
         return wrapper
 
     return decorate
+
+
+def _platform() -> str | None:
+    try:
+        return platform_defaults(os.environ)[0]
+    except FinetuneError:  # the platform's own variables (SM_HPS) may be what failed
+        return None
 
 
 def _output_dir(output_dir_of, kwargs) -> Path | None:
@@ -242,6 +249,10 @@ def prepare(preset, **params):
     cfg, sources = resolve(TrainConfig, params, preset)
     setup_logs(cfg)
     log_config(cfg, sources)
+    if Path(cfg.model).is_dir():  # a local model without tokenizer files would tokenize everything to nothing
+        from .checks import check_model_dir
+
+        check_model_dir(Path(cfg.model), "--model", weights=False)
     plan = preflight(cfg)
     _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size, builds=True)
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
@@ -269,6 +280,9 @@ def doctor(preset, **params):
 def show_config(preset, **params):
     """Print the resolved configuration as YAML, each value with where it came from."""
     cfg, sources = resolve(TrainConfig, params, preset)
+    problems = schema.check_values(cfg)
+    if problems:  # the same range and cross-field checks train makes, so a printed config is a runnable one
+        raise ConfigError(*problems)
     platform, _ = platform_defaults(os.environ)
     if platform:
         click.echo(f"# platform contract applied: {platform}")
@@ -282,12 +296,16 @@ def show_config(preset, **params):
 @handled()
 def generate(**params):
     """Sample text from a model directory (by default the published model)."""
-    from .generate import sample
+    from .generate import check_inputs, sample
 
     cfg, _ = resolve(GenerateConfig, params)
+    check_inputs(cfg)  # before the logging setup, which imports transformers: a typo costs no seconds
     setup_logs()
-    for text in sample(cfg):
-        click.echo(text)
+    try:
+        for text in sample(cfg):
+            click.echo(text)
+    except BrokenPipeError:  # the reader (`| head -1`) has what it wanted; silence the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @cli.command("init-model", epilog=EXIT_CODES_HELP)
@@ -295,11 +313,12 @@ def generate(**params):
 @handled()
 def init_model(**params):
     """Create a small random GPT-2 with a byte-level BPE tokenizer trained on --corpus (no Hub needed)."""
-    from .modelinit import init_model as create
+    from . import modelinit
 
     cfg, _ = resolve(InitModelConfig, params)
+    files = modelinit.check_inputs(cfg)  # before the logging setup, which imports transformers
     setup_logs()
-    create(cfg)
+    modelinit.init_model(cfg, files)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -130,8 +130,9 @@ class InitModelConfig:
     output_dir: Path = opt(Path("/output/init-model"), "Directory to write the new model and tokenizer to.")
     corpus: Path | None = opt(None, "Text file or directory (.txt) to train the byte-level BPE tokenizer on.")
     size: str = opt("tiny", "Architecture preset.", choices=("tiny", "small", "gpt2"))
-    vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260)
-    context: int = opt(256, "Context length (n_positions).", min=8)
+    vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260,
+                          max=1_000_000)
+    context: int = opt(256, "Context length (n_positions).", min=8, max=65536)
     seed: int = opt(0, "Random seed for the weights.", min=0)
 
 
@@ -263,6 +264,9 @@ def load_preset(name_or_path: str, schema: type = TrainConfig) -> dict[str, Any]
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"preset {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid UTF-8 (byte {exc.start}); convert it, e.g. "
+                          "iconv -f latin1 -t utf-8.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path} must be a mapping of option names to values.")
     known = fields(schema)

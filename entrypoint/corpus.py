@@ -7,12 +7,16 @@ Each docstring paragraph becomes one line (one document), the layout of the tuto
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import os
 import re
 import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import DataError, OutputError
 
 # Test suites and bundled tools are excluded: they are code fixtures more than prose.
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
@@ -43,25 +47,50 @@ def docstring_paragraphs(path: Path) -> Iterator[str]:
 
 def build(output_dir: Path, max_documents: int | None = None, valid_every: int = 20) -> dict[str, int]:
     """Write train.txt and valid.txt (one paragraph a line); every `valid_every`-th document, chosen by
-    a hash of its text so the split is stable, goes to validation. Returns document counts."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
+    a hash of its text so the split is stable, goes to validation. Returns document counts.
+
+    Both files are written under temporary names and renamed into place once complete; a failure (a read-only
+    or full volume) removes the temporary files and raises OutputError."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"--output-dir {output_dir} is a file; choose a directory path.")
     counts = {"train": 0, "valid": 0}
-    tmp = {name: output_dir / f".{name}.txt.tmp" for name in counts}
-    with tmp["train"].open("w") as train, tmp["valid"].open("w") as valid:
-        for path in stdlib_files():
-            for text in docstring_paragraphs(path):
-                if text in seen:
-                    continue
-                seen.add(text)
-                bucket = int(hashlib.blake2b(text.encode(), digest_size=4).hexdigest(), 16) % valid_every
-                name = "valid" if bucket == 0 else "train"
-                (valid if name == "valid" else train).write(text + "\n")
-                counts[name] += 1
-                if max_documents and len(seen) >= max_documents:
-                    break
-            if max_documents and len(seen) >= max_documents:
-                break
-    for name, path in tmp.items():
-        path.replace(output_dir / f"{name}.txt")
+    tmp = {name: output_dir / f".{name}.txt.tmp-{os.getpid()}" for name in counts}
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tmp["train"].open("w") as train, tmp["valid"].open("w") as valid:
+            _write(train, valid, counts, max_documents, valid_every)
+        if not counts["train"]:
+            raise DataError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}; this Python has no "
+                            "standard library sources, so write your own train.txt instead.")
+        if not counts["valid"]:  # an empty valid.txt would fail train; without one, train holds a split out
+            (output_dir / "valid.txt").unlink(missing_ok=True)
+        else:
+            tmp["valid"].replace(output_dir / "valid.txt")
+        tmp["train"].replace(output_dir / "train.txt")  # last: its presence means the corpus is complete
+    except OSError as exc:
+        raise OutputError(f"cannot write the corpus to {output_dir} ({exc.strerror or exc}); mount it read-write, "
+                          "free space or choose another --output-dir.") from None
+    finally:
+        for path in tmp.values():
+            with contextlib.suppress(OSError):  # never created, or in a directory that could not be made
+                path.unlink()
+        if created and not (output_dir / "train.txt").exists():
+            with contextlib.suppress(OSError):  # a failed run leaves no empty folder it made
+                output_dir.rmdir()
     return counts
+
+
+def _write(train, valid, counts: dict[str, int], max_documents: int | None, valid_every: int) -> None:
+    seen: set[str] = set()
+    for path in stdlib_files():
+        for text in docstring_paragraphs(path):
+            if text in seen:
+                continue
+            seen.add(text)
+            bucket = int(hashlib.blake2b(text.encode(), digest_size=4).hexdigest(), 16) % valid_every
+            name = "valid" if bucket == 0 else "train"
+            (valid if name == "valid" else train).write(text + "\n")
+            counts[name] += 1
+            if max_documents and len(seen) >= max_documents:
+                return

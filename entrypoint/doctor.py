@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from .checks import checkpoint_bytes, device_and_precision, free_disk, load_model_config
+from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, load_model_config
 from .config import TrainConfig, check_values
-from .errors import ConfigError, FinetuneError
+from .errors import ConfigError, FinetuneError, ModelLoadError
 from .outputs import check_writable
 from .sources import discover, fingerprint
 
@@ -84,6 +84,8 @@ def _writable(directory: Path, what: str):
 
 def _model(cfg):
     model_config = load_model_config(cfg.model, cfg.hub_token)
+    if Path(cfg.model).is_dir():
+        _check_local_model(Path(cfg.model))
     need = 2 * checkpoint_bytes(model_config)  # a new checkpoint is written before the oldest is rotated out
     free = free_disk(cfg.model_checkpoint_dir)
     params = checkpoint_bytes(model_config) // 12
@@ -93,6 +95,22 @@ def _model(cfg):
     if offline:
         detail += "; available offline"
     return detail, free < need
+
+
+def _check_local_model(path: Path) -> None:
+    """The files train will load: a tokenizer, and weights whose safetensors header parses (the header only is
+    read, so this costs milliseconds however large the model)."""
+    check_model_dir(path, "--model")
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+            raise ModelLoadError(f"--model {path}: model.safetensors is unreadable ({str(exc)[:120]}); copy the "
+                                 "model again or publish it again with finetune train.") from None
 
 
 def _shm():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import DataError
+from .errors import DataError, OutputError
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_FORMATS = {"text", "json", "csv"}  # checked for UTF-8 before loading
@@ -82,6 +83,9 @@ def _supported_in(directory: Path) -> list[Path]:
 def discover(cfg: TrainConfig) -> tuple[Source, Source]:
     """The training and validation inputs; an empty validation Source means "split from training"."""
     if not cfg.data_dir.is_dir() and not any(Path(p).is_absolute() for p in cfg.train_file):
+        if cfg.data_dir.exists():
+            raise DataError(f"data directory {cfg.data_dir} is a file, not a directory; set --data-dir to the folder "
+                            f"that holds it, or --train-file {cfg.data_dir}.")
         raise DataError(f"data directory {cfg.data_dir} does not exist; mount your data there "
                         "(docker run -v ./data:/data:ro) or set --data-dir.")
     if cfg.train_file:
@@ -121,6 +125,11 @@ def fingerprint(source: Source) -> str:
         check_utf8 = source.saved_dataset is None and file_format(path) in TEXT_FORMATS
         digest.update(_hash_file(path, check_utf8).encode())
     return digest.hexdigest()
+
+
+def check_text_file(path: Path) -> None:
+    """Raise a DataError unless `path` is a readable, non-empty UTF-8 file (named by byte when it is not)."""
+    _hash_file(path, check_utf8=True)
 
 
 def _hash_file(path: Path, check_utf8: bool) -> str:
@@ -178,6 +187,9 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
                                              **kwargs)
             except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
                 cause = exc.__cause__ or exc
+                if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise OutputError(f"cannot write the dataset cache in {cache_dir} ({cause.strerror}); free space "
+                                      "there or set --cache-dir to a larger volume.") from None
                 first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
                 raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
                     from None
