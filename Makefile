@@ -12,6 +12,8 @@ PYTEST_ARGS ?=
 # (the GPU defaults of python -m bench.compare).
 BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
 BENCH_DIR ?= .bench
+# make faults: e.g. FAULTS_ARGS='--only lease --workdir .faults' to run some cases and keep their files.
+FAULTS_ARGS ?=
 
 FINETUNE := $(VENV)/bin/finetune
 VENV_STAMP := $(VENV)/.installed-stamp
@@ -47,6 +49,10 @@ demo: install ## Train a tiny model on the standard library's docstrings (CPU, a
 .PHONY: test
 test: install ## Run the test suite (Docker tests skip with a reason when no engine is reachable).
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: faults
+faults: install ## Run every fault case (signals, kills, torn checkpoints, full disk, two writers, divergence...) and print the table.
+	$(VENV)/bin/python -m bench.faults $(FAULTS_ARGS)
 
 .PHONY: lint
 lint: install ## Lint Python (ruff) and the Dockerfile (hadolint).

@@ -6,6 +6,7 @@ drift apart. Precedence: flag > FINETUNE_* env var > platform contract > preset 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -23,6 +24,8 @@ from .platforms import platform_defaults
 
 log = logging.getLogger("finetune")
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
+# FINETUNE_* variables that are settings but not options of a command: --preset's, and where presets live.
+SETTINGS = {"FINETUNE_PRESET", "FINETUNE_PRESET_DIR"}
 
 
 def schema_options(config_class: type):
@@ -94,6 +97,20 @@ def resolve(config_class: type, params: dict, preset: str | None = None):
     return schema.resolve(config_class, explicit, preset, os.environ)
 
 
+def check_environment() -> None:
+    """A FINETUNE_* variable that names no option of any command nor a setting is an error, not a silently
+    ignored value (a typo in a ConfigMap would otherwise train with the default)."""
+    known = SETTINGS | {p.envvar for c in cli.commands.values() for p in c.params if isinstance(p.envvar, str)}
+    problems = []
+    for name in sorted(os.environ):
+        if name.startswith(schema.ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            fix = f"did you mean {close[0]}?" if close else "finetune COMMAND --help lists every variable;"
+            problems.append(f"environment variable {name} is not a finetune setting; {fix} rename or unset it.")
+    if problems:
+        raise ConfigError(*problems)
+
+
 def _tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -107,8 +124,10 @@ def handled(output_dir_of=None):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             from . import outputs
+            from .lease import held_by_another
 
             try:
+                check_environment()
                 return fn(*args, **kwargs)
             except FinetuneError as exc:
                 code, lines = exc.code, exc.problems
@@ -125,7 +144,8 @@ def handled(output_dir_of=None):
             outputs.write_termination_message(message, _platform())
             ctx = click.get_current_context(silent=True)
             output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
-            if output_dir is not None and os.environ.get("RANK", "0") == "0":
+            # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
+            if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
                 state = "preempted" if code == ExitCode.PREEMPTED else "failed"
                 outputs.write_status(output_dir, state, int(code), message)
             sys.exit(int(code))

@@ -94,6 +94,8 @@ class TrainConfig:
                              "--no-resume starts fresh, moving the checkpoints there to previous-run/.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration "
                                  "(checkpoints of other options move to previous-run/ and training starts fresh).")
+    publish_worse: bool = opt(False, "Publish even when the final evaluation is non-finite or worse than the "
+                              "untrained model's (otherwise exit 8, DIVERGED).")
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
 
     @property
@@ -224,7 +226,10 @@ def _check_train(cfg: TrainConfig) -> list[str]:
         problems.append(f"--nproc-per-node {nproc!r} is not a positive integer or 'auto'; use e.g. 1, 4 or auto.")
     if not all(part.isdigit() and int(part) >= 1 for part in cfg.nnodes.split(":", 1)):
         problems.append(f"--nnodes {cfg.nnodes!r} is not a positive integer or min:max; use e.g. 2 or 1:4.")
-    elif cfg.nnodes != "1" and ":" not in cfg.nnodes and not cfg.rdzv_endpoint:
+    elif ":" in cfg.nnodes and not cfg.rdzv_endpoint:
+        problems.append(f"--nnodes {cfg.nnodes} (elastic) needs --rdzv-endpoint host:port, a c10d rendezvous every "
+                        "node reaches (PET_RDZV_ENDPOINT under the Training Operator).")
+    elif cfg.nnodes != "1" and not cfg.rdzv_endpoint:
         problems.append("--nnodes > 1 needs --rdzv-endpoint host:port (node 0's address), or MASTER_ADDR and "
                         "MASTER_PORT in the environment.")
     elif cfg.nnodes.isdigit() and cfg.node_rank >= int(cfg.nnodes):

@@ -68,8 +68,9 @@ def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_s
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True):
-    """Return (train, validation, stats), building and caching them unless an identical build exists.
+def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None):
+    """Return (train, validation, stats), building and caching them unless an identical build exists. `stop`, a
+    StopRequest, is checked before the cache is written, so a signal leaves no cache behind.
 
     A process with `builds=False` waits for another to finish the cache instead (no collective is open yet, so
     a long tokenization cannot hit a NCCL timeout)."""
@@ -96,6 +97,8 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True):
     try:
         datasets_dict, stats = build(cfg, tokenizer, block_size, train_src, valid_src, scratch)
         stats.prepare_seconds, stats.fingerprint = time.perf_counter() - start, key
+        if stop is not None:
+            stop.raise_if_requested("during data preparation (no cache was written)")
         save_atomically(datasets_dict, stats, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

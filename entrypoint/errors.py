@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     MODEL = 5  # model or tokenizer cannot be loaded (including missing while HF_HUB_OFFLINE=1)
     OOM = 6  # out of memory on the accelerator
     PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
+    DIVERGED = 8  # the loss went non-finite, or the final model is worse than the untrained one: not published
+    BUSY = 9  # another live run holds the output or checkpoint directory (its lease): nothing was touched
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -31,10 +33,16 @@ DESCRIPTIONS = {
     ExitCode.MODEL: "model or tokenizer could not be loaded",
     ExitCode.OOM: "out of accelerator memory",
     ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
+    ExitCode.DIVERGED: "training diverged; the model was not published",
+    ExitCode.BUSY: "another run is using the output or checkpoint directory",
 }
 
-# A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit.
-PERMANENT = (ExitCode.USAGE, ExitCode.DATA, ExitCode.MODEL)
+# A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit. DIVERGED is
+# permanent because training is deterministic: a retry resumes the same run and diverges again. BUSY is not:
+# the holder may be a run on its way out (a pod still terminating on a lost node, a SIGKILLed run whose lease
+# goes stale within lease.STALE_SECONDS), and the retry after the Job's backoff (10 s, doubling) finds the
+# directory free.
+PERMANENT = (ExitCode.USAGE, ExitCode.DATA, ExitCode.MODEL, ExitCode.DIVERGED)
 
 
 class FinetuneError(Exception):
@@ -70,3 +78,11 @@ class OutOfMemory(FinetuneError):
 class Preempted(FinetuneError):
     code = ExitCode.PREEMPTED
 
+
+
+class Diverged(FinetuneError):
+    code = ExitCode.DIVERGED
+
+
+class Busy(FinetuneError):
+    code = ExitCode.BUSY

@@ -45,13 +45,16 @@ MAY_CHANGE = {
     "resume": "whether to resume at all",
     "overwrite": "whether to replace a published model",
     "hub_token": "a credential",
+    "publish_worse": "whether a final model worse than the untrained one may be published: decides publishing, "
+                     "not training",
 }
 
 # Of MAY_CHANGE, those that change no output at all: a rerun after success that differs only in these finds the
 # published model done (its COMPLETE marker's config_hash leaves them out). The rest change the published result
 # (a longer run, another world size) or where it goes, so a finished model needs --overwrite to be replaced.
 REPORTING = frozenset({"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir",
-                       "cache_dir", "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile"})
+                       "cache_dir", "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile",
+                       "publish_worse"})
 
 # How a changed identity value is named in the error, when it is not an option of the same name.
 LABELS = {"data": "data fingerprint (the files' contents, the tokenizer, --txt-split, --text-field, the split)",

@@ -3,7 +3,10 @@ arguments and environment, and exits with the workers' own exit code.
 
 One node: `--standalone`. Several nodes with a known node rank (Indexed Jobs, explicit flags): static
 rendezvous, so node 0 hosts the store whatever DNS name the others reach it by. Elastic ranges (`--nnodes 1:4`,
-the Training Operator's PET_* variables): c10d rendezvous at the endpoint.
+the Training Operator's PET_* variables): c10d rendezvous at the endpoint, which must be given.
+
+Worker-group restarts are torchrun's own: as many as PET_MAX_RESTARTS says (the Training Operator sets it from
+elasticPolicy.maxRestarts), none where nothing sets it. Each restart resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def torchrun_arguments(cfg: TrainConfig, argv: list[str]) -> list[str] | None:
     nproc = processes_per_node(cfg.nproc_per_node)
     if nproc == 1 and cfg.nnodes == "1":
         return None
-    args = [f"--nproc-per-node={nproc}", f"--nnodes={cfg.nnodes}", "--max-restarts=0"]
+    # No --max-restarts: torchrun reads PET_MAX_RESTARTS itself (the Training Operator sets it from
+    # elasticPolicy.maxRestarts), and defaults to 0 where nothing sets it.
+    args = [f"--nproc-per-node={nproc}", f"--nnodes={cfg.nnodes}"]
     if cfg.nnodes == "1":
         args.append("--standalone")
     elif ":" in cfg.nnodes:
@@ -65,9 +70,11 @@ def run_torchrun(args: list[str]) -> int:
     podFailurePolicy sees DATA or PREEMPTED, not torchrun's generic 1)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
     from torch.distributed.run import main as torchrun
 
-    log.info("launch: torchrun %s", " ".join(args))
+    restarts = get_args_parser().parse_args(args).max_restarts  # what torchrun will use, PET_MAX_RESTARTS included
+    log.info("launch: torchrun %s (worker group restarts allowed: %d)", " ".join(args), restarts)
     try:
         torchrun(args)
     except ChildFailedError as exc:

@@ -72,28 +72,31 @@ def write_termination_message(message: str, platform: str | None = None) -> None
             pass
 
 
-def publish_model(output_dir: Path, save: callable, card: str, marker: dict) -> Path:
+def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
+                  interruptible=contextlib.nullcontext) -> Path:
     """Stage the model beside its final place (same filesystem), then rename it into place.
 
     `save(directory)` writes the model files; `marker` goes into COMPLETE as JSON. COMPLETE is written after
     everything is flushed, so a reader that sees model/COMPLETE sees a whole model; a crash leaves only a hidden
-    staging folder, cleared on the next publish.
+    staging folder, cleared on the next publish. Staging runs inside `interruptible()` (a signal may end it: the
+    staging folder is removed); the renames that follow are never cut short.
     """
     final = output_dir / MODEL_DIR
     staging = output_dir / f".{MODEL_DIR}.staging-{os.getpid()}"
     for leftover in output_dir.glob(f".{MODEL_DIR}.staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
-        save(staging)
-        (staging / "README.md").write_text(card)
-        for path in staging.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
-        _fsync_tree(staging)
-        stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
-        (staging / COMPLETE).write_text(json.dumps(stamp) + "\n")
-        staging.chmod(0o755)
-        _fsync_tree(staging)
+        with interruptible():
+            staging.mkdir(parents=True)
+            save(staging)
+            (staging / "README.md").write_text(card)
+            for path in staging.rglob("*"):
+                path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
+            _fsync_tree(staging)
+            stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
+            (staging / COMPLETE).write_text(json.dumps(stamp) + "\n")
+            staging.chmod(0o755)
+            _fsync_tree(staging)
         if final.exists():
             retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
             final.rename(retired)
@@ -106,6 +109,9 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict) -> 
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
                           "output volume and rerun (training resumes from the last checkpoint).") from None
+    except BaseException:  # a signal (Preempted) or a bug mid-save: no half-written staging folder stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return final
 
 

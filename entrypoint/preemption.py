@@ -8,6 +8,7 @@ checkpoint has no completion marker and the next run resumes from the one before
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -19,11 +20,18 @@ from .errors import Preempted
 log = logging.getLogger(__name__)
 
 
+class Interrupted(BaseException):
+    """Raised by the signal handler inside `StopRequest.interruptible`. A BaseException, so no library's
+    `except Exception` swallows it on its way out; `interruptible` turns it into Preempted."""
+
+
 class StopRequest:
-    """Records the first SIGTERM/SIGINT instead of dying, so training can stop at a step boundary."""
+    """Records the first SIGTERM/SIGINT instead of dying, so training can stop at a step boundary. Where there is
+    nothing to save (loading, publishing), `interruptible` makes a signal stop the work at once."""
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._interruptible = False
 
     def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -36,6 +44,9 @@ class StopRequest:
             log.warning("preemption: %s received while already stopping; the checkpoint save continues", name)
             return
         self.signal_name = name
+        if self._interruptible:
+            log.warning("preemption: %s received; stopping now (nothing needs saving)", name)
+            raise Interrupted
         log.warning("preemption: %s received; finishing the current optimizer step, then saving a checkpoint", name)
 
     @property
@@ -45,6 +56,46 @@ class StopRequest:
     def raise_if_requested(self, where: str) -> None:
         if self.requested:
             raise Preempted(f"stopped by {self.signal_name} {where}; nothing needed saving; rerun the same command.")
+
+    @contextlib.contextmanager
+    def interruptible(self, where: str):
+        """Work that leaves nothing to save when cut short (reading a model, writing a staging folder that the
+        caller removes): a signal inside raises Preempted there and then, instead of waiting for it to end."""
+        self.raise_if_requested(where)
+        try:
+            self._interruptible = True
+            yield
+        except Interrupted:
+            raise Preempted(f"stopped by {self.signal_name} {where}; nothing needed saving; "
+                            "rerun the same command.") from None
+        finally:
+            self._interruptible = False
+
+
+class StopEvaluation(TrainerCallback):
+    """A signal that arrives during an evaluation ends it at the next batch, raising Preempted: the run resumes
+    from its last complete checkpoint and repeats the evaluation there, so nothing is lost but time. An
+    evaluation that was already due when StopOnSignal decided to stop runs to the end, as before, and the
+    checkpoint after it is saved. Add it after StopOnSignal, so it sees that decision."""
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+        self.finishing = False
+        self.started: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.finishing = self.stop.requested  # StopOnSignal, called just before, has agreed across ranks
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.started != state.global_step:
+            self.started = state.global_step
+            log.info("eval: evaluating at step %d", state.global_step)
+        if self.stop.requested and not self.finishing:
+            raise Preempted(f"stopped by {self.stop.signal_name} during the evaluation at step {state.global_step}; "
+                            "the last complete checkpoint is kept; rerun the same command to resume.")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.started = None
 
 
 class StopOnSignal(TrainerCallback):

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
-from . import checkpoints, data, efficiency, identity, outputs, speed
+from . import checkpoints, data, efficiency, guard, identity, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
-from .errors import ConfigError, ModelLoadError, OutOfMemory, Preempted
+from .errors import ConfigError, Diverged, ModelLoadError, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
+from .lease import Lease
 from .logs import ProgressLog, event, is_tty, perplexity
-from .preemption import StopOnSignal, StopRequest
+from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .trainer import FinetuneTrainer, TokenCounter
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,20 @@ log = logging.getLogger(__name__)
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) -> dict:
     """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures.
 
-    In a multi-process run every rank calls this; only rank 0 writes status, metrics and the model."""
+    In a multi-process run every rank calls this; only rank 0 holds the output's lease and writes status,
+    metrics and the model."""
+    stop = StopRequest().install()  # first: a signal at any point from here on exits PREEMPTED, never half-done
     plan = preflight(cfg)
+    if not dist.is_main:
+        return _run(cfg, sources, dist, plan, stop, None)
+    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
+        return _run(cfg, sources, dist, plan, stop, lease)
+
+
+def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop: StopRequest,
+         lease: Lease | None) -> dict:
     if already_published(cfg):
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
-    stop = StopRequest().install()
     if dist.is_main:
         outputs.write_status(cfg.output_dir, "running")
         outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
@@ -38,17 +48,25 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
           f"world size {dist.world_size}", device=plan.device, precision=plan.precision,
           block_size=plan.block_size, world_size=dist.world_size)
 
-    tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache)
+    with stop.interruptible("while loading the tokenizer"):
+        tokenizer = load_tokenizer(cfg)
+    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
-    model = load_model(cfg)
+    with stop.interruptible("during model loading"):
+        event(f"model: loading {cfg.model}")
+        model = load_model(cfg)
     stop.raise_if_requested("before training started")
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
     trainer.run = run_identity
     trainer.add_callback(StopOnSignal(stop))
+    trainer.add_callback(StopEvaluation(stop))  # after StopOnSignal: it reads that callback's decision
+    divergence = guard.DivergenceGuard()
+    trainer.add_callback(divergence)
     try:
         result = train_or_finish(cfg, trainer, progress, resume, dist)
+        if divergence.problem:
+            raise Diverged(divergence.problem)
         if stop.requested:
             saved = cfg.model_checkpoint_dir / f"checkpoint-{trainer.state.global_step}"
             raise Preempted(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of "
@@ -62,13 +80,21 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
     metrics = summarize(cfg, plan, trainer, result, final, progress, stats)
     if not dist.is_main:
         return metrics
+    try:
+        guard.check_final(metrics, cfg.publish_worse)
+    except Diverged:
+        outputs.plot_losses(cfg.output_dir, progress.history)  # the curve shows where it went wrong
+        raise
     card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), metrics)
 
     def save(directory: Path) -> None:
+        event(f"publish: writing the model to {directory}")
         trainer.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)})
+    lease.check()
+    outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
+                          interruptible=lambda: stop.interruptible("while publishing the model (nothing published)"))
     outputs.write_metrics(cfg.output_dir, metrics)
     outputs.plot_losses(cfg.output_dir, progress.history)
     outputs.write_history(cfg.output_dir, progress.history)
@@ -194,6 +220,8 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=cfg.logging_steps,
+        # The divergence guard must see a non-finite loss; the filter would also cost a host sync per micro-batch.
+        logging_nan_inf_filter=False,
         seed=cfg.seed,
         activation_checkpointing=cfg.gradient_checkpointing,
         report_to=report or "none",

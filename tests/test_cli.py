@@ -72,3 +72,23 @@ def test_python_dash_m_and_the_console_script_are_the_same_program():
     assert script.is_file(), f"{script} missing: install the package (make install)"
     via_script = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert via_script.stdout == finetune("--help").stdout
+
+
+def test_a_misspelt_finetune_variable_is_refused_with_a_suggestion(tmp_path):
+    from tests.helpers import clean_env
+
+    result = finetune("config", env=clean_env(FINETUNE_LEARNIN_RATE="0.1", FINETUNE_OUTPUT_DIR=str(tmp_path)))
+    assert result.returncode == 2
+    assert "error: environment variable FINETUNE_LEARNIN_RATE is not a finetune setting; did you mean " \
+           "FINETUNE_LEARNING_RATE?" in result.stderr
+    assert not (tmp_path / "status.json").exists()
+
+
+def test_every_variable_of_any_command_and_the_documented_settings_are_accepted():
+    from tests.helpers import clean_env
+
+    names = {p.envvar for c in cli.commands.values() for p in c.params if isinstance(p.envvar, str)}
+    assert {"FINETUNE_MAX_DOCUMENTS", "FINETUNE_PROMPT", "FINETUNE_VOCAB_SIZE", "FINETUNE_PRESET"} <= names
+    env = clean_env(**dict.fromkeys(names - {"FINETUNE_PRESET"}, ""), FINETUNE_PRESET_DIR=str(REPO / "config"))
+    result = finetune("config", "--model", "gpt2", env=env)
+    assert "not a finetune setting" not in result.stderr, result.stderr

@@ -111,6 +111,24 @@ def test_two_nodes_rendezvous_over_loopback(tmp_path, tiny_model, corpus_dir):
     assert "done: eval loss" in logs[0] and "done: eval loss" not in logs[1]
 
 
+def test_torchrun_takes_the_restart_count_the_platform_sets(monkeypatch):
+    from torch.distributed.run import get_args_parser
+
+    args = torchrun_arguments(TrainConfig(nnodes="1:4", rdzv_endpoint="svc:29400"), ["train"])
+    assert not [a for a in args if a.startswith("--max-restarts")], "the launcher must not override the platform"
+    monkeypatch.setenv("PET_MAX_RESTARTS", "3")  # what the Training Operator sets from elasticPolicy.maxRestarts
+    assert get_args_parser().parse_args(args).max_restarts == 3
+    monkeypatch.delenv("PET_MAX_RESTARTS")
+    assert get_args_parser().parse_args(args).max_restarts == 0
+
+
+def test_elastic_nodes_without_an_endpoint_is_a_usage_error(tmp_path):
+    result = finetune("train", env=clean_env(FINETUNE_NNODES="1:4", FINETUNE_DATA_DIR=str(tmp_path)))
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "--nnodes 1:4 (elastic) needs --rdzv-endpoint" in result.stderr
+    assert "rdzv-endpoint=None" not in result.stderr and "launch: torchrun" not in result.stderr
+
+
 def test_indexed_job_environment_sets_the_node_rank_and_endpoint():
     result = finetune("config", env=clean_env(JOB_COMPLETION_INDEX="1", MASTER_ADDR="finetune-0.finetune-nodes",
                                               MASTER_PORT="29500", FINETUNE_NNODES="2"))

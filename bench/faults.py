@@ -1,0 +1,516 @@
+"""The fault matrix: each way a run can be cut short, misconfigured or doubled, done for real to `finetune train`
+on a tiny model, in subprocesses, with real signals, files and mounts. One table shows what each did: exit codes
+(the fault's run, then a rerun where there is one), whether a model was published, the checkpoint the rerun
+resumed from, and the final step and eval loss against an uninterrupted reference run.
+
+    python -m bench.faults [--workdir DIR] [--only NAME ...]      (make faults)
+
+tests/test_faults.py runs the same registry, CASES, and asserts each case's expected outcome. A case is a small
+function registered with @fault: it gets a Lab (paths, the reference run, helpers) and returns an Outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from tests.helpers import FAST_TRAIN, clean_env, train_env
+
+STEPS = 16
+# A log line per step, to signal at a known one; a checkpoint and an evaluation every 8 steps.
+RUN = {**FAST_TRAIN, "FINETUNE_MAX_STEPS": str(STEPS), "FINETUNE_LOGGING_STEPS": "1"}
+
+
+@dataclass
+class Outcome:
+    codes: list[int]  # the fault's run, then any rerun
+    published: bool
+    resumed_from: str | None = None
+    final_step: int | None = None
+    eval_loss: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[Lab], Outcome]
+    codes: tuple[int, ...]
+    published: bool
+    exact: bool  # the final model must match the uninterrupted reference (step and eval loss)
+
+
+CASES: dict[str, Case] = {}
+
+
+def fault(name: str, codes: tuple[int, ...], published: bool, exact: bool = False):
+    def register(fn: Callable[[Lab], Outcome]) -> Callable[[Lab], Outcome]:
+        CASES[name] = Case(name, fn, codes, published, exact)
+        return fn
+
+    return register
+
+
+class Skip(Exception):
+    """This machine cannot stage the fault (e.g. mounting a tmpfs needs root)."""
+
+
+class Job:
+    """`finetune train` in the background, its log lines collected as they come."""
+
+    def __init__(self, env: dict[str, str], *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "entrypoint", "train", *args], env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"never saw {pattern!r}; log:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code, "".join(self.lines)
+
+
+class Lab:
+    """Where cases run: a tiny model, a corpus, a shared data cache, and one uninterrupted reference run."""
+
+    def __init__(self, root: Path, model: Path, data: Path):
+        self.root, self.model, self.data = root, model, data
+        self.mounts: list[Path] = []
+
+    def fresh(self, name: str) -> Path:
+        directory = self.root / "cases" / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        return directory
+
+    def env(self, out: Path, **extra: str) -> dict[str, str]:
+        return train_env(self.model if "FINETUNE_MODEL" not in extra else Path(extra.pop("FINETUNE_MODEL")),
+                         self.data, out, base=RUN, FINETUNE_CACHE_DIR=str(self.root / "cache"), **extra)
+
+    def train(self, out: Path, *args: str, **extra: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "entrypoint", "train", *args], env=self.env(out, **extra),
+                              capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stderr
+
+    def start(self, out: Path, *args: str, **extra: str) -> Job:
+        return Job(self.env(out, **extra), *args)
+
+    @cached_property
+    def reference(self) -> dict:
+        out = self.root / "reference"
+        shutil.rmtree(out, ignore_errors=True)
+        code, log = self.train(out)
+        assert code == 0, log[-3000:]
+        return json.loads((out / "metrics.json").read_text())
+
+    @cached_property
+    def small_model(self) -> Path:
+        """About 3M parameters: a checkpoint save lasts long enough to be killed in the middle."""
+        from entrypoint.config import InitModelConfig
+        from entrypoint.modelinit import init_model
+
+        directory = self.root / "small-gpt2"
+        if not (directory / "config.json").is_file():
+            init_model(InitModelConfig(output_dir=directory, corpus=self.data / "train.txt", size="small",
+                                       vocab_size=512, context=64))
+        return directory
+
+    def mount_tmpfs(self, path: Path, size_bytes: int, read_only: bool = False) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            raise Skip("mounting a small tmpfs needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size_bytes}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            raise Skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        self.mounts.append(path)
+        return path
+
+    def unmount_all(self) -> None:
+        while self.mounts:
+            subprocess.run(["umount", "-l", str(self.mounts.pop())], check=False)
+
+    def outcome(self, out: Path, codes: list[int], log: str = "", note: str = "") -> Outcome:
+        """What `out` holds after the runs: published or not, and from the last log where it resumed."""
+        metrics = _read_json(out / "metrics.json") if (out / "model" / "COMPLETE").is_file() else None
+        resumed = re.findall(r"resume: from .*?(checkpoint-\d+)", log)
+        return Outcome(codes=codes, published=(out / "model" / "COMPLETE").is_file(),
+                       resumed_from=resumed[-1] if resumed else None,
+                       final_step=metrics.get("global_step") if metrics else None,
+                       eval_loss=metrics.get("eval_loss") if metrics else None, note=note)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def expect(condition: bool, what: str, log: str = "") -> None:
+    """A case's own check: raise with the log's tail when it fails."""
+    if not condition:
+        raise AssertionError(f"{what}\n{log[-3000:]}")
+
+
+def status_of(out: Path) -> tuple[str | None, int | None]:
+    status = _read_json(out / "status.json") or {}
+    return status.get("state"), status.get("exit_code")
+
+
+# ---- the existing faults: preemption, damaged checkpoints, storage -------------------------------------------
+
+@fault("SIGTERM at a random step", codes=(7, 0), published=True, exact=True)
+def sigterm_at_a_random_step(lab: Lab) -> Outcome:
+    out = lab.fresh("sigterm-step") / "out"
+    # Neither an evaluation step nor the one before: a signal landing in an evaluation has its own case below.
+    steps = [s for s in range(2, STEPS) if s % 8 not in (0, 7)]
+    step = random.Random(int(os.environ.get("PREEMPT_SEED", "0"))).choice(steps)
+    job = lab.start(out)
+    job.wait_for(rf"train step {step}/")
+    job.proc.send_signal(signal.SIGTERM)
+    first, log = job.finish()
+    expect(status_of(out) == ("preempted", 7) and not (out / "model").exists(), "not recorded as preempted", log)
+    second, log = lab.train(out)
+    return lab.outcome(out, [first, second], log, note=f"signalled at step {step}")
+
+
+@fault("SIGKILL during a checkpoint save", codes=(-9, 0), published=True)
+def sigkill_mid_save(lab: Lab) -> Outcome:
+    from entrypoint import checkpoints
+
+    out = lab.fresh("sigkill-save") / "out"
+    extra = {"FINETUNE_MODEL": str(lab.small_model), "FINETUNE_MAX_STEPS": "12", "FINETUNE_SAVE_STEPS": "2",
+             "FINETUNE_EVAL_STEPS": "6", "FINETUNE_LOGGING_STEPS": "2"}
+    job = lab.start(out, **extra)
+    killed, deadline = None, time.monotonic() + 180
+    while killed is None and job.proc.poll() is None and time.monotonic() < deadline:
+        for path in (out / "checkpoints").glob("checkpoint-*"):
+            if path.name != "checkpoint-2" and not (path / checkpoints.MARKER).exists():
+                job.proc.kill()
+                killed = path
+                break
+        time.sleep(0.0005)
+    first, _ = job.finish()
+    expect(killed is not None, "no checkpoint save was caught in progress")
+    second, log = lab.train(out, **extra)
+    expect(f"skipping {killed.name}: no completion marker" in log, "the torn checkpoint was not skipped", log)
+    return lab.outcome(out, [first, second], log, note=f"killed while writing {killed.name} (a 3M model)")
+
+
+@fault("torn newest checkpoint", codes=(7, 0), published=True, exact=True)
+def torn_checkpoint(lab: Lab) -> Outcome:
+    out = lab.fresh("torn") / "out"
+    job = lab.start(out)
+    job.wait_for(r"train step 12/")
+    job.proc.send_signal(signal.SIGTERM)
+    first, _ = job.finish()
+    newest = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    second, log = lab.train(out)
+    expect(f"skipping {newest.name}: model.safetensors is truncated" in log, "the torn checkpoint was used", log)
+    return lab.outcome(out, [first, second], log, note=f"{newest.name} weights cut in half")
+
+
+@fault("disk full while saving", codes=(4,), published=False)
+def disk_full(lab: Lab) -> Outcome:
+    root = lab.fresh("disk-full")
+    ckpt = lab.mount_tmpfs(root / "ckpt", 2_600_000)  # one tiny-model checkpoint (1.75 MB) fits, two do not
+    code, log = lab.train(root / "out", FINETUNE_CHECKPOINT_DIR=str(ckpt))
+    expect("cannot save checkpoint-16" in log and "Traceback" not in log, "no clean disk-full error", log)
+    expect((ckpt / "checkpoint-8" / "finetune-complete.json").is_file(), "the previous checkpoint is gone", log)
+    return lab.outcome(root / "out", [code], log, note="checkpoint-8 kept intact")
+
+
+@fault("read-only output", codes=(4,), published=False)
+def read_only_output(lab: Lab) -> Outcome:
+    out = lab.mount_tmpfs(lab.fresh("read-only") / "out", 1 << 20, read_only=True)
+    code, log = lab.train(out)
+    expect("not writable" in log and "train step" not in log, "did not fail before training", log)
+    return lab.outcome(out, [code], log)
+
+
+@fault("rerun after success", codes=(0, 0), published=True, exact=True)
+def rerun_after_success(lab: Lab) -> Outcome:
+    out = lab.fresh("rerun") / "out"
+    first, _ = lab.train(out)
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    second, log = lab.train(out)
+    expect("done already" in log and (out / "model" / "model.safetensors").read_bytes() == weights,
+           "the rerun did not leave the model alone", log)
+    return lab.outcome(out, [first, second], log, note="second run: done already")
+
+
+# ---- one writer --------------------------------------------------------------------------------------------
+
+@fault("second run on the same output", codes=(9,), published=False)
+def two_writers(lab: Lab) -> Outcome:
+    out = lab.fresh("two-writers") / "out"
+    first = lab.start(out, FINETUNE_MAX_STEPS="100000", FINETUNE_LOGGING_STEPS="50", FINETUNE_SAVE_STEPS="1000",
+                      FINETUNE_EVAL_STEPS="1000")
+    first.wait_for(r"train step \d+/")
+    # The files the first run does not rewrite while training (TensorBoard events and checkpoints it does).
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    start = time.monotonic()
+    code, log = lab.train(out, FINETUNE_MAX_STEPS="16")
+    seconds = time.monotonic() - start
+    touched = [p.name for p, mtime in before.items() if p.exists() and p.stat().st_mtime_ns != mtime
+               and p.name != ".finetune-lease.json"]  # the first run's own heartbeat touches its lease
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    expect(len(errors) == 1 and f"pid {first.proc.pid}" in errors[0] and "is in use by" in errors[0],
+           "the refusal does not name the holder in one line", log)
+    expect(not touched and status_of(out) == ("running", None), f"the second run touched {touched}", log)
+    first.proc.send_signal(signal.SIGTERM)
+    holder, _ = first.finish()
+    expect(holder == 7 and status_of(out) == ("preempted", 7), "the first run was disturbed")
+    return lab.outcome(out, [code], log, note=f"refused after {seconds:.0f} s (process start included); "
+                                              "the first run then stopped cleanly on SIGTERM")
+
+
+@fault("stale lease of a SIGKILLed run", codes=(-9, 0), published=True, exact=True)
+def stale_lease_after_sigkill(lab: Lab) -> Outcome:
+    out = lab.fresh("stale-sigkill") / "out"
+    job = lab.start(out)
+    job.wait_for(r"train step 10/")
+    job.proc.kill()
+    first, _ = job.finish()
+    expect((out / ".finetune-lease.json").is_file(), "the killed run left no lease to take over")
+    second, log = lab.train(out)
+    expect(f"process {job.proc.pid} on this host is gone" in log, "the dead holder was not recognised", log)
+    return lab.outcome(out, [first, second], log, note="same host, dead pid: taken over at once")
+
+
+@fault("stale lease from another host", codes=(0,), published=True, exact=True)
+def stale_lease_from_another_host(lab: Lab) -> Outcome:
+    from entrypoint.lease import LEASE, STALE_SECONDS
+
+    out = lab.fresh("stale-remote") / "out"
+    out.mkdir()
+    lease = out / LEASE
+    lease.write_text(json.dumps({"host": "node-that-died", "pid": 7, "started": "2026-01-01T00:00:00Z",
+                                 "token": "remote"}) + "\n")
+    stopped = time.time() - (STALE_SECONDS - 4)  # its heartbeat stopped 4 s short of stale: wait, then take over
+    os.utime(lease, (stopped, stopped))
+    code, log = lab.train(out)
+    expect("heartbeat stopped" in log and "took over" in log, "the stale lease was not waited for and taken", log)
+    return lab.outcome(out, [code], log, note="waited for the heartbeat to go stale, then took over")
+
+
+# ---- divergence ----------------------------------------------------------------------------------------------
+
+@fault("divergence (--learning-rate 1.0)", codes=(8,), published=False)
+def diverges(lab: Lab) -> Outcome:
+    out = lab.fresh("diverge") / "out"
+    code, log = lab.train(out, FINETUNE_LEARNING_RATE="1.0")
+    expect("worse than the untrained model's" in log and "--learning-rate" in log, "no advice given", log)
+    return lab.outcome(out, [code], log, note="final eval loss far above step 0's")
+
+
+@fault("divergence with --publish-worse", codes=(0,), published=True)
+def diverges_but_published(lab: Lab) -> Outcome:
+    out = lab.fresh("publish-worse") / "out"
+    code, log = lab.train(out, "--publish-worse", FINETUNE_LEARNING_RATE="1.0")
+    expect("publishing anyway because of --publish-worse" in log, "no warning on publishing a worse model", log)
+    return lab.outcome(out, [code], log)
+
+
+@fault("non-finite loss (NaN weights)", codes=(8,), published=False)
+def nan_loss(lab: Lab) -> Outcome:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = lab.fresh("nan")
+    model = root / "nan-model"
+    shutil.copytree(lab.model, model)
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if k.endswith("ln_f.weight"))
+    weights[name] = torch.full_like(weights[name], math.nan)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    code, log = lab.train(root / "out", FINETUNE_MODEL=str(model))
+    expect("in 3 logging windows in a row" in log, "the run was not stopped by the guard", log)
+    expect("train step 16/" not in log, "the run trained to the end", log)
+    return lab.outcome(root / "out", [code], log, note="stopped after 3 non-finite logging windows")
+
+
+# ---- signals outside the training loop -----------------------------------------------------------------------
+
+@fault("SIGTERM during model loading", codes=(7,), published=False)
+def sigterm_while_loading(lab: Lab) -> Outcome:
+    out = lab.fresh("loading") / "out"
+    job = lab.start(out)
+    job.wait_for(r"model: loading ")
+    job.proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    code, log = job.finish(timeout=60)
+    seconds = time.monotonic() - start
+    where = re.search(r"stopped by SIGTERM (during model loading|before training started)", log)
+    expect(where is not None and not list(out.glob("checkpoints/checkpoint-*")), "not stopped before training", log)
+    return lab.outcome(out, [code], log, note=f"stopped {where.group(1)}, {seconds:.1f} s after the signal")
+
+
+@fault("SIGTERM during an evaluation", codes=(7, 0), published=True)
+def sigterm_during_evaluation(lab: Lab) -> Outcome:
+    out = lab.fresh("eval") / "out"
+    big_eval = {"FINETUNE_VALID_FILE": "train.txt", "FINETUNE_SAVE_STEPS": "4"}  # evaluating ~5,800 blocks
+    job = lab.start(out, **big_eval)
+    job.wait_for(r"eval: evaluating at step 8")
+    job.proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    first, log = job.finish()
+    seconds = time.monotonic() - start
+    expect("during the evaluation at step 8" in log, "the evaluation was not cut short", log)
+    expect(status_of(out) == ("preempted", 7) and not (out / "model").exists(), "not recorded as preempted", log)
+    second, log = lab.train(out, **big_eval)
+    return lab.outcome(out, [first, second], log, note=f"exited {seconds:.1f} s after the signal; "
+                                                       "other validation set, so not compared")
+
+
+@fault("SIGTERM while publishing", codes=(7,), published=False)
+def sigterm_while_publishing(lab: Lab) -> Outcome:
+    out = lab.fresh("publish") / "out"
+    job = lab.start(out)
+    job.wait_for(r"publish: writing the model")
+    job.proc.send_signal(signal.SIGTERM)
+    code, log = job.finish()
+    expect("while publishing the model" in log, "not stopped while publishing", log)
+    expect(not list(out.glob(".model.*")), "a staging folder was left behind", log)
+    return lab.outcome(out, [code], log, note="no model/, no staging folder left")
+
+
+# ---- configuration -------------------------------------------------------------------------------------------
+
+@fault("misspelt variable FINETUNE_LEARNIN_RATE", codes=(2,), published=False)
+def misspelt_variable(lab: Lab) -> Outcome:
+    out = lab.fresh("typo") / "out"
+    code, log = lab.train(out, FINETUNE_LEARNIN_RATE="0.1")
+    expect("did you mean FINETUNE_LEARNING_RATE?" in log, "no did-you-mean line", log)
+    return lab.outcome(out, [code], log)
+
+
+# ---- running and printing ------------------------------------------------------------------------------------
+
+def run_case(lab: Lab, case: Case) -> tuple[Outcome | None, str]:
+    """The outcome and a verdict: ok, SKIP (why) or FAIL (why)."""
+    try:
+        outcome = case.run(lab)
+    except Skip as exc:
+        return None, f"SKIP: {exc}"
+    except AssertionError as exc:
+        return None, f"FAIL: {str(exc).splitlines()[0]}"
+    finally:
+        lab.unmount_all()
+    return outcome, verdict(lab, case, outcome)
+
+
+def verdict(lab: Lab, case: Case, outcome: Outcome) -> str:
+    problems = []
+    if tuple(outcome.codes) != case.codes:
+        problems.append(f"exit codes {outcome.codes}, expected {list(case.codes)}")
+    if outcome.published != case.published:
+        problems.append("published" if outcome.published else "not published")
+    if case.exact:
+        ref = lab.reference
+        if outcome.final_step != ref["global_step"] or outcome.eval_loss is None \
+                or abs(outcome.eval_loss - ref["eval_loss"]) > 1e-4:
+            problems.append(f"step {outcome.final_step} / eval loss {outcome.eval_loss} differ from the reference "
+                            f"{ref['global_step']} / {ref['eval_loss']:.4f}")
+    return "FAIL: " + "; ".join(problems) if problems else "ok"
+
+
+def table(lab: Lab, results: list[tuple[Case, Outcome | None, str]]) -> str:
+    ref = lab.reference
+    rows = [("fault", "exit codes", "published", "resumed from", "final step", "eval loss vs reference", "verdict",
+             "note")]
+    for case, out, result in results:
+        if out is None:
+            rows.append((case.name, "", "", "", "", "", result, ""))
+            continue
+        loss = f"{out.eval_loss:.4f} vs {ref['eval_loss']:.4f}" if out.eval_loss is not None else "-"
+        rows.append((case.name, " then ".join(_code(c) for c in out.codes), "yes" if out.published else "no",
+                     out.resumed_from or "-", str(out.final_step or "-"), loss, result, out.note))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def _code(code: int) -> str:
+    return signal.Signals(-code).name if code < 0 else str(code)
+
+
+def prepare_lab(root: Path) -> Lab:
+    """A corpus and a tiny model under `root` (made once), as tests/conftest.py makes them."""
+    from entrypoint.config import InitModelConfig
+    from entrypoint.corpus import build
+    from entrypoint.modelinit import init_model
+
+    data, model = root / "corpus", root / "tiny-gpt2"
+    if not (data / "train.txt").is_file():
+        build(data, max_documents=3000)
+    if not (model / "config.json").is_file():
+        init_model(InitModelConfig(output_dir=model, corpus=data / "train.txt", vocab_size=512, context=128))
+    return Lab(root, model, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="kept between runs [default: a temporary one]")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
+    args = parser.parse_args(argv)
+    os.environ.update({k: v for k, v in clean_env().items() if k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")})
+    with contextlib.ExitStack() as stack:
+        root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
+        root.mkdir(parents=True, exist_ok=True)
+        lab = prepare_lab(root)
+        chosen = [c for c in CASES.values() if not args.only or any(s.lower() in c.name.lower() for s in args.only)]
+        results = []
+        for case in chosen:
+            start = time.monotonic()
+            outcome, result = run_case(lab, case)
+            print(f"{case.name}: {result} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+            results.append((case, outcome, result))
+        print(table(lab, results))
+    return 0 if all(not r.startswith("FAIL") for _, _, r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

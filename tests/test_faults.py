@@ -1,0 +1,34 @@
+"""The fault matrix as tests: every case in bench.faults.CASES, run for real, must end as the case says (exit
+codes, published or not, and for the exact ones the uninterrupted reference's final step and eval loss)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.faults import CASES, Lab, Skip, verdict
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, tiny_model, corpus_dir) -> Lab:
+    return Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault_ends_as_expected(lab, name):
+    case = CASES[name]
+    try:
+        outcome = case.run(lab)
+    except Skip as exc:
+        pytest.skip(str(exc))
+    finally:
+        lab.unmount_all()
+    assert verdict(lab, case, outcome) == "ok", outcome
+
+
+def test_the_matrix_covers_every_fault_the_issue_names():
+    names = " | ".join(CASES).lower()
+    for fault in ("sigterm at a random step", "sigkill during a checkpoint save", "torn", "disk full", "read-only",
+                  "rerun after success", "second run", "stale lease", "divergence", "--publish-worse",
+                  "model loading", "evaluation", "publishing", "misspelt"):
+        assert fault in names, fault
