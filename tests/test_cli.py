@@ -54,7 +54,8 @@ def test_configuration_docs_options_table_matches_train_help():
         if option.show_default and option.default not in (None, ()):
             assert f"`{option.default}`" in row, f"docs/configuration.md default for {env} differs from --help: {row}"
     documented = set(rows) - {"FINETUNE_PRESET"}
-    assert documented == {o.envvar for o in options("train")} - {"FINETUNE_PRESET"}, "docs/configuration.md documents removed options"
+    assert documented == {o.envvar for o in options("train")} - {"FINETUNE_PRESET"}, \
+        "docs/configuration.md documents removed options"
 
 
 def test_version_and_top_level_help_list_exit_codes():

@@ -173,7 +173,8 @@ def test_exit_code_table_in_the_docs_matches_the_code():
 
     readme = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
     for code, description in DESCRIPTIONS.items():
-        assert f"| {int(code)} | `{code.name}` | {description} |" in readme, f"docs/reliability.md lacks exit code {int(code)}"
+        assert f"| {int(code)} | `{code.name}` | {description} |" in readme, \
+            f"docs/reliability.md lacks exit code {int(code)}"
 
 
 @pytest.mark.parametrize("where", ["preset", "vertex"])
