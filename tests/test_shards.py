@@ -116,7 +116,7 @@ def test_a_waiting_process_never_reads_the_corpus(tokenizer, one_file, tmp_path)
     assert rows(waited_train) == rows(train) and rows(waited_valid) == rows(valid)
 
 
-def test_a_file_rewritten_under_its_old_size_and_mtime_moves_the_waiting_processes_pre_key(tokenizer, one_file, tmp_path):
+def test_a_file_rewritten_under_its_old_size_and_mtime_changes_the_pre_key(tokenizer, one_file, tmp_path):
     cfg = config(one_file, tmp_path / "cache")
     first = data.pre_key(cfg, tokenizer, *data.discover(cfg), BLOCK)
     path = one_file / "train.txt"
