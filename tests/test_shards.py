@@ -19,7 +19,7 @@ import pytest
 
 from entrypoint import data, shards
 from entrypoint.config import TrainConfig
-from tests.helpers import REPO, clean_env
+from tests.helpers import REPO, clean_env, finetune
 
 BLOCK = 32
 
@@ -164,3 +164,17 @@ def test_sigterm_mid_preparation_exits_preempted_within_seconds_and_leaves_no_ca
     leftovers = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
     assert all(p.startswith("blocks-") and "/" not in p for p in leftovers), leftovers  # an empty folder at most
     assert not list(cache.glob(f"*/{data.COMPLETE}"))
+
+
+@pytest.mark.slow  # three CLI processes, ~8 s each on a quiet machine
+def test_prepare_command_takes_its_shard_from_the_indexed_jobs_completion_index(tiny_model, corpus_dir, tmp_path):
+    args = ("prepare", "--model", str(tiny_model), "--data-dir", str(corpus_dir), "--output-dir", str(tmp_path / "out"),
+            "--block-size", "32", "--num-shards", "2")
+    second = finetune(*args, env=clean_env(JOB_COMPLETION_INDEX="1"))
+    assert second.returncode == 0, second.stderr
+    assert "shard 1 of 2" in second.stdout and "complete once every shard is written" in second.stdout
+    first = finetune(*args, env=clean_env(JOB_COMPLETION_INDEX="0"))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("prepared: ") and "training and" in first.stdout  # it completed the cache
+    beyond = finetune(*args, env=clean_env(JOB_COMPLETION_INDEX="2"))
+    assert beyond.returncode == 2 and "--shard 2 must be below --num-shards 2" in beyond.stderr
