@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,15 +37,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", default="256M,1G,4G", help="Corpus sizes, comma-separated (K, M, G suffixes).")
     parser.add_argument("--workers", type=int, default=2, help="--preprocessing-workers.")
     parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--model", type=Path, help="Model directory whose tokenizer to use [default: a random GPT-2 "
+                        "with the 50,257-token BPE, built once under --workdir].")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench")
     parser.add_argument("--keep-corpora", action="store_true", help="Keep the corpora for a rerun.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    model = assets.model(workdir, "tiny", assets.GPT2_VOCAB)  # only its tokenizer (and config) are used
+    model = args.model or assets.model(workdir, "tiny", assets.GPT2_VOCAB)  # only its tokenizer and config are used
     results = []
-    print(f"{'text':>8} {'tokens':>14} {'seconds':>9} {'tokens/s':>12} {'hit s':>7} {'hit %':>6} "
-          f"{'Pss_Anon peak':>14} {'RssAnon sum peak':>17}  load", flush=True)
+    print(f"{'text':>8} {'tokens':>14} {'seconds':>9} {'tokens/s':>12} {'tok/CPU-s':>10} {'cores':>5} {'hit s':>7} "
+          f"{'hit %':>6} {'Pss_Anon peak':>14} {'RssAnon sum peak':>17}  load", flush=True)
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         data_dir = corpus(workdir, size)
         cache = workdir / "prepare-scale-cache"
@@ -62,9 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "tokens_per_second": tokens / stats["prepare_seconds"], "wall_seconds": cold["seconds"],
                "cache_hit_seconds": hit_seconds, "cache_hit_ratio": hit_seconds / stats["prepare_seconds"],
                "peak_pss_anon_bytes": cold["pss_anon"], "peak_rss_anon_sum_bytes": cold["rss_anon"],
-               "peak_processes": cold["processes"], "workers": args.workers, "load_average_1m": load}
+               "cpu_seconds": cold["cpu_seconds"], "tokens_per_cpu_second": tokens / cold["cpu_seconds"],
+               "cores_used": cold["cpu_seconds"] / cold["seconds"], "peak_processes": cold["processes"],
+               "workers": args.workers, "load_average_1m": load}
         results.append(row)
         print(f"{size / 2**20:>6.0f}MB {tokens:>14,} {row['prepare_seconds']:>9.1f} {row['tokens_per_second']:>12,.0f} "
+              f"{row['tokens_per_cpu_second']:>10,.0f} {row['cores_used']:>5.2f} "
               f"{hit_seconds:>7.2f} {100 * row['cache_hit_ratio']:>5.1f}% {cold['pss_anon'] / 2**30:>10.2f} GiB "
               f"{cold['rss_anon'] / 2**30:>13.2f} GiB  {load:.1f}", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
@@ -98,7 +104,7 @@ def corpus(workdir: Path, size: int) -> Path:
 
 def run_sampled(command: list[str]) -> dict:
     """Run `command`, sampling its process tree's anonymous memory; its exit must be 0."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     peak = {"pss_anon": 0, "rss_anon": 0, "processes": 0}
@@ -119,7 +125,13 @@ def run_sampled(command: list[str]) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited {proc.returncode}:\n{log[-3000:]}")
-    return {**peak, "seconds": time.perf_counter() - start, "log": log}
+    return {**peak, "seconds": time.perf_counter() - start, "cpu_seconds": children_cpu_seconds() - cpu, "log": log}
+
+
+def children_cpu_seconds() -> float:
+    """User + system time of finished child processes and theirs (the CLI reaps its workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def process_tree(pid: int) -> list[int]:
