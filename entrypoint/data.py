@@ -6,16 +6,13 @@ document (split into block-sized pieces when longer) is its own row, training ba
 length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
 mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
-The cache key covers the inputs' bytes, the tokenizer, every option that changes the result, and
-FORMAT_VERSION: bump it whenever this package changes what it writes. Only a builder reads the inputs to
-compute that key; once the cache is complete it leaves a pointer under a cheap pre-key (paths, sizes, times,
-inodes and the same options), through which waiting processes find the cache without reading a byte.
+The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
+and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,13 +27,12 @@ import torch
 from . import shards
 from .config import TrainConfig
 from .cpus import available_cpus
+from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder, write_atomically
 from .errors import DataError, OutputError
 from .logs import WorkProgress
-from .sources import Source, discover, fingerprint, read_documents
+from .sources import Source, discover, read_documents
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # 3: streamed token shards read through np.memmap, per-document hashed split
-COMPLETE = "COMPLETE"
 
 
 @dataclass
@@ -51,47 +47,6 @@ class DataStats:
     prepare_seconds: float
     fingerprint: str = ""  # the cache key: inputs' bytes, tokenizer and options
     cache_hit: bool = False
-
-
-def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> dict:
-    """Everything besides the inputs that changes what a build writes."""
-    return {
-        "format": FORMAT_VERSION,
-        "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
-        "eos": tokenizer.eos_token_id,
-        "block_size": block_size,
-        "packing": cfg.packing,
-        "txt_split": cfg.txt_split,
-        "text_field": cfg.text_field,
-        # The held-out split depends on these only when there is no validation input.
-        "split": None if valid else [cfg.validation_split, cfg.seed],
-    }
-
-
-def _digest(parts: dict) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
-
-
-def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
-    """The content key: reads every input byte (and checks text is UTF-8)."""
-    inputs = {"train": fingerprint(train), "valid": fingerprint(valid) if valid else None}
-    return _digest({**key_options(cfg, tokenizer, valid, block_size), **inputs})
-
-
-def pre_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
-    """A key from the inputs' metadata only. The change time and inode are in it: rewriting a file's bytes
-    changes its ctime even when the size and mtime are restored (cp -p, rsync -t, os.utime)."""
-    def stat(source: Source) -> list:
-        paths = sorted(p for p in source.saved_dataset.rglob("*") if p.is_file()) if source.saved_dataset \
-            else list(source.files)
-        found = []
-        for path in paths:
-            st = path.stat()
-            found.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-        return found
-
-    return _digest({**key_options(cfg, tokenizer, valid, block_size), "train": stat(train),
-                    "valid": stat(valid) if valid else None})
 
 
 def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None):
@@ -132,7 +87,7 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
     else:
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
         stats.cache_hit = True
-    _write_atomically(cfg.data_cache_dir / f"ready-{pre}", key)
+    write_atomically(cfg.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
     return stats
 
@@ -147,11 +102,15 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
     scratch, staging = cfg.data_cache_dir / f".scratch-{private}", target / f".{name}.tmp-{private}"
     writer = None
     try:
+        if stop is not None:  # reading the inputs below takes a while on large corpora
+            stop.raise_if_requested("while preparing data; nothing was written")
         train_docs = read_documents(train_src, cfg, scratch)
         jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
         if valid_src:
             jobs.append((read_documents(valid_src, cfg, scratch), "valid", None))
         ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
+        if stop is not None:
+            stop.raise_if_requested("while preparing data; nothing was written")
         dtype = shards.token_dtype(len(tokenizer))
         backend = shards.backend(tokenizer)
         workers = cfg.preprocessing_workers or available_cpus()
@@ -161,18 +120,20 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         progress = WorkProgress("data", total)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out)
-            with contextlib.closing(shards.tokenized(job, lo, hi, workers)) as results:
+            with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
                     for part, (tokens, lengths) in result.items():
                         writer.add(part, tokens, lengths)
                     progress.update(nbytes, sum(len(tokens) for tokens, _ in result.values()))
-                    if stop is not None:
-                        stop.raise_if_requested("while preparing data; the partial cache was removed")
         progress.close()
         writer.close()
         writer = None
-        with contextlib.suppress(OSError):  # an identical shard already there (a retried pod): keep that one
+        try:
             staging.rename(target / name)
+        except OSError:
+            if not (target / name).is_dir():
+                raise
+            # An identical shard is already there (a retried pod, a racing builder): keep that one.
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
@@ -214,9 +175,9 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": cfg.packing,
                 "dtype": dtype, "shards": names}
     try:
-        _write_atomically(target / "stats.json", json.dumps(asdict(stats), indent=1))
-        _write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
-        _write_atomically(target / COMPLETE, "")
+        write_atomically(target / "stats.json", json.dumps(asdict(stats), indent=1))
+        write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
+        write_atomically(target / COMPLETE, "")
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
@@ -268,28 +229,6 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
                  "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
                  cfg.max_eval_tokens)
     return train, capped, stats
-
-
-def wait_for_builder(cache_dir: Path, pre: str, stop=None, poll_seconds: float = 1.0) -> Path:
-    """The cache another process is building for these inputs, once it is complete."""
-    pointer, waited = cache_dir / f"ready-{pre}", 0.0
-    while not pointer.is_file():
-        if waited and waited % 60 < poll_seconds:
-            log.info("data: waiting for another process to build the dataset cache (%.0f s)", waited)
-        if stop is not None:
-            stop.raise_if_requested("while waiting for the dataset cache")
-        time.sleep(poll_seconds)
-        waited += poll_seconds
-    target = cache_dir / f"blocks-{pointer.read_text().strip()}"
-    if not (target / COMPLETE).is_file():
-        raise DataError(f"{pointer} names {target.name}, which is incomplete; delete both and rerun.")
-    return target
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    staging.write_text(text)
-    staging.replace(path)
 
 
 class PackedCollator:

@@ -96,22 +96,38 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def tokenized(job: Job, start: int, end: int, workers: int):
+def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
     """Yield tokenize_span's results for documents [start, end), in order, from `workers` forked processes.
 
-    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). The pool
-    is terminated when the consumer stops early (an error, a signal)."""
+    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). `stop`
+    (a StopRequest) is checked twice a second while waiting; the pool is terminated when the consumer stops
+    early (an error, a signal)."""
     global _JOB
     _JOB = job
     try:
         work = spans(job.docs, start, end, workers)
         if workers > 1 and job.docs.data.nbytes >= PARALLEL_MIN_BYTES:
             with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-                yield from pool.imap(tokenize_span, work, chunksize=1)
+                results = pool.imap(tokenize_span, work, chunksize=1)
+                while True:
+                    try:
+                        yield results.next(timeout=0.5)
+                    except multiprocessing.TimeoutError:
+                        pass
+                    except StopIteration:
+                        return
+                    if stop is not None:
+                        stop.raise_if_requested(STOPPED)
         else:
-            yield from map(tokenize_span, work)
+            for span in work:
+                yield tokenize_span(span)
+                if stop is not None:
+                    stop.raise_if_requested(STOPPED)
     finally:
         _JOB = None
+
+
+STOPPED = "while preparing data; the partial cache was removed"
 
 
 def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
