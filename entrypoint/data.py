@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import shards
@@ -153,9 +154,16 @@ def _share(count: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 
 def _text_bytes(docs, lo: int, hi: int) -> int:
-    import pyarrow.compute as pc
+    """UTF-8 bytes of documents [lo, hi), from the string arrays' offsets (no per-document array)."""
+    import pyarrow as pa
 
-    return int(pc.sum(pc.binary_length(docs.data.table.column("text").slice(lo, hi - lo))).as_py() or 0)
+    total = 0
+    for chunk in docs.data.table.column("text").slice(lo, hi - lo).chunks:
+        if len(chunk):
+            kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=kind)
+            total += int(offsets[chunk.offset + len(chunk)]) - int(offsets[chunk.offset])
+    return total
 
 
 def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, key: str, dtype: str,

@@ -10,6 +10,7 @@ the memory-mapped Arrow table, tokenized by forked workers and appended to the f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -99,25 +100,26 @@ def _quiet_worker() -> None:
 def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
     """Yield tokenize_span's results for documents [start, end), in order, from `workers` forked processes.
 
-    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). `stop`
-    (a StopRequest) is checked twice a second while waiting; the pool is terminated when the consumer stops
-    early (an error, a signal)."""
+    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). At most
+    two tasks per worker are in flight, so results cannot pile up in memory when this process falls behind.
+    `stop` (a StopRequest) is checked twice a second while waiting; the pool is terminated when the consumer
+    stops early (an error, a signal)."""
     global _JOB
     _JOB = job
     try:
         work = spans(job.docs, start, end, workers)
         if workers > 1 and job.docs.data.nbytes >= PARALLEL_MIN_BYTES:
             with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-                results = pool.imap(tokenize_span, work, chunksize=1)
-                while True:
-                    try:
-                        yield results.next(timeout=0.5)
-                    except multiprocessing.TimeoutError:
-                        pass
-                    except StopIteration:
-                        return
-                    if stop is not None:
-                        stop.raise_if_requested(STOPPED)
+                pending = collections.deque(pool.apply_async(tokenize_span, (span,))
+                                            for span in itertools.islice(work, 2 * workers))
+                while pending:
+                    while not pending[0].ready():
+                        pending[0].wait(0.5)
+                        if stop is not None:
+                            stop.raise_if_requested(STOPPED)
+                    result = pending.popleft().get()
+                    pending.extend(pool.apply_async(tokenize_span, (span,)) for span in itertools.islice(work, 1))
+                    yield result
         else:
             for span in work:
                 yield tokenize_span(span)
