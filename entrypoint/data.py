@@ -34,6 +34,7 @@ from .logs import WorkProgress
 from .sources import Source, discover, read_documents
 
 log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
 
 
 @dataclass
@@ -118,7 +119,7 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
         log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
         writer = shards.ShardWriter(staging, block_size)
-        progress = WorkProgress("data", total)
+        progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:

@@ -112,6 +112,14 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
+def size(nbytes: float) -> str:
+    """1.5 GiB, 12.0 MiB, 300 KiB: bytes for a person."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 1024:,.0f} KiB"
+
+
 class WorkProgress:
     """Progress of a long piece of work measured in bytes (data preparation): a line every `interval` seconds
     with bytes and tokens done, tokens/s and an ETA, for `kubectl logs`; a bar instead on a terminal."""
@@ -139,8 +147,8 @@ class WorkProgress:
             elapsed = now - self.start
             rate = self.tokens / elapsed if elapsed > 0 else 0.0
             left = elapsed / self.bytes * (self.total - self.bytes) if self.bytes else 0.0
-            event(f"{self.what}: {self.bytes / 2**20:,.0f} of {self.total / 2**20:,.0f} MiB "
-                  f"({100 * self.bytes / self.total:.0f}%), {self.tokens:,} tokens, {rate:,.0f} tokens/s, "
+            event(f"{self.what}: {size(self.bytes)} of {size(self.total)} ({100 * self.bytes / self.total:.0f}%), "
+                  f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, "
                   f"eta {duration(left)}", bytes_done=self.bytes, bytes_total=self.total, tokens=self.tokens,
                   tokens_per_second=rate)
 

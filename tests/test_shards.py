@@ -180,3 +180,19 @@ def test_prepare_command_takes_its_shard_from_the_indexed_jobs_completion_index(
     assert first.stdout.startswith("prepared: ") and "training and" in first.stdout  # it completed the cache
     beyond = finetune(*args, env=clean_env(JOB_COMPLETION_INDEX="2"))
     assert beyond.returncode == 2 and "--shard 2 must be below --num-shards 2" in beyond.stderr
+
+
+def test_preparation_logs_bytes_tokens_rate_and_eta_as_it_goes(tokenizer, one_file, tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    monkeypatch.setattr(data, "PROGRESS_SECONDS", 0.0)  # a line per piece instead of every ten seconds
+    stats = data.prepare(config(one_file, tmp_path / "cache"), tokenizer, BLOCK)[2]
+    lines = [r.getMessage() for r in caplog.records if " of " in r.getMessage() and "eta " in r.getMessage()]
+    assert len(lines) >= 2, caplog.text
+    assert all(line.startswith("data: ") and "tokens/s" in line and "eta " in line for line in lines)
+    last = [r for r in caplog.records if " of " in r.getMessage() and "eta " in r.getMessage()][-1]
+    kept = stats.train_tokens + stats.dropped_tokens + stats.valid_tokens  # all but the held-out remainder
+    assert kept <= last.fields["tokens"] < kept + BLOCK
+    assert last.fields["bytes_done"] == last.fields["bytes_total"] == (one_file / "train.txt").stat().st_size - \
+        len((one_file / "train.txt").read_text().splitlines())  # every byte but the newlines
