@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "peak_pss_anon_bytes": cold["pss_anon"], "peak_rss_anon_sum_bytes": cold["rss_anon"],
                "cpu_seconds": cold["cpu_seconds"], "tokens_per_cpu_second": tokens / cold["cpu_seconds"],
                "cores_used": cold["cpu_seconds"] / cold["seconds"], "peak_processes": cold["processes"],
-               "workers": args.workers, "load_average_1m": load}
+               "workers": args.workers, "load_average_1m": load, "peak_parent_pss_anon_bytes": cold["parent_pss_anon"],
+               "peak_worker_pss_anon_bytes": cold["worker_pss_anon"]}
         results.append(row)
         print(f"{size / 2**20:>6.0f}MB {tokens:>14,} {row['prepare_seconds']:>9.1f} {row['tokens_per_second']:>12,.0f} "
               f"{row['tokens_per_cpu_second']:>10,.0f} {row['cores_used']:>5.2f} "
@@ -107,16 +108,18 @@ def run_sampled(command: list[str]) -> dict:
     start, cpu = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
-    peak = {"pss_anon": 0, "rss_anon": 0, "processes": 0}
+    peak = {"pss_anon": 0, "rss_anon": 0, "processes": 0, "parent_pss_anon": 0, "worker_pss_anon": 0}
     done = threading.Event()
 
     def sample():
         while not done.wait(0.2):
             tree = process_tree(proc.pid)
-            pss = sum(read_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon") for p in tree) * 1024
+            each = [read_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon") * 1024 for p in tree]
             rss = sum(read_kib(f"/proc/{p}/status", "RssAnon") for p in tree) * 1024
-            peak.update(pss_anon=max(peak["pss_anon"], pss), rss_anon=max(peak["rss_anon"], rss),
-                        processes=max(peak["processes"], len(tree)))
+            peak.update(pss_anon=max(peak["pss_anon"], sum(each)), rss_anon=max(peak["rss_anon"], rss),
+                        processes=max(peak["processes"], len(tree)), parent_pss_anon=max(peak["parent_pss_anon"],
+                                                                                        each[0]),
+                        worker_pss_anon=max([peak["worker_pss_anon"], *each[1:]]))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
