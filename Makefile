@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # (the GPU defaults of python -m bench.compare).
 BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
 BENCH_DIR ?= .bench
-# make bench-prepare-scale: corpus sizes (K, M, G) and tokenizing processes; the full run takes about 1.5 h on 2 cores.
+# make bench-prepare-scale: corpus sizes (K, M, G) and tokenizing processes; the full run takes about half an hour
+# on 2 free cores and needs about 12 GB of free disk under BENCH_DIR.
 SCALE_SIZES ?= 256M,1G,4G
 SCALE_WORKERS ?= 2
 
