@@ -42,7 +42,7 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
           block_size=plan.block_size, world_size=dist.world_size)
 
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache)
+    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     model = load_model(cfg)
     stop.raise_if_requested("before training started")
     resume = checkpoints.latest_complete(cfg.model_checkpoint_dir) if cfg.resume else None
