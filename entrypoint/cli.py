@@ -255,10 +255,7 @@ def prepare(preset, shard, num_shards, **params):
     plan = preflight(cfg)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
-    if num_shards == 1:
-        _, _, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=True, stop=stop)
-    else:
-        stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)
+    stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)
     if stats is None:
         click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
                    "every shard is written")

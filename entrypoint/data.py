@@ -62,6 +62,7 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, s
     if not builds:
         target = wait_for_builder(cfg.data_cache_dir, pre_key(cfg, tokenizer, train_src, valid_src, block_size),
                                   stop)
+        log.info("data: cache hit %s, built by another process", target.name)
         return load(cfg, target, start, hit=True)
     stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start)
     return load(cfg, cfg.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
@@ -91,6 +92,9 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
         stats.cache_hit = True
     write_atomically(cfg.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
+    if stats.cache_hit:
+        log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
+                 "blocks" if cfg.packing else "rows", stats.valid_rows, stats.prepare_seconds)
     return stats
 
 
@@ -229,9 +233,6 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
     block_size, dtype = manifest["block_size"], manifest["dtype"]
     train = shards.TokenDataset(parts, "train", block_size, manifest["packing"], dtype)
     valid = shards.TokenDataset(parts, "valid", block_size, manifest["packing"], dtype)
-    if hit:
-        log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
-                 "blocks" if manifest["packing"] else "rows", stats.valid_rows, stats.prepare_seconds)
     capped = valid.capped(cfg.max_eval_tokens)
     if capped is not valid:
         log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
