@@ -14,6 +14,10 @@ BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
 BENCH_DIR ?= .bench
 # make faults: e.g. FAULTS_ARGS='--only lease --workdir .faults' to run some cases and keep their files.
 FAULTS_ARGS ?=
+# make bench-prepare-scale: corpus sizes (K, M, G) and tokenizing processes; the full run takes about half an hour
+# on 2 free cores and needs about 12 GB of free disk under BENCH_DIR.
+SCALE_SIZES ?= 256M,1G,4G
+SCALE_WORKERS ?= 2
 
 FINETUNE := $(VENV)/bin/finetune
 VENV_STAMP := $(VENV)/.installed-stamp
@@ -154,6 +158,11 @@ bench: install ## The tutorial recipe vs `finetune train`, side by side: a table
 .PHONY: bench-prepare
 bench-prepare: install ## Data preparation throughput on ~30M tokens with a 50k BPE, cold and cached.
 	$(VENV)/bin/python -m bench.prepare --workdir $(BENCH_DIR) --json $(BENCH_DIR)/prepare.json
+
+.PHONY: bench-prepare-scale
+bench-prepare-scale: install ## Preparation at 256 MB, 1 GB and 4 GB of text: tokens/s and peak anonymous memory.
+	$(VENV)/bin/python -m bench.prepare_scale --sizes $(SCALE_SIZES) --workers $(SCALE_WORKERS) --workdir $(BENCH_DIR) \
+		--json $(BENCH_DIR)/prepare-scale.json
 
 .PHONY: bench-resume
 bench-resume: install ## Seconds from process start to the first resumed step, GPT-2 124M shape on CPU.

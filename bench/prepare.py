@@ -2,7 +2,7 @@
 BPE, cold and then again on unchanged data (a cache hit).
 
 The corpus is the stdlib docstring corpus repeated to about --tokens tokens (one paragraph a line). Phases are
-timed too: reading the text into documents, and tokenizing + packing (`data.build_rows`).
+timed too: reading the text into documents, and tokenizing (`shards.tokenize`, in memory).
 
     python -m bench.prepare --tokens 30000000 --json .bench/prepare.json
 """
@@ -18,6 +18,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from entrypoint.cpus import available_cpus
 
 from . import assets
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "corpus_bytes": sum(p.stat().st_size for p in data_dir.glob("*.txt")),
         "tokens": tokens,
         "cpu_cores": os.cpu_count(),
-        "workers": args.workers or os.cpu_count(),
+        "workers": args.workers or available_cpus(),
         "cold_seconds": cold["seconds"],
         "cold_tokens_per_second": tokens / cold["seconds"],
         # Other jobs share this machine's cores; per CPU-second the figure does not depend on how busy it is.
@@ -113,16 +115,17 @@ def cpu_seconds() -> float:
 
 def timed_phases(cfg, tokenizer, block_size: int) -> dict:
     """Reading and tokenizing the training text separately, outside the cache (a fresh raw cache too)."""
-    from entrypoint import data
-    from entrypoint.sources import discover, load_documents
+    from entrypoint import shards
+    from entrypoint.cpus import available_cpus
+    from entrypoint.sources import discover, read_documents
 
     train, _ = discover(cfg)
     raw = cfg.data_cache_dir / "phases-raw"
     start = time.perf_counter()
-    docs = load_documents(train, cfg, raw)
+    docs = read_documents(train, cfg, raw)
     read = time.perf_counter() - start
     start = time.perf_counter()
-    data.build_rows(docs, tokenizer, block_size, cfg.packing, cfg.preprocessing_workers or os.cpu_count() or 1)
+    shards.tokenize(docs, tokenizer, cfg.preprocessing_workers or available_cpus())
     return {"read_documents_seconds": read, "tokenize_pack_seconds": time.perf_counter() - start}
 
 

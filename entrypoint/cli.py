@@ -258,15 +258,33 @@ def train(preset, **params):
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @preset_option
+@click.option("--shard", type=click.IntRange(min=0), default=None, envvar="FINETUNE_SHARD", show_envvar=True,
+              help="Which share of the input this process tokenizes, from 0 [default: JOB_COMPLETION_INDEX in an "
+                   "Indexed Job, else 0].")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True, envvar="FINETUNE_NUM_SHARDS",
+              show_envvar=True, help="Processes or pods sharing the preparation (an Indexed Job's completions); "
+                                     "the cache is complete when every shard is written.")
 @schema_options(TrainConfig)
 @handled()
-def prepare(preset, **params):
+def prepare(preset, shard, num_shards, **params):
     """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
+    import dataclasses
+
+    from . import data
     from .checks import preflight
-    from .data import prepare as build
+    from .errors import ConfigError
+    from .platforms import shard_default
+    from .preemption import StopRequest
     from .train import load_tokenizer
 
     cfg, sources = resolve(TrainConfig, params, preset)
+    # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.
+    cfg = dataclasses.replace(cfg, nnodes="1", node_rank=0)
+    if shard is None:
+        shard = shard_default(os.environ) if num_shards > 1 else 0
+    if shard >= num_shards:
+        raise ConfigError(f"--shard {shard} must be below --num-shards {num_shards}; shards count from 0 (set "
+                          "--num-shards to the Indexed Job's completions).")
     setup_logs(cfg)
     log_config(cfg, sources)
     if Path(cfg.model).is_dir():  # a local model without tokenizer files would tokenize everything to nothing
@@ -274,7 +292,13 @@ def prepare(preset, **params):
 
         check_model_dir(Path(cfg.model), "--model", weights=False)
     plan = preflight(cfg)
-    _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size, builds=True)
+    stop = StopRequest().install()
+    tokenizer = load_tokenizer(cfg)
+    stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)
+    if stats is None:
+        click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
+                   "every shard is written")
+        return
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
                f"{plan.block_size} tokens in {cfg.data_cache_dir}")
 

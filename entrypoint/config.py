@@ -50,11 +50,14 @@ class TrainConfig:
     txt_split: str = opt("line", "How .txt files divide into documents.", choices=("line", "paragraph", "file"))
     validation_split: float = opt(5.0, "Percent of documents held out for evaluation when no --valid-file.",
                                   min=0.1, max=50.0)
+    max_eval_tokens: int = opt(2_000_000, "Evaluate on at most this many held-out tokens, the same evenly spaced "
+                               "rows every time (0: no cap).", min=0)
     block_size: int | None = opt(None, "Tokens per training sequence [default: the model's context, at most 1024].",
                                  min=8)
     packing: bool = opt(True, "Pack documents into full blocks (EOS between them) instead of padding each one.")
     cache_dir: Path | None = opt(None, "Where the tokenized dataset is cached [default: <output-dir>/cache].")
-    preprocessing_workers: int = opt(0, "Processes for tokenization [default 0: one per CPU core].", min=0)
+    preprocessing_workers: int = opt(0, "Processes for tokenization [default 0: one per CPU this process may use, "
+                                     "from its affinity and cgroup CPU quota].", min=0)
     # Training
     output_dir: Path = opt(Path("/output"), "Where the model, metrics, plot and status are published.")
     checkpoint_dir: Path | None = opt(None, "Where checkpoints go [default: <output-dir>/checkpoints].")

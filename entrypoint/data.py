@@ -1,4 +1,4 @@
-"""Files -> documents -> tokens -> training blocks, cached on disk.
+"""Files -> documents -> tokens -> training rows, streamed into a token cache on disk (see shards.py).
 
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
@@ -6,18 +6,15 @@ document (split into block-sized pieces when longer) is its own row, training ba
 length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
 mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
-The cache key covers the inputs' bytes, the tokenizer, every option that changes the result, and
-FORMAT_VERSION: bump it whenever this file changes what it writes.
+The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
+and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import socket
@@ -28,13 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import shards
 from .config import TrainConfig
+from .cpus import available_cpus
+from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder, write_atomically
 from .errors import DataError, OutputError
-from .sources import Source, discover, fingerprint, load_documents
+from .logs import WorkProgress
+from .sources import Source, discover, read_documents
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: unpacked rows carry a length column
-COMPLETE = "COMPLETE"
+PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
 
 
 @dataclass
@@ -51,194 +51,194 @@ class DataStats:
     cache_hit: bool = False
 
 
-def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
-    parts = {
-        "format": FORMAT_VERSION,
-        "train": fingerprint(train),
-        "valid": fingerprint(valid) if valid else None,
-        "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
-        "eos": tokenizer.eos_token_id,
-        "block_size": block_size,
-        "packing": cfg.packing,
-        "txt_split": cfg.txt_split,
-        "text_field": cfg.text_field,
-        # The held-out split depends on these only when there is no validation input.
-        "split": None if valid else [cfg.validation_split, cfg.seed],
-    }
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
-
-
 def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None):
-    """Return (train, validation, stats), building and caching them unless an identical build exists. `stop`, a
-    StopRequest, is checked before the cache is written, so a signal leaves no cache behind.
+    """Return (train, validation, stats), building and caching them unless an identical build exists.
 
-    A process with `builds=False` waits for another to finish the cache instead (no collective is open yet, so
-    a long tokenization cannot hit a NCCL timeout)."""
-    import datasets
-
+    A process with `builds=False` waits for another to finish the cache instead, and never reads the inputs
+    (no collective is open yet, so a long tokenization cannot hit a NCCL timeout). `stop` (a StopRequest) is
+    checked between pieces of work: a signal ends the build within seconds, leaving no partial cache."""
     start = time.perf_counter()
     train_src, valid_src = discover(cfg)
+    if not builds:
+        target = wait_for_builder(cfg.data_cache_dir, pre_key(cfg, tokenizer, train_src, valid_src, block_size),
+                                  stop)
+        log.info("data: cache hit %s, built by another process", target.name)
+        return load(cfg, target, start, hit=True)
+    stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start)
+    return load(cfg, cfg.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
+
+
+def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_shards: int, stop=None,
+                  start: float | None = None) -> DataStats | None:
+    """Tokenize shard `shard` of `num_shards` (equal runs of documents) into the cache. Returns the cache's
+    statistics once every shard is present (this call completing it, or an earlier one), else None."""
+    start = time.perf_counter() if start is None else start
+    train_src, valid_src = discover(cfg)
+    pre = pre_key(cfg, tokenizer, train_src, valid_src, block_size)
     key = cache_key(cfg, tokenizer, train_src, valid_src, block_size)
     target = cfg.data_cache_dir / f"blocks-{key}"
-    if not builds:
-        wait_for(target / COMPLETE)
-    if (target / COMPLETE).is_file():
+    if not (target / COMPLETE).is_file():
+        log.info("data: cache miss; reading %s%s", train_src.describe(),
+                 f" (shard {shard} of {num_shards})" if num_shards > 1 else "")
+        build_shard(cfg, tokenizer, block_size, train_src, valid_src, target, shard, num_shards, stop)
+        dtype = shards.token_dtype(len(tokenizer)).name
+        if not finalize(cfg, target, block_size, num_shards, key, dtype, not valid_src, time.perf_counter() - start):
+            log.info("data: shard %d of %d written to %s; the cache is complete once every shard is", shard,
+                     num_shards, target)
+            return None
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
-        stats.cache_hit, stats.prepare_seconds = True, time.perf_counter() - start
-        log.info("data: cache hit %s (%d train blocks, %d validation rows) in %.2f s", target.name,
-                 stats.train_rows, stats.valid_rows, stats.prepare_seconds)
-        loaded = datasets.load_from_disk(str(target))
-        return loaded["train"], loaded["validation"], stats
-
-    log.info("data: cache miss; reading %s", train_src.describe())
-    # The datasets library's own intermediate files go to a scratch folder private to this process: builders on
-    # several nodes sharing one cache volume must not delete each other's, and a miss re-reads the files anyway.
-    scratch = cfg.data_cache_dir / f".scratch-{socket.gethostname()}-{os.getpid()}"
-    try:
-        datasets_dict, stats = build(cfg, tokenizer, block_size, train_src, valid_src, scratch)
-        stats.prepare_seconds, stats.fingerprint = time.perf_counter() - start, key
-        if stop is not None:
-            stop.raise_if_requested("during data preparation (no cache was written)")
-        save_atomically(datasets_dict, stats, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped) in %.1f s, "
-             "cached as %s", stats.train_documents, stats.train_tokens, stats.train_rows,
-             "blocks" if cfg.packing else "rows", block_size, stats.dropped_tokens, stats.prepare_seconds, target.name)
-    loaded = datasets.load_from_disk(str(target))
-    return loaded["train"], loaded["validation"], stats
-
-
-def build(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source, valid_src: Source, scratch: Path):
-    """Read, split, tokenize and pack: the DatasetDict to cache and its statistics."""
-    import datasets
-
-    train_docs = load_documents(train_src, cfg, scratch)
-    if valid_src:
-        valid_docs = load_documents(valid_src, cfg, scratch)
     else:
-        train_docs, valid_docs = split_documents(train_docs, cfg.validation_split, cfg.seed)
-    workers = cfg.preprocessing_workers or os.cpu_count() or 1
-    train_ds, train_tokens, dropped = build_rows(train_docs, tokenizer, block_size, cfg.packing, workers)
-    valid_ds, valid_tokens, _ = build_rows(valid_docs, tokenizer, block_size, cfg.packing, workers)
-    if len(train_ds) == 0 or len(valid_ds) == 0:
-        which = "training" if len(train_ds) == 0 else "validation"
-        raise DataError(f"the {which} text has fewer than --block-size {block_size} tokens, so no full block "
-                        "can be made; add text, lower --block-size, or use --no-packing.")
-    stats = DataStats(train_documents=len(train_docs), valid_documents=len(valid_docs), train_tokens=train_tokens,
-                      valid_tokens=valid_tokens, train_rows=len(train_ds), valid_rows=len(valid_ds),
-                      dropped_tokens=dropped, prepare_seconds=0.0)
-    return datasets.DatasetDict(train=train_ds, validation=valid_ds), stats
+        stats = DataStats(**json.loads((target / "stats.json").read_text()))
+        stats.cache_hit = True
+    write_atomically(cfg.data_cache_dir / f"ready-{pre}", key)
+    stats.prepare_seconds = time.perf_counter() - start
+    if stats.cache_hit:
+        log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
+                 "blocks" if cfg.packing else "rows", stats.valid_rows, stats.prepare_seconds)
+    return stats
 
 
-def wait_for(marker: Path, poll_seconds: float = 1.0) -> None:
-    waited = 0.0
-    while not marker.is_file():
-        if waited % 60 < poll_seconds and waited:
-            log.info("data: waiting for another process to build %s (%.0f s)", marker.parent.name, waited)
-        time.sleep(poll_seconds)
-        waited += poll_seconds
-
-
-def split_documents(docs, percent: float, seed: int):
-    """Hold out `percent` of documents (not blocks, so no text is in both), the same ones every run."""
-    held_out = max(1, round(len(docs) * percent / 100))
-    if len(docs) < 2 or held_out >= len(docs):
-        raise DataError(f"only {len(docs)} document(s), too few to hold out {percent}% for validation; "
-                        "add --valid-file, add text, or split .txt by line (--txt-split line).")
-    parts = docs.train_test_split(test_size=held_out, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
-
-
-def build_rows(docs, tokenizer, block_size: int, packing: bool, workers: int):
-    """Tokenize (see `tokenize`) and pack or chunk. Returns (dataset, tokens, dropped)."""
-    import datasets
-    import pyarrow as pa
-
-    flat, lengths = tokenize(docs, tokenizer, workers)
-    total = len(flat)
-    if packing:
-        blocks = total // block_size
-        array = pa.FixedSizeListArray.from_arrays(pa.array(flat[: blocks * block_size]), block_size)
-        return datasets.Dataset(pa.table({"input_ids": array})), blocks * block_size, total - blocks * block_size
-    # One row per document; a document longer than a block continues in the next row, so nothing is cut.
-    pieces = np.maximum(1, -(-lengths // block_size))
-    row_lengths = np.minimum(block_size, lengths.repeat(pieces) - _piece_index(pieces) * block_size)
-    offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
-    array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
-    # `length` lets Trainer group rows of similar length into batches without reading every row.
-    table = pa.table({"input_ids": array, "length": pa.array(row_lengths.astype(np.int32))})
-    return datasets.Dataset(table), total, 0
-
-
-def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every document's ids followed by EOS, concatenated (int32), and each document's length with its EOS.
-
-    Batches of documents go to `workers` forked processes, which inherit the documents and the Rust tokenizer
-    instead of receiving them pickled, and send back compact int32 arrays rather than lists of lists.
-    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py).
-    """
-    global _JOB
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy we may change
-    backend.no_truncation()
-    backend.no_padding()
-    # At least 8 tasks per process, so a few very long documents (--txt-split file) still spread out.
-    size = max(1, min(TOKENIZE_BATCH, -(-len(docs) // (8 * workers))))
-    spans = [(start, min(start + size, len(docs))) for start in range(0, len(docs), size)]
-    _JOB = (docs, backend, tokenizer.eos_token_id)
+def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source, valid_src: Source,
+                target: Path, shard: int, num_shards: int, stop) -> None:
+    """Read, split, tokenize and write this shard, then move it into the cache under its final name."""
+    name = shard_name(shard, num_shards)
+    private = f"{socket.gethostname()}-{os.getpid()}"
+    # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
+    # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
+    scratch, staging = cfg.data_cache_dir / f".scratch-{private}", target / f".{name}.tmp-{private}"
+    writer = None
     try:
-        if workers > 1 and docs.data.nbytes >= PARALLEL_MIN_BYTES:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(spans))) as pool:
-                parts = pool.map(_tokenize_span, spans, chunksize=1)
-        else:
-            parts = [_tokenize_span(span) for span in spans]
-    finally:
-        _JOB = None
-    if not parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
-PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
-_JOB = None  # (documents, tokenizer, eos) while `tokenize` runs; forked workers inherit it
-
-
-def _tokenize_span(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    docs, backend, eos = _JOB
-    texts = docs[span[0]:span[1]]["text"]
-    ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
-
-
-def _piece_index(pieces: np.ndarray) -> np.ndarray:
-    """For pieces [2, 1, 3]: [0, 1, 0, 0, 1, 2], each row's index within its document."""
-    starts = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    return np.arange(pieces.sum()) - starts
-
-
-def save_atomically(dataset_dict, stats: DataStats, target: Path) -> None:
-    """Write to a sibling staging folder and rename it into place, so a reader never sees half a cache. When
-    nodes sharing a cache volume build at once, the first rename wins and the others discard their copy."""
-    staging = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        dataset_dict.save_to_disk(str(staging))
-        (staging / "stats.json").write_text(json.dumps(asdict(stats), indent=1))
-        (staging / COMPLETE).write_text("")
-        if not (target / COMPLETE).is_file():
-            shutil.rmtree(target, ignore_errors=True)  # an interrupted build's leftovers
-            with contextlib.suppress(FileExistsError, OSError):
-                staging.rename(target)
-        shutil.rmtree(staging, ignore_errors=True)
+        if stop is not None:  # reading the inputs below takes a while on large corpora
+            stop.raise_if_requested("while preparing data; nothing was written")
+        train_docs = read_documents(train_src, cfg, scratch)
+        jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
+        if valid_src:
+            jobs.append((read_documents(valid_src, cfg, scratch), "valid", None))
+        ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
+        if stop is not None:
+            stop.raise_if_requested("while preparing data; nothing was written")
+        dtype = shards.token_dtype(len(tokenizer))
+        backend = shards.backend(tokenizer)
+        workers = cfg.preprocessing_workers or available_cpus()
+        total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
+        log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
+        writer = shards.ShardWriter(staging, block_size)
+        progress = WorkProgress("data", total, PROGRESS_SECONDS)
+        for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
+            job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out)
+            with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
+                for result, nbytes in results:
+                    for part, (tokens, lengths) in result.items():
+                        writer.add(part, tokens, lengths)
+                    progress.update(nbytes, sum(len(tokens) for tokens, _ in result.values()))
+        progress.close()
+        writer.close()
+        writer = None
+        try:
+            staging.rename(target / name)
+        except OSError:
+            if not (target / name).is_dir():
+                raise
+            # An identical shard is already there (a retried pod, a racing builder): keep that one.
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
+    finally:
+        if writer is not None:
+            writer.abandon()
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def _share(count: int, shard: int, num_shards: int) -> tuple[int, int]:
+    return count * shard // num_shards, count * (shard + 1) // num_shards
+
+
+def _text_bytes(docs, lo: int, hi: int) -> int:
+    """UTF-8 bytes of documents [lo, hi), from the string arrays' offsets (no per-document array)."""
+    import pyarrow as pa
+
+    total = 0
+    for chunk in docs.data.table.column("text").slice(lo, hi - lo).chunks:
+        if len(chunk):
+            kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=kind)
+            total += int(offsets[chunk.offset + len(chunk)]) - int(offsets[chunk.offset])
+    return total
+
+
+def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, key: str, dtype: str,
+             holds_out: bool, seconds: float) -> bool:
+    """When all shards are present, check the result, write stats.json and manifest.json, then COMPLETE."""
+    if (target / COMPLETE).is_file():
+        return True
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    if not all((target / n / "stats.json").is_file() for n in names):
+        return False
+    counts = {}
+    for n in names:
+        for field, value in json.loads((target / n / "stats.json").read_text()).items():
+            counts[field] = counts.get(field, 0) + value
+    stats = summarize(cfg, counts, block_size, holds_out)
+    stats.prepare_seconds, stats.fingerprint = seconds, key
+    manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": cfg.packing,
+                "dtype": dtype, "shards": names}
+    try:
+        write_atomically(target / "stats.json", json.dumps(asdict(stats), indent=1))
+        write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
+        write_atomically(target / COMPLETE, "")
+    except OSError as exc:
+        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
+                          "free space or set --cache-dir to a writable place.") from None
+    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped), cached as %s",
+             stats.train_documents, stats.train_tokens, stats.train_rows, "blocks" if cfg.packing else "rows",
+             block_size, stats.dropped_tokens, target.name)
+    return True
+
+
+def summarize(cfg: TrainConfig, counts: dict, block_size: int, holds_out: bool) -> DataStats:
+    """The cache's statistics from the shards' counts, or the DataError that makes it unusable."""
+    train_docs, valid_docs = counts["train_documents"], counts["valid_documents"]
+    if holds_out and (train_docs == 0 or valid_docs == 0):
+        raise DataError(f"only {train_docs + valid_docs} document(s), too few to hold out {cfg.validation_split:g}% "
+                        "for validation; add --valid-file, add text, or split .txt by line (--txt-split line).")
+    for docs, which in ((train_docs, "training"), (valid_docs, "validation")):
+        if docs == 0:
+            raise DataError(f"the {which} input contains no text; check --text-field and the files' contents.")
+    stats = {}
+    for split in ("train", "valid"):
+        tokens = counts[f"{split}_tokens"]
+        rows = tokens // block_size if cfg.packing else counts[f"{split}_rows"]
+        if rows == 0:
+            which = "training" if split == "train" else "validation"
+            raise DataError(f"the {which} text has fewer than --block-size {block_size} tokens, so no full block "
+                            "can be made; add text, lower --block-size, or use --no-packing.")
+        stats[split] = (rows, rows * block_size if cfg.packing else tokens)
+    return DataStats(train_documents=counts["train_documents"], valid_documents=counts["valid_documents"],
+                     train_tokens=stats["train"][1], valid_tokens=stats["valid"][1], train_rows=stats["train"][0],
+                     valid_rows=stats["valid"][0], dropped_tokens=counts["train_tokens"] - stats["train"][1],
+                     prepare_seconds=0.0)
+
+
+def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
+    """The complete cache at `target` as (train, validation, stats), evaluation capped by --max-eval-tokens."""
+    manifest = json.loads((target / "manifest.json").read_text())
+    stats = DataStats(**json.loads((target / "stats.json").read_text()))
+    stats.cache_hit, stats.prepare_seconds = hit, time.perf_counter() - start
+    parts = [target / name for name in manifest["shards"]]
+    block_size, dtype = manifest["block_size"], manifest["dtype"]
+    train = shards.TokenDataset(parts, "train", block_size, manifest["packing"], dtype)
+    valid = shards.TokenDataset(parts, "valid", block_size, manifest["packing"], dtype)
+    capped = valid.capped(cfg.max_eval_tokens)
+    if capped is not valid:
+        log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
+                 "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
+                 cfg.max_eval_tokens)
+    return train, capped, stats
 
 
 class PackedCollator:

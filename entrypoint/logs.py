@@ -124,3 +124,48 @@ class ProgressLog(TrainerCallback):
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
+
+
+def size(nbytes: float) -> str:
+    """1.5 GiB, 12.0 MiB, 300 KiB: bytes for a person."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 1024:,.0f} KiB"
+
+
+class WorkProgress:
+    """Progress of a long piece of work measured in bytes (data preparation): a line every `interval` seconds
+    with bytes and tokens done, tokens/s and an ETA, for `kubectl logs`; a bar instead on a terminal."""
+
+    def __init__(self, what: str, total_bytes: int, interval: float = 10.0):
+        self.what, self.total, self.interval = what, max(1, total_bytes), interval
+        self.bytes = self.tokens = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if is_tty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what, leave=False)
+
+    def update(self, nbytes: int, tokens: int) -> None:
+        self.bytes += nbytes
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.tokens / 1e6:,.1f} M tokens", refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            elapsed = now - self.start
+            rate = self.tokens / elapsed if elapsed > 0 else 0.0
+            left = elapsed / self.bytes * (self.total - self.bytes) if self.bytes else 0.0
+            event(f"{self.what}: {size(self.bytes)} of {size(self.total)} ({100 * self.bytes / self.total:.0f}%), "
+                  f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, "
+                  f"eta {duration(left)}", bytes_done=self.bytes, bytes_total=self.total, tokens=self.tokens,
+                  tokens_per_second=rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -70,3 +70,9 @@ def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, 
     if "nnodes" not in found and environ.get("MASTER_ADDR") and environ.get("WORLD_SIZE"):
         found["nnodes"] = (environ["WORLD_SIZE"], "env WORLD_SIZE")  # a Job controller's per-pod world
     return found
+
+
+def shard_default(environ: typing.Mapping[str, str]) -> int:
+    """The share of a sharded `prepare` this pod takes: an Indexed Job's completion index, else 0."""
+    index = environ.get("JOB_COMPLETION_INDEX", "")
+    return int(index) if index.isdigit() else 0

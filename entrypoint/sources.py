@@ -168,6 +168,16 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
 
 def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
     """A `datasets.Dataset` with one column, `text`, one non-empty document per row."""
+    ds = read_documents(source, cfg, cache_dir)
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{source.describe()} contains no text; check --text-field and the files' contents.")
+    return ds
+
+
+def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
+    """A memory-mapped `datasets.Dataset` with one column, `text`, one row per document as the loader reads
+    it, empty ones included (data preparation skips those as it streams, without a filtered copy)."""
     import datasets
 
     if source.saved_dataset:
@@ -196,10 +206,8 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
             field = "text" if loader == "text" else cfg.text_field
             parts.append(_text_column(part, field, files[0]))
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if len(ds) == 0:
-        raise DataError(f"{source.describe()} contains no text; check --text-field and the files' contents.")
-    return ds
+    # Preparation reads the Arrow table itself, so rows must be in the table's order (no indices mapping).
+    return ds.flatten_indices() if ds._indices is not None else ds
 
 
 def _load_saved(source: Source, field: str):

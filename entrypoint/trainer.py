@@ -64,6 +64,16 @@ class FinetuneTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "row_lengths"):
+            # The token cache knows every row's length; Trainer would otherwise read every row to learn it.
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.row_lengths().tolist())
+        return super()._get_train_sampler(train_dataset)
+
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"

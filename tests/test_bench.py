@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from entrypoint.config import InitModelConfig
 from entrypoint.modelinit import init_model
 from tests.helpers import REPO, clean_env
@@ -36,3 +38,19 @@ def test_harness_reports_both_sides_and_ours_over_tutorial_ratio(tmp_path, corpu
     assert report["config"]["compared_at"] == "equal optimizer steps (1)"
     table = done.stdout
     assert "ours/tutorial" in table and "useful tokens/s" in table and "x" in table.splitlines()[1]
+
+
+@pytest.mark.slow  # four CLI processes over 6 MB of text: about 30 s on a quiet machine
+def test_prepare_scale_reports_tokens_per_second_and_the_process_trees_anonymous_memory(tmp_path, tiny_model):
+    report_path = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.prepare_scale", "--sizes", "6M", "--model", str(tiny_model), "--block-size",
+         "64", "--workdir", str(tmp_path / "bench"), "--json", str(report_path)],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(report_path.read_text())
+    assert row["text_bytes"] == 6 << 20 and row["tokens"] > 1_000_000 and row["tokens_per_second"] > 0
+    assert row["peak_processes"] == 3  # the CLI and its two tokenizing workers were all sampled
+    assert 0 < row["peak_pss_anon_bytes"] <= row["peak_rss_anon_sum_bytes"]
+    assert 0 < row["cache_hit_ratio"] < 1
+    assert "tokens/s" in done.stdout and "Pss_Anon peak" in done.stdout

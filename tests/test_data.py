@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrypoint import data
+from entrypoint import data, shards
 from entrypoint.config import TrainConfig
 from entrypoint.data import PackedCollator, PaddingCollator
 from entrypoint.errors import DataError
@@ -333,8 +333,8 @@ def test_tokenizing_in_parallel_processes_gives_the_single_process_tokens(tokeni
 
     lines = (corpus_dir / "train.txt").read_text().splitlines()
     docs = datasets.Dataset.from_dict({"text": lines})
-    monkeypatch.setattr(data, "PARALLEL_MIN_BYTES", 0)  # the corpus is smaller than the threshold
-    flat, lengths = data.tokenize(docs, tokenizer, workers=2)
-    one_flat, one_lengths = data.tokenize(docs, tokenizer, workers=1)
+    monkeypatch.setattr(shards, "PARALLEL_MIN_BYTES", 0)  # the corpus is smaller than the threshold
+    flat, lengths = shards.tokenize(docs, tokenizer, workers=2)
+    one_flat, one_lengths = shards.tokenize(docs, tokenizer, workers=1)
     assert flat.tolist() == one_flat.tolist() and lengths.tolist() == one_lengths.tolist()
     assert flat.tolist() == token_stream(tokenizer, lines)

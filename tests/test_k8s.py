@@ -534,3 +534,14 @@ def test_cpu_smoke_trains_what_its_init_containers_wrote_without_gpu_or_hub(monk
     assert {"name": "HF_HUB_OFFLINE", "value": "1"} in train["env"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["data"] and "persistentVolumeClaim" not in volumes["data"]
+
+
+@needs_kubectl
+def test_prepare_is_an_indexed_job_with_one_shard_per_pod():
+    spec = one(render("prepare"), "Job")["spec"]
+    args = training_container(spec["template"]["spec"])["args"]
+    command = finetune_cli.cli.commands["prepare"]
+    params = command.make_context("prepare", list(args[1:])).params
+    assert args[0] == "prepare" and spec["completionMode"] == "Indexed"  # JOB_COMPLETION_INDEX is each pod's shard
+    assert spec["completions"] == spec["parallelism"] == params["num_shards"] > 1
+    assert params["shard"] is None, "the shard must come from each pod's own completion index"

@@ -1,0 +1,267 @@
+"""Streaming tokenization into token shards on disk, and the memory-mapped dataset training reads from them.
+
+A shard is a directory holding, for each split, `<split>.tokens` (every document's ids followed by EOS,
+concatenated, raw uint16 when the vocabulary fits in 65,536 ids, else uint32) and `<split>.docs` (each
+document's token count with its EOS, int64), plus `stats.json` with the counts. A cache is an ordered list of
+shards; a split's token stream is their concatenation, so packed blocks may straddle two shards and a sharded
+build yields exactly the rows of a single-process one. Memory stays bounded: documents are read in spans from
+the memory-mapped Arrow table, tokenized by forked workers and appended to the files as results arrive.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import multiprocessing
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import split as splitting
+
+SPLITS = ("train", "valid")
+TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
+SPAN_BYTES = 4 << 20  # text per task at most, so a few huge documents (--txt-split file) spread out too
+PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class Job:
+    """One source's documents and what to do with them; forked workers inherit it (never pickled)."""
+
+    docs: object  # a datasets.Dataset with a `text` column, memory-mapped
+    backend: object  # a tokenizers.Tokenizer without truncation or padding
+    eos: int
+    dtype: np.dtype
+    target: str = "train"  # where every document goes, unless `hold_out` routes some to valid
+    hold_out: tuple[float, int] | None = None  # (percent, seed)
+
+
+_JOB: Job | None = None
+
+
+def spans(docs, start: int, end: int, workers: int):
+    """(first, last) document ranges covering [start, end): at most TOKENIZE_BATCH documents and about
+    SPAN_BYTES of text each, and at least 8 per worker so small inputs still spread over every process."""
+    import pyarrow.compute as pc
+
+    size = max(1, min(TOKENIZE_BATCH, -(-(end - start) // (8 * workers))))
+    table = docs.data.table
+    for window in range(start, end, 64 * size):
+        stop = min(end, window + 64 * size)
+        sizes = pc.binary_length(table.column("text").slice(window, stop - window)).fill_null(0)
+        sizes = np.asarray(sizes.to_numpy(zero_copy_only=False), dtype=np.int64)
+        first = window
+        while first < stop:
+            cut = min(stop, first + size)
+            within = np.cumsum(sizes[first - window:cut - window])
+            cut = first + max(1, int(np.searchsorted(within, SPAN_BYTES, side="right")))
+            yield first, min(cut, stop)
+            first = cut
+
+
+def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
+    """Tokenize documents [first, last) of the inherited job: ({split: (tokens, lengths)}, text bytes)."""
+    import pyarrow.compute as pc
+
+    job = _JOB
+    first, last = span
+    column = job.docs.data.table.column("text").slice(first, last - first)
+    nbytes = int(pc.sum(pc.binary_length(column)).as_py() or 0)
+    texts = column.to_pylist()
+    keep = np.fromiter((i for i, t in enumerate(texts) if t and t.strip()), dtype=np.int64)
+    ids = [e.ids for e in job.backend.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=job.dtype, count=int(lengths.sum()))
+    tokens = np.insert(flat, np.cumsum(lengths), job.eos)
+    lengths += 1
+    if job.hold_out is None:
+        return {job.target: (tokens, lengths)}, nbytes
+    held = splitting.held_out(first + keep, *job.hold_out)
+    by_token = np.repeat(held, lengths)
+    return {"train": (tokens[~by_token], lengths[~held]), "valid": (tokens[by_token], lengths[held])}, nbytes
+
+
+def _quiet_worker() -> None:
+    # Workers inherit the parent's signal handlers; the parent alone decides to stop, then terminates them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
+    """Yield tokenize_span's results for documents [start, end), in order, from `workers` forked processes.
+
+    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). At most
+    two tasks per worker are in flight, so results cannot pile up in memory when this process falls behind.
+    `stop` (a StopRequest) is checked twice a second while waiting; the pool is terminated when the consumer
+    stops early (an error, a signal)."""
+    global _JOB
+    _JOB = job
+    try:
+        work = spans(job.docs, start, end, workers)
+        if workers > 1 and job.docs.data.nbytes >= PARALLEL_MIN_BYTES:
+            with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
+                pending = collections.deque(pool.apply_async(tokenize_span, (span,))
+                                            for span in itertools.islice(work, 2 * workers))
+                while pending:
+                    while not pending[0].ready():
+                        pending[0].wait(0.5)
+                        if stop is not None:
+                            stop.raise_if_requested(STOPPED)
+                    result = pending.popleft().get()
+                    pending.extend(pool.apply_async(tokenize_span, (span,)) for span in itertools.islice(work, 1))
+                    yield result
+        else:
+            for span in work:
+                yield tokenize_span(span)
+                if stop is not None:
+                    stop.raise_if_requested(STOPPED)
+    finally:
+        _JOB = None
+
+
+STOPPED = "while preparing data; the partial cache was removed"
+
+
+def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every document's ids then EOS, concatenated, and each document's length with its EOS (in memory: for
+    tests and benchmarks; preparation streams the same results to disk)."""
+    job = Job(docs, backend(tokenizer), tokenizer.eos_token_id, np.dtype(np.int32))
+    parts = [result["train"] for result, _ in tokenized(job, 0, len(docs), workers)]
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def backend(tokenizer):
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy we may change
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+class ShardWriter:
+    """Appends tokenized documents to one shard directory; `close` writes stats.json, which marks it whole."""
+
+    def __init__(self, directory: Path, block_size: int):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.block_size = directory, block_size
+        self.open = contextlib.ExitStack()
+        self.files = {s: (self.open.enter_context((directory / f"{s}.tokens").open("wb")),
+                          self.open.enter_context((directory / f"{s}.docs").open("wb"))) for s in SPLITS}
+        self.counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents", "rows")}
+
+    def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        tokens_file, docs_file = self.files[split]
+        tokens_file.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        docs_file.write(memoryview(np.ascontiguousarray(lengths, dtype=np.int64)).cast("B"))
+        self.counts[f"{split}_tokens"] += int(lengths.sum())
+        self.counts[f"{split}_documents"] += len(lengths)
+        self.counts[f"{split}_rows"] += int((-(-lengths // self.block_size)).sum())  # rows without packing
+
+    def close(self) -> dict:
+        self.open.close()
+        (self.directory / "stats.json").write_text(json.dumps(self.counts))
+        return self.counts
+
+    def abandon(self) -> None:
+        self.open.close()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """One split of a cache as rows for the collators: {"input_ids": int64 array}, read through np.memmap.
+
+    Packed: row i is tokens [i*block, (i+1)*block) of the concatenated stream (the remainder is never read).
+    Unpacked: one row per document, a document longer than a block continuing in the next row. Offsets are
+    int64 throughout, so streams past 2**31 tokens index correctly."""
+
+    def __init__(self, shards: list[Path], split: str, block_size: int, packing: bool, dtype: str,
+                 rows: np.ndarray | None = None):
+        self.shards, self.split, self.block_size, self.packing, self.dtype = shards, split, block_size, packing, dtype
+        self.rows = rows  # a subset of row indices (the evaluation cap), or None for all
+        self._open()
+
+    def _open(self) -> None:
+        paths = [d / f"{self.split}.tokens" for d in self.shards]
+        self.parts = [np.memmap(p, dtype=self.dtype, mode="r") if p.stat().st_size else np.zeros(0, self.dtype)
+                      for p in paths]
+        self.bounds = np.cumsum([0] + [len(p) for p in self.parts], dtype=np.int64)
+        total = int(self.bounds[-1])
+        if self.packing:
+            self.count, self.offsets = total // self.block_size, None
+        else:
+            lengths = np.concatenate([np.fromfile(d / f"{self.split}.docs", dtype=np.int64) for d in self.shards])
+            self.offsets = row_offsets(lengths, self.block_size)
+            self.count = len(self.offsets) - 1
+
+    def __getstate__(self):  # DataLoader workers under spawn: send paths, not mapped arrays
+        return {k: v for k, v in self.__dict__.items() if k not in ("parts", "bounds", "offsets")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self.count if self.rows is None else len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, str):  # a column, as with a datasets.Dataset: every row as a list
+            return [row[index].tolist() for row in self]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row = int(self.rows[index]) if self.rows is not None else index % len(self)
+        if self.packing:
+            start, end = row * self.block_size, (row + 1) * self.block_size
+        else:
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        return {"input_ids": self.read(start, end)}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the concatenated stream, as int64, crossing shard ends where needed."""
+        pieces = []
+        part = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        while start < end:
+            base = int(self.bounds[part])
+            stop = min(end, int(self.bounds[part + 1]))
+            pieces.append(self.parts[part][start - base:stop - base])
+            start, part = stop, part + 1
+        return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else pieces[0].astype(np.int64)
+
+    def row_lengths(self) -> np.ndarray:
+        """Each row's length (Trainer's group_by_length batches rows of similar length)."""
+        lengths = np.full(self.count, self.block_size, dtype=np.int64) if self.packing else np.diff(self.offsets)
+        return lengths if self.rows is None else lengths[self.rows]
+
+    def capped(self, max_tokens: int) -> TokenDataset:
+        """This split limited to evenly spaced rows of at most `max_tokens` tokens in all (itself if they fit)."""
+        rows = splitting.capped_rows(self.row_lengths(), max_tokens)
+        return self if rows is None else TokenDataset(self.shards, self.split, self.block_size, self.packing,
+                                                      self.dtype, rows if self.rows is None else self.rows[rows])
+
+    def tokens(self) -> int:
+        return int(self.row_lengths().sum(dtype=np.int64))
+
+
+def row_offsets(lengths: np.ndarray, block_size: int) -> np.ndarray:
+    """Where each unpacked row starts in the stream, and the end (int64): documents of `lengths` tokens, each
+    cut into pieces of at most `block_size`. For lengths [5, 2] and block 4: rows of 4, 1 and 2 -> [0, 4, 5, 7]."""
+    lengths = lengths.astype(np.int64)
+    pieces = np.maximum(1, -(-lengths // block_size))
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    within = np.arange(int(pieces.sum()), dtype=np.int64) - first  # each row's index within its document
+    row_lengths = np.minimum(block_size, lengths.repeat(pieces) - within * block_size)
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(row_lengths, dtype=np.int64)])
