@@ -93,6 +93,8 @@ class TrainConfig:
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration.")
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
+    export_to: str | None = opt(None, "After publishing, upload model/ to s3://bucket/prefix, gs://bucket/prefix or "
+                                      "hf://namespace/repo, COMPLETE last (credentials from the environment).")
 
     @property
     def model_checkpoint_dir(self) -> Path:
@@ -231,6 +233,9 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
+    from .export import url_problems  # here, not at the top: export imports logs, which imports transformers
+
+    problems += url_problems(cfg.export_to)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     MODEL = 5  # model or tokenizer cannot be loaded (including missing while HF_HUB_OFFLINE=1)
     OOM = 6  # out of memory on the accelerator
     PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
+    EXPORT = 10  # the model is published locally but --export-to failed: rerun to export without retraining
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -31,6 +32,7 @@ DESCRIPTIONS = {
     ExitCode.MODEL: "model or tokenizer could not be loaded",
     ExitCode.OOM: "out of accelerator memory",
     ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
+    ExitCode.EXPORT: "model published locally but the upload to --export-to failed; rerun to export",
 }
 
 # A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit.
@@ -69,4 +71,8 @@ class OutOfMemory(FinetuneError):
 
 class Preempted(FinetuneError):
     code = ExitCode.PREEMPTED
+
+
+class ExportError(FinetuneError):
+    code = ExitCode.EXPORT
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
-from . import checkpoints, data, efficiency, outputs, speed
+from . import checkpoints, data, efficiency, export, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, ModelLoadError, OutOfMemory, Preempted
@@ -23,7 +23,7 @@ from .trainer import FinetuneTrainer, TokenCounter
 log = logging.getLogger(__name__)
 # Options that change how a run is reported, not what it trains: a rerun differing only in these is the same run.
 COSMETIC = {"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir", "cache_dir",
-            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile"}
+            "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile", "export_to"}
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) -> dict:
@@ -32,6 +32,8 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
     In a multi-process run every rank calls this; only rank 0 writes status, metrics and the model."""
     plan = preflight(cfg)
     if already_published(cfg):
+        if dist.is_main:  # a rerun after a failed export (exit 10) exports without retraining
+            export.export_published(cfg.output_dir, cfg.export_to)
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
     stop = StopRequest().install()
     if dist.is_main:
@@ -77,6 +79,7 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
     outputs.write_metrics(cfg.output_dir, metrics)
     outputs.plot_losses(cfg.output_dir, progress.history)
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
+    export.export_published(cfg.output_dir, cfg.export_to)
     return metrics
 
 
