@@ -88,7 +88,8 @@ class TrainConfig:
                            "[from PET_NNODES or the Indexed Job's completions when unset].")
     node_rank: int = opt(0, "This node's rank [from PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK when unset].", min=0)
     rdzv_endpoint: str | None = opt(None, "host:port of node 0 for multi-node rendezvous "
-                                          "[from PET_RDZV_ENDPOINT or MASTER_ADDR:MASTER_PORT when unset].")
+                                          "[from PET_RDZV_ENDPOINT, PET_MASTER_ADDR:PET_MASTER_PORT or "
+                                          "MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration.")

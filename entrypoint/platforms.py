@@ -1,5 +1,6 @@
 """Defaults that a platform or launcher already decided: SageMaker's and Vertex AI's training contracts, and
-the node count and rank that torchrun, an Indexed Job or the Training Operator put in the environment.
+the node count and rank that torchrun, an Indexed Job, Kubeflow Trainer v2 (TrainJob) or the Training Operator put
+in the environment.
 
 Each function reads a mapping (the CLI passes os.environ) and returns option values with where they came from.
 """
@@ -65,6 +66,10 @@ def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, 
         var = next((v for v in candidates if environ.get(v)), None)
         if var:
             found[name] = (environ[var], f"env {var}")
+    # Kubeflow Trainer v2's torch plugin: PET_MASTER_ADDR is <trainjob>-node-0-0.<trainjob>, pod 0's DNS name.
+    if "rdzv_endpoint" not in found and environ.get("PET_MASTER_ADDR") and environ.get("PET_MASTER_PORT"):
+        found["rdzv_endpoint"] = (f"{environ['PET_MASTER_ADDR']}:{environ['PET_MASTER_PORT']}",
+                                  "env PET_MASTER_ADDR/PET_MASTER_PORT")
     if "rdzv_endpoint" not in found and environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
         found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}", "env MASTER_ADDR/MASTER_PORT")
     if "nnodes" not in found and environ.get("MASTER_ADDR") and environ.get("WORLD_SIZE"):
