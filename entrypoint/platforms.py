@@ -57,7 +57,13 @@ def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, 
     """
     if "LOCAL_RANK" in environ or "TORCHELASTIC_RUN_ID" in environ:
         pairs = {"nnodes": "GROUP_WORLD_SIZE", "node_rank": "GROUP_RANK", "nproc_per_node": "LOCAL_WORLD_SIZE"}
-        return {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
+        found = {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
+        # torchrun gives every worker its store's address; with --nnodes > 1 the config check needs an endpoint
+        # even when the agent got its own from PET_* variables that the worker does not read.
+        if environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
+            found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}",
+                                      "env MASTER_ADDR/MASTER_PORT")
+        return found
     found: dict[str, tuple[Any, str]] = {}
     for name, candidates in (("nnodes", ("PET_NNODES",)),
                              ("node_rank", ("PET_NODE_RANK", "JOB_COMPLETION_INDEX", "RANK")),
