@@ -88,7 +88,6 @@ def test_bad_urls_are_refused_with_the_fix(url, says):
 
 
 def test_gs_without_gcsfs_is_a_usage_error_before_training(tmp_path, corpus_dir, tiny_model):
-    pytest.importorskip("s3fs")
     if export.importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here; the missing-package error cannot happen")
     result = finetune("train", env=train_env(tiny_model, corpus_dir, tmp_path / "out",
