@@ -636,6 +636,13 @@ def child_job_failure(job_spec: dict, container: str, exit_code: int, conditions
     return None
 
 
+JOBSET_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
+                  "RestartJobAndIgnoreMaxRestarts"}
+# The reasons a batch Job fails with (batch/v1 JobReason*).
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy", "MaxFailedIndexesExceeded",
+                       "FailedIndexes"}
+
+
 def jobset_action(failure_policy: dict, reason: str, message: str) -> str:
     """JobSet's failure policy: the first rule whose reasons and message patterns match (an empty list matches
     anything) decides; none matching restarts the JobSet."""
@@ -679,8 +686,14 @@ def test_jobset_failure_policy_follows_the_exit_code_table(overlay):
         assert jobset_action(policy, "DeadlineExceeded", "Job was active longer than specified deadline") == \
             "FailJobSet"
         assert job["activeDeadlineSeconds"] > 0
+    # The API's enums and patterns, which the generated models do not check (jobset api/jobset/v1alpha2).
+    assert policy["restartStrategy"] in {"Recreate", "BlockingRecreate", "InPlaceRestart"}
     for rule in policy["rules"]:
         assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"]), rule["name"]
+        assert rule["action"] in JOBSET_ACTIONS, rule
+        assert set(rule.get("onJobFailureReasons", [])) <= JOB_FAILURE_REASONS, rule
+        for pattern in rule.get("onJobFailureMessagePatterns", []):
+            re.compile(pattern)
 
 
 def test_jobset_policy_evaluation_matches_the_controller_on_rule_order_and_patterns():
