@@ -91,7 +91,8 @@ class TrainConfig:
                            "[from PET_NNODES or the Indexed Job's completions when unset].")
     node_rank: int = opt(0, "This node's rank [from PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK when unset].", min=0)
     rdzv_endpoint: str | None = opt(None, "host:port of node 0 for multi-node rendezvous "
-                                          "[from PET_RDZV_ENDPOINT or MASTER_ADDR:MASTER_PORT when unset].")
+                                          "[from PET_RDZV_ENDPOINT, PET_MASTER_ADDR:PET_MASTER_PORT or "
+                                          "MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any; "
                              "--no-resume starts fresh, moving the checkpoints there to previous-run/.")
@@ -100,6 +101,8 @@ class TrainConfig:
     publish_worse: bool = opt(False, "Publish even when the final evaluation is non-finite or worse than the "
                               "untrained model's (otherwise exit 8, DIVERGED).")
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
+    export_to: str | None = opt(None, "After publishing, upload model/ to s3://bucket/prefix, gs://bucket/prefix or "
+                                      "hf://namespace/repo, COMPLETE last (credentials from the environment).")
 
     @property
     def model_checkpoint_dir(self) -> Path:
@@ -242,6 +245,9 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
+    from .export import url_problems  # here, not at the top: export imports logs, which imports transformers
+
+    problems += url_problems(cfg.export_to)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:

@@ -13,6 +13,7 @@ import click
 from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, load_model_config
 from .config import TrainConfig, check_values
 from .errors import ConfigError, FinetuneError, ModelLoadError
+from .export import probe
 from .outputs import check_writable
 from .sources import discover, fingerprint
 
@@ -38,6 +39,8 @@ def diagnose(cfg: TrainConfig) -> None:
     for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir")):
         report(what, lambda d=directory, w=what: _writable(d, w))
     report("model", lambda: _model(cfg))
+    if cfg.export_to:
+        report("export", lambda: (probe(cfg.export_to), False))
     report("shared memory", _shm)
     if failures:
         click.echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")

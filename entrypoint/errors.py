@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
     DIVERGED = 8  # the loss went non-finite, or the final model is worse than the untrained one: not published
     BUSY = 9  # another live run holds the output or checkpoint directory (its lease): nothing was touched
+    EXPORT = 10  # the model is published locally but --export-to failed: rerun to export without retraining
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -35,6 +36,7 @@ DESCRIPTIONS = {
     ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
     ExitCode.DIVERGED: "training diverged; the model was not published",
     ExitCode.BUSY: "another run is using the output or checkpoint directory",
+    ExitCode.EXPORT: "model published locally but the upload to --export-to failed; rerun to export",
 }
 
 # A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit. DIVERGED is
@@ -79,10 +81,13 @@ class Preempted(FinetuneError):
     code = ExitCode.PREEMPTED
 
 
-
 class Diverged(FinetuneError):
     code = ExitCode.DIVERGED
 
 
 class Busy(FinetuneError):
     code = ExitCode.BUSY
+
+
+class ExportError(FinetuneError):
+    code = ExitCode.EXPORT

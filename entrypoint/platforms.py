@@ -1,5 +1,6 @@
 """Defaults that a platform or launcher already decided: SageMaker's and Vertex AI's training contracts, and
-the node count and rank that torchrun, an Indexed Job or the Training Operator put in the environment.
+the node count and rank that torchrun, an Indexed Job, Kubeflow Trainer v2 (TrainJob) or the Training Operator put
+in the environment.
 
 Each function reads a mapping (the CLI passes os.environ) and returns option values with where they came from.
 """
@@ -56,7 +57,13 @@ def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, 
     """
     if "LOCAL_RANK" in environ or "TORCHELASTIC_RUN_ID" in environ:
         pairs = {"nnodes": "GROUP_WORLD_SIZE", "node_rank": "GROUP_RANK", "nproc_per_node": "LOCAL_WORLD_SIZE"}
-        return {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
+        found = {k: (environ[v], f"env {v}") for k, v in pairs.items() if v in environ}
+        # torchrun gives every worker its store's address; with --nnodes > 1 the config check needs an endpoint
+        # even when the agent got its own from PET_* variables that the worker does not read.
+        if environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
+            found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}",
+                                      "env MASTER_ADDR/MASTER_PORT")
+        return found
     found: dict[str, tuple[Any, str]] = {}
     for name, candidates in (("nnodes", ("PET_NNODES",)),
                              ("node_rank", ("PET_NODE_RANK", "JOB_COMPLETION_INDEX", "RANK")),
@@ -65,6 +72,10 @@ def cluster_defaults(environ: typing.Mapping[str, str]) -> dict[str, tuple[Any, 
         var = next((v for v in candidates if environ.get(v)), None)
         if var:
             found[name] = (environ[var], f"env {var}")
+    # Kubeflow Trainer v2's torch plugin: PET_MASTER_ADDR is <trainjob>-node-0-0.<trainjob>, pod 0's DNS name.
+    if "rdzv_endpoint" not in found and environ.get("PET_MASTER_ADDR") and environ.get("PET_MASTER_PORT"):
+        found["rdzv_endpoint"] = (f"{environ['PET_MASTER_ADDR']}:{environ['PET_MASTER_PORT']}",
+                                  "env PET_MASTER_ADDR/PET_MASTER_PORT")
     if "rdzv_endpoint" not in found and environ.get("MASTER_ADDR") and environ.get("MASTER_PORT"):
         found["rdzv_endpoint"] = (f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}", "env MASTER_ADDR/MASTER_PORT")
     if "nnodes" not in found and environ.get("MASTER_ADDR") and environ.get("WORLD_SIZE"):

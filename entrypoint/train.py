@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
-from . import checkpoints, data, efficiency, guard, identity, outputs, speed
+from . import checkpoints, data, efficiency, export, guard, identity, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, Diverged, ModelLoadError, OutOfMemory, Preempted
@@ -40,6 +40,8 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS) 
 def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop: StopRequest,
          lease: Lease | None) -> dict:
     if already_published(cfg):
+        if dist.is_main:  # a rerun after a failed export (exit 10) exports without retraining
+            export.export_published(cfg.output_dir, cfg.export_to)
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
     if dist.is_main:
         outputs.write_status(cfg.output_dir, "running")
@@ -99,6 +101,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop
     outputs.plot_losses(cfg.output_dir, progress.history)
     outputs.write_history(cfg.output_dir, progress.history)
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
+    export.export_published(cfg.output_dir, cfg.export_to)
     return metrics
 
 

@@ -18,6 +18,7 @@ import click
 import kubernetes_validate
 import pytest
 import yaml
+from kubeflow_trainer_api import models as trainer_models
 
 from entrypoint import cli as finetune_cli
 from entrypoint import config
@@ -29,14 +30,23 @@ KUBECTL = shutil.which("kubectl")
 
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 # Overlays whose workload is a batch/v1 Job (the others run under a CRD's controller).
-JOB_OVERLAYS = [o for o in OVERLAYS if o != "pytorchjob"]
+JOB_OVERLAYS = [o for o in OVERLAYS if o not in ("pytorchjob", "jobset", "trainjob")]
+# Overlays whose pods run as child Jobs of a JobSet: directly, or built by Kubeflow Trainer from the runtime.
+JOBSET_OVERLAYS = ["jobset", "trainjob"]
 # The oldest Kubernetes these manifests support (podReplacementPolicy is beta and on by default from 1.29)
 # and the newest kubernetes-validate bundles.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 # Kinds validated through the pod templates they hold, because kubernetes-validate has no CRD schemas.
-CRD_KINDS = {("kubeflow.org/v1", "PyTorchJob")}
-KNOWN_KINDS = {"ConfigMap", "Service", "PersistentVolumeClaim", "Job", "PyTorchJob"}
-TRAINING_CONTAINERS = {"finetune", "pytorch"}  # the PyTorchJob operator needs its container named pytorch
+CRD_KINDS = {("kubeflow.org/v1", "PyTorchJob"), ("jobset.x-k8s.io/v1alpha2", "JobSet"),
+             ("trainer.kubeflow.org/v1alpha1", "TrainJob"), ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime")}
+# The models of the kubeflow-trainer-api package, generated from Trainer's and JobSet's Go types.
+CRD_MODELS = {"JobSet": trainer_models.JobsetV1alpha2JobSet, "TrainJob": trainer_models.TrainerV1alpha1TrainJob,
+              "TrainingRuntime": trainer_models.TrainerV1alpha1TrainingRuntime}
+KNOWN_KINDS = {"ConfigMap", "Service", "PersistentVolumeClaim", "Job", "PyTorchJob", "JobSet", "TrainJob",
+               "TrainingRuntime"}
+WORKLOAD_KINDS = {"Job", "PyTorchJob", "JobSet", "TrainJob"}
+# The PyTorchJob operator needs its container named pytorch, Kubeflow Trainer's torch plugin node.
+TRAINING_CONTAINERS = {"finetune", "pytorch", "node"}
 
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH: install it to render k8s/")
@@ -55,6 +65,18 @@ def render(overlay: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(_render(str(path))) if d]
 
 
+def job_templates(objects: list[dict]) -> list[tuple[str, dict]]:
+    """(where, Job template) for every child Job of a JobSet or a TrainingRuntime's JobSet template."""
+    found = []
+    for obj in objects:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        jobset = {"JobSet": lambda o: o["spec"], "TrainingRuntime": lambda o: o["spec"]["template"]["spec"]}
+        if obj["kind"] in jobset:
+            for replicated in jobset[obj["kind"]](obj)["replicatedJobs"]:
+                found.append((f"{name} {replicated['name']}", replicated["template"]))
+    return found
+
+
 def pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
     """(where, pod template) for every workload object."""
     found = []
@@ -65,6 +87,7 @@ def pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
         elif obj["kind"] == "PyTorchJob":
             for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items():
                 found.append((f"{name} {replica}", spec["template"]))
+    found += [(where, job["spec"]["template"]) for where, job in job_templates(objects)]
     return found
 
 
@@ -180,7 +203,8 @@ JOB_EFFECT = {"FailJob": "fails the Job at once", "Count": "retried (counts agai
 
 def test_overlays_are_the_shipped_set():
     # Guards the parametrized tests below against silently running over nothing.
-    assert OVERLAYS == ["cpu-smoke", "multi-gpu", "multi-node", "prepare", "pytorchjob", "single-gpu"]
+    assert OVERLAYS == ["cpu-smoke", "jobset", "multi-gpu", "multi-node", "prepare", "pytorchjob", "single-gpu",
+                        "trainjob"]
 
 
 @needs_kubectl
@@ -190,7 +214,7 @@ def test_overlay_renders_offline_into_known_kinds(overlay):
     kinds = sorted(o["kind"] for o in objects)
     assert set(kinds) <= KNOWN_KINDS, f"{overlay}: a kind the checks here do not cover: {kinds}"
     if overlay != "storage":
-        workloads = [k for k in kinds if k in ("Job", "PyTorchJob")]
+        workloads = [k for k in kinds if k in WORKLOAD_KINDS]
         assert len(workloads) == 1, f"{overlay}: expected one workload, got {workloads}"
     for obj in objects:
         assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "finetune", \
@@ -204,8 +228,15 @@ def test_objects_validate_strictly_against_kubernetes_schemas(overlay, version):
     objects = render(overlay)
     for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
-            continue  # its pod templates are validated below, as Pods
+            continue  # its Job and pod templates are validated below, as Jobs and Pods
         kubernetes_validate.validate(obj, version, strict=True)
+    for where, template in job_templates(objects):
+        job = {"apiVersion": "batch/v1", "kind": "Job", "spec": template["spec"],
+               "metadata": {"name": "check", **template.get("metadata", {})}}
+        try:
+            kubernetes_validate.validate(job, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{overlay}: Job template of {where} is not a valid Job for {version}: {exc.message}")
     for where, template in pod_templates(objects):
         pod = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
                "metadata": {"name": "check", **template.get("metadata", {})}}
@@ -319,7 +350,11 @@ def _gib(quantity: str) -> float:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_processes_per_node_match_gpus(overlay):
     objects = render(overlay)
-    nproc = config_map(objects)["FINETUNE_NPROC_PER_NODE"]
+    if overlay == "trainjob":  # the TrainJob says it; the torch plugin passes it on as PET_NPROC_PER_NODE
+        assert "FINETUNE_NPROC_PER_NODE" not in config_map(objects), "it would override the TrainJob's value"
+        nproc = str(one(objects, "TrainJob")["spec"]["trainer"]["numProcPerNode"])
+    else:
+        nproc = config_map(objects)["FINETUNE_NPROC_PER_NODE"]
     for _, template in pod_templates(objects):
         spec = template["spec"]
         resources = training_container(spec)["resources"]
@@ -545,3 +580,240 @@ def test_prepare_is_an_indexed_job_with_one_shard_per_pod():
     assert args[0] == "prepare" and spec["completionMode"] == "Indexed"  # JOB_COMPLETION_INDEX is each pod's shard
     assert spec["completions"] == spec["parallelism"] == params["num_shards"] > 1
     assert params["shard"] is None, "the shard must come from each pod's own completion index"
+
+
+# ---- Kubeflow Trainer v2 (trainjob), JobSet (jobset) and the Kueue component ---------------------------------
+
+def dropped_fields(rendered, parsed, path: str = "") -> list[str]:
+    """Paths of `rendered` that the model's round trip `parsed` lost or changed: unknown fields, wrong types.
+    Fields the model adds (defaults) are not errors."""
+    if isinstance(rendered, dict) and isinstance(parsed, dict):
+        return [p for k, v in rendered.items()
+                for p in ([f"{path}.{k}"] if k not in parsed else dropped_fields(v, parsed[k], f"{path}.{k}"))]
+    if isinstance(rendered, list) and isinstance(parsed, list) and len(rendered) == len(parsed):
+        return [p for i, (a, b) in enumerate(zip(rendered, parsed, strict=True))
+                for p in dropped_fields(a, b, f"{path}[{i}]")]
+    return [] if rendered == parsed else [f"{path}: {rendered!r} became {parsed!r}"]
+
+
+def model_problems(obj: dict) -> list[str]:
+    try:
+        parsed = CRD_MODELS[obj["kind"]].from_dict(obj).to_dict()
+    except ValueError as exc:  # pydantic's ValidationError: a wrong type or a missing required field
+        return [str(exc)]
+    return dropped_fields(obj, parsed)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", JOBSET_OVERLAYS)
+def test_custom_resources_validate_against_the_trainer_and_jobset_api_models(overlay):
+    objects = [o for o in render(overlay) if o["kind"] in CRD_MODELS]
+    assert objects
+    for obj in objects:
+        assert (obj["apiVersion"], obj["kind"]) in CRD_KINDS
+        assert model_problems(obj) == [], f"{overlay}: {obj['kind']}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("mutation", ["typo", "type"])
+def test_model_validation_catches_an_unknown_field_and_a_wrong_type(mutation):
+    trainjob = one(render("trainjob"), "TrainJob")
+    if mutation == "typo":
+        trainjob["spec"]["trainer"]["numNode"] = 2
+    else:
+        trainjob["spec"]["trainer"]["numNodes"] = "two"
+    assert model_problems(trainjob)
+
+
+# The Job controller's failure reasons and messages (pkg/controller/job/pod_failure_policy.go, job_controller.go):
+# a podFailurePolicy FailJob rule fails the Job with reason PodFailurePolicy and one of these messages.
+EXIT_MESSAGE = "Container {c} for pod default/p-0 failed with exit code {code} matching FailJob rule at index {i}"
+CONDITION_MESSAGE = "Pod default/p-0 has condition {cond} matching FailJob rule at index {i}"
+
+
+def child_job_failure(job_spec: dict, container: str, exit_code: int, conditions: tuple[str, ...] = ()):
+    """(reason, message) of a child Job whose pod failed so, or None if the Job keeps going (a retried pod)."""
+    rules = job_spec.get("podFailurePolicy", {}).get("rules", [])
+    action = policy_action(rules, exit_code, conditions)
+    if action == "FailJob":
+        index = next(i for i, r in enumerate(rules) if policy_action([r], exit_code, conditions) == "FailJob")
+        cond = next((c for c in conditions if any(p["type"] == c for p in rules[index].get("onPodConditions", []))),
+                    None)
+        message = (CONDITION_MESSAGE.format(cond=cond, i=index) if cond else
+                   EXIT_MESSAGE.format(c=container, code=exit_code, i=index))
+        return "PodFailurePolicy", message
+    if action == "Count" and job_spec.get("backoffLimit", 6) == 0:
+        return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    return None
+
+
+JOBSET_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
+                  "RestartJobAndIgnoreMaxRestarts"}
+# The reasons a batch Job fails with (batch/v1 JobReason*).
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy", "MaxFailedIndexesExceeded",
+                       "FailedIndexes"}
+
+
+def jobset_action(failure_policy: dict, reason: str, message: str) -> str:
+    """JobSet's failure policy: the first rule whose reasons and message patterns match (an empty list matches
+    anything) decides; none matching restarts the JobSet."""
+    for rule in failure_policy.get("rules", []):
+        reasons, patterns = rule.get("onJobFailureReasons", []), rule.get("onJobFailureMessagePatterns", [])
+        if (not reasons or reason in reasons) and (not patterns or any(re.search(p, message) for p in patterns)):
+            return rule["action"]
+    return "RestartJobSet"
+
+
+def jobset_spec(objects: list[dict]) -> dict:
+    if any(o["kind"] == "TrainingRuntime" for o in objects):
+        return one(objects, "TrainingRuntime")["spec"]["template"]["spec"]
+    return one(objects, "JobSet")["spec"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", JOBSET_OVERLAYS)
+def test_jobset_failure_policy_follows_the_exit_code_table(overlay):
+    objects = render(overlay)
+    spec = jobset_spec(objects)
+    policy = spec["failurePolicy"]
+    assert policy["maxRestarts"] == one(render("single-gpu"), "Job")["spec"]["backoffLimit"]
+    assert policy["restartStrategy"] == "BlockingRecreate"
+    for replicated in spec["replicatedJobs"]:
+        job = replicated["template"]["spec"]
+        pod = job["template"]["spec"]
+        container = training_container(pod)["name"]
+        assert pod["restartPolicy"] == "Never" and job["backoffLimit"] == 0
+        assert job["podReplacementPolicy"] == "Failed" and job["completionMode"] == "Indexed"
+        assert pod["terminationGracePeriodSeconds"] > 30
+        for code in ExitCode:
+            if code == ExitCode.OK:
+                continue
+            reason, message = child_job_failure(job, container, code)
+            expected = "FailJobSet" if code in PERMANENT else "RestartJobSet"
+            assert jobset_action(policy, reason, message) == expected, f"{overlay}: exit {code.value} ({code.name})"
+            disrupted = child_job_failure(job, container, code, ("DisruptionTarget",))
+            assert jobset_action(policy, *disrupted) == "RestartJobSetAndIgnoreMaxRestarts", f"{overlay}: {code.name}"
+        assert jobset_action(policy, *child_job_failure(job, container, 137)) == "RestartJobSet"
+        assert jobset_action(policy, "DeadlineExceeded", "Job was active longer than specified deadline") == \
+            "FailJobSet"
+        assert job["activeDeadlineSeconds"] > 0
+    # The API's enums and patterns, which the generated models do not check (jobset api/jobset/v1alpha2).
+    assert policy["restartStrategy"] in {"Recreate", "BlockingRecreate", "InPlaceRestart"}
+    for rule in policy["rules"]:
+        assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"]), rule["name"]
+        assert rule["action"] in JOBSET_ACTIONS, rule
+        assert set(rule.get("onJobFailureReasons", [])) <= JOB_FAILURE_REASONS, rule
+        for pattern in rule.get("onJobFailureMessagePatterns", []):
+            re.compile(pattern)
+
+
+def test_jobset_policy_evaluation_matches_the_controller_on_rule_order_and_patterns():
+    policy = {"rules": [{"name": "a", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                         "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": ["condition"]},
+                        {"name": "b", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]}
+    assert jobset_action(policy, "PodFailurePolicy", "Pod x has condition DisruptionTarget") == \
+        "RestartJobSetAndIgnoreMaxRestarts"
+    assert jobset_action(policy, "PodFailurePolicy", "Container c failed with exit code 3") == "FailJobSet"
+    assert jobset_action(policy, "BackoffLimitExceeded", "") == "RestartJobSet"
+
+
+@needs_kubectl
+def test_trainjob_pods_resolve_what_the_torch_plugin_injects(monkeypatch):
+    """The env Kubeflow Trainer's torch plugin puts into container "node" of ancestor "trainer" (its
+    pkg/runtime/framework/plugins/torch): PET_NNODES from numNodes, PET_NPROC_PER_NODE from numProcPerNode,
+    PET_NODE_RANK from the completion index, PET_MASTER_ADDR <trainjob>-node-0-0.<trainjob>, PET_MASTER_PORT
+    29500. The CLI must turn it into a static torchrun rendezvous at node 0."""
+    from entrypoint.launch import torchrun_arguments
+
+    objects = render("trainjob")
+    trainjob, runtime = one(objects, "TrainJob"), one(objects, "TrainingRuntime")
+    assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                              "name": runtime["metadata"]["name"]}
+    assert "torch" in runtime["spec"]["mlPolicy"]
+    (node,) = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+               if r["template"]["metadata"]["labels"].get("trainer.kubeflow.org/trainjob-ancestor-step") == "trainer"]
+    assert node["name"] == "node"
+    container = training_container(node["template"]["spec"]["template"]["spec"])
+    assert container["name"] == "node", "the torch plugin injects PET_* only into the container named node"
+    assert not any(e["name"].startswith("PET_") for e in container.get("env", [])), "PET_* are the Trainer's"
+    name, nodes = trainjob["metadata"]["name"], trainjob["spec"]["trainer"]["numNodes"]
+    assert nodes >= 2
+    base = one(render("single-gpu"), "Job")
+    assert trainjob["spec"]["activeDeadlineSeconds"] == base["spec"]["activeDeadlineSeconds"]
+    for rank in range(nodes):
+        env = {**pod_env(container, objects), "PET_NNODES": str(nodes),
+               "PET_NPROC_PER_NODE": str(trainjob["spec"]["trainer"]["numProcPerNode"]), "PET_NODE_RANK": str(rank),
+               "PET_MASTER_ADDR": f"{name}-node-0-0.{name}", "PET_MASTER_PORT": "29500"}
+        _, cfg = parse_command(container, env, monkeypatch)
+        assert (cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint) == (str(nodes), rank, f"{name}-node-0-0.{name}:29500")
+        assert cfg.nproc_per_node == "1"
+        args = torchrun_arguments(cfg, ["train"])
+        assert f"--master-addr={name}-node-0-0.{name}" in args and f"--node-rank={rank}" in args
+
+
+@needs_kubectl
+def test_jobset_pod_zero_is_the_rendezvous_endpoint():
+    objects = render("jobset")
+    jobset, values = one(objects, "JobSet"), config_map(objects)
+    network = jobset["spec"]["network"]
+    assert network["enableDNSHostnames"] is True and network["publishNotReadyAddresses"] is True
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    job = replicated["template"]["spec"]
+    nodes = int(values["FINETUNE_NNODES"])
+    assert nodes >= 2 and replicated["replicas"] == 1 and job["completions"] == job["parallelism"] == nodes
+    # JobSet names pod i of job j of a replicated Job <jobset>-<replicatedJob>-<j>-<i>, under a headless
+    # Service named after network.subdomain or else the JobSet.
+    subdomain = network.get("subdomain", jobset["metadata"]["name"])
+    host, port = values["FINETUNE_RDZV_ENDPOINT"].rsplit(":", 1)
+    assert host == f"{jobset['metadata']['name']}-{replicated['name']}-0-0.{subdomain}"
+    train = training_container(job["template"]["spec"])
+    assert int(port) in {p["containerPort"] for p in train["ports"]}
+    rank = {e["name"]: e for e in train["env"]}["FINETUNE_NODE_RANK"]["valueFrom"]["fieldRef"]
+    assert rank["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", JOBSET_OVERLAYS)
+def test_jobset_and_runtime_run_the_base_pod_template(overlay):
+    base = one(render("single-gpu"), "Job")
+    objects = render(overlay)
+    assert not [o for o in objects if o["kind"] == "Job"], "the base Job must be dropped"
+    (template,) = [t for _, t in job_templates(objects)]
+    expected = copy.deepcopy(base["spec"]["template"])
+    container = expected["spec"]["containers"][0]
+    if overlay == "trainjob":
+        container["name"] = "node"
+    else:  # what an Indexed Job of several nodes adds, as in multi-node
+        container["env"].insert(0, {"name": "FINETUNE_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
+        container["ports"] = [{"name": "rendezvous", "containerPort": 29500}]
+    container["envFrom"] = template["spec"]["template"]["spec"]["containers"][0]["envFrom"]  # its own ConfigMap
+    assert template["spec"]["template"] == expected
+    assert jobset_spec(objects)["ttlSecondsAfterFinished"] == base["spec"]["ttlSecondsAfterFinished"]
+    assert template["spec"]["activeDeadlineSeconds"] == base["spec"]["activeDeadlineSeconds"]
+
+
+def render_with_kueue(overlay: str, tmp_path: Path) -> list[dict]:
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources:\n  - {}\ncomponents:\n  - {}\n".format(os.path.relpath(K8S / "overlays" / overlay, tmp_path),
+                                                           os.path.relpath(K8S / "components" / "kueue", tmp_path)))
+    return [d for d in yaml.safe_load_all(_render(str(tmp_path))) if d]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kueue_component_queues_every_workload_suspended(overlay, tmp_path):
+    objects = render_with_kueue(overlay, tmp_path)
+    assert len(objects) == len(render(overlay))
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        if obj["kind"] not in WORKLOAD_KINDS:
+            assert "kueue.x-k8s.io/queue-name" not in labels, f"{overlay}: {obj['kind']} is no workload"
+            continue
+        assert labels["kueue.x-k8s.io/queue-name"] == "finetune", f"{overlay}: {obj['kind']}"
+        spec = obj["spec"]["runPolicy"] if obj["kind"] == "PyTorchJob" else obj["spec"]
+        assert spec["suspend"] is True, f"{overlay}: {obj['kind']} must be created suspended for Kueue"
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS and obj["kind"] in CRD_MODELS:
+            assert model_problems(obj) == [], overlay
+        elif obj["kind"] == "Job":
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)

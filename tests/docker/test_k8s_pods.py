@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.docker import jobs, pods
+from tests.docker import jobs, jobsets, pods
 from tests.docker.helpers import REPO, skip_or_fail
 
 pytestmark = pytest.mark.docker
@@ -55,6 +55,72 @@ patches:
               - name: model
                 persistentVolumeClaim: {{claimName: finetune-model, readOnly: true}}
 """
+
+
+# trainjob and jobset, as a CPU-only CI machine can run them: the same overrides as CPU_NODES, said in each
+# kind's own terms. A TrainingRuntime or JobSet is a custom resource, which kustomize patches as JSON (a list is
+# replaced whole), so the runtime and the JobSet take JSON patches at fixed paths.
+CPU_PATCHES = """\
+      - {{op: remove, path: {pod}/nodeSelector}}
+      - {{op: remove, path: {pod}/tolerations}}
+      - {{op: add, path: {pod}/volumes/-,
+          value: {{name: model, persistentVolumeClaim: {{claimName: finetune-model, readOnly: true}}}}}}
+      - {{op: add, path: {pod}/containers/0/volumeMounts/-, value: {{name: model, mountPath: /model, readOnly: true}}}}
+"""
+CPU_TRAINJOB = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {overlay}
+configMapGenerator:
+  - name: finetune-config
+    behavior: merge
+    literals:
+      - FINETUNE_PRESET=smoke
+      - FINETUNE_MODEL=/model
+patches:
+  - target: {{kind: TrainingRuntime, name: finetune}}
+    patch: |-
+{runtime_patches}
+  - target: {{kind: TrainJob, name: finetune}}
+    patch: |-
+      - op: add
+        path: /spec/trainer/resourcesPerNode
+        value: {{requests: {{cpu: "1", memory: 4Gi}}, limits: {{cpu: "1", memory: 4Gi}}}}
+"""
+CPU_JOBSET = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {overlay}
+configMapGenerator:
+  - name: finetune-config
+    behavior: merge
+    literals:
+      - FINETUNE_PRESET=smoke
+      - FINETUNE_MODEL=/model
+patches:
+  - target: {{kind: JobSet, name: finetune}}
+    patch: |-
+{jobset_patches}
+      - op: replace
+        path: /spec/replicatedJobs/0/template/spec/template/spec/containers/0/resources
+        value: {{requests: {{cpu: "1", memory: 4Gi}}, limits: {{cpu: "1", memory: 4Gi}}}}
+"""
+
+
+def cpu_overlay(tmp_path: Path, overlay: str) -> list[dict]:
+    directory = tmp_path / f"cpu-{overlay}"
+    directory.mkdir()
+    relative = os.path.relpath(OVERLAYS / overlay, directory)
+    if overlay == "trainjob":
+        text = CPU_TRAINJOB.format(overlay=relative, runtime_patches=CPU_PATCHES.format(
+            pod="/spec/template/spec/replicatedJobs/0/template/spec/template/spec"))
+    else:
+        text = CPU_JOBSET.format(overlay=relative, jobset_patches=CPU_PATCHES.format(
+            pod="/spec/replicatedJobs/0/template/spec/template/spec"))
+    (directory / "kustomization.yaml").write_text(text)
+    return jobs.render(directory)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +217,47 @@ def test_multi_node_job_trains_one_model_across_two_pods_found_through_the_headl
     assert assert_published(cluster, nodes[0], output_dir)["world_size"] == 2
     # Both trained; only rank 0 (pod 0) published and said so.
     assert ["done: " in r.logs for r in results.values()] == [True, False]
+
+
+@pytest.mark.parametrize("overlay", ["trainjob", "jobset"])
+def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_environment(
+        overlay, kubectl, cpu_image, container_assets, output_dir, container_name, tmp_path):
+    """The trainjob overlay's TrainJob, made into a JobSet as Kubeflow Trainer makes it (the runtime's JobSet
+    template, numNodes as the node Job's parallelism, resourcesPerNode, and the torch plugin's PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR <trainjob>-node-0-0.<trainjob>, PET_MASTER_PORT), or the
+    jobset overlay's JobSet as it is; then, as the JobSet controller does, the child Job finetune-node-0 and the
+    headless Service finetune; then its two pods (tests/docker/jobsets.py, jobs.py, pods.py) as two containers on
+    one network under the names that Service gives them. Rank 0 publishes to the shared output directory.
+    Overridden for a 2-core CPU machine, as in the multi-node test: GPU resources, nodeSelector and tolerations,
+    1 core and 4Gi per pod (the TrainJob's resourcesPerNode), the smoke preset, and the tiny model at /model."""
+    objects = cpu_overlay(tmp_path, overlay)
+    if overlay == "trainjob":
+        jobset = jobsets.from_trainjob(jobs.the_one(objects, "TrainJob"), jobs.the_one(objects, "TrainingRuntime"))
+    else:
+        jobset = jobs.the_one(objects, "JobSet")
+    (child,), service = jobsets.children(jobset)
+    nodes = jobs.job_pods(child)
+    assert [pod.hostname for pod in nodes] == ["finetune-node-0-0", "finetune-node-0-1"]
+    claims = {"finetune-data": container_assets["data"], "finetune-model": container_assets["model"],
+              "finetune-output": output_dir}
+    cluster = pods.Cluster([*objects, service], images={"finetune:latest": cpu_image}, claims=claims,
+                           workdir=tmp_path / "pods", prefix=container_name, network=True)
+    envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
+    if overlay == "trainjob":
+        assert [(e["PET_NODE_RANK"], e["PET_MASTER_ADDR"], e["PET_NNODES"]) for e in envs] == \
+            [("0", "finetune-node-0-0.finetune", "2"), ("1", "finetune-node-0-0.finetune", "2")]
+    else:
+        assert [e["FINETUNE_NODE_RANK"] for e in envs] == ["0", "1"]
+    with jobs.sandbox(cluster):
+        results = jobs.run(cluster, nodes, timeout=wait_for(child))
+
+    assert_succeeded(results)
+    assert assert_published(cluster, nodes[0], output_dir)["world_size"] == 2
+    assert ["done: " in r.logs for r in results.values()] == [True, False]
+    if overlay == "trainjob":  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
+        for r in results.values():
+            assert "rdzv_endpoint from env PET_MASTER_ADDR/PET_MASTER_PORT" in r.logs, r
+            assert "nnodes from env PET_NNODES" in r.logs and "node_rank from env PET_NODE_RANK" in r.logs, r
 
 
 def test_a_pod_spec_field_without_a_translation_fails_rather_than_being_ignored(kubectl, tmp_path):
