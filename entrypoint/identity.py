@@ -29,6 +29,7 @@ MAY_CHANGE = {
     "epochs": "to extend or shorten training; the learning-rate schedule stretches to the new length from there",
     "max_steps": "to extend or shorten training; the learning-rate schedule stretches to the new length from there",
     "eval_steps": "evaluation cadence: evaluating does not change the weights",
+    "max_eval_tokens": "how much held-out data an evaluation scores: evaluating does not change the weights",
     "save_steps": "checkpoint cadence: saving does not change the weights",
     "save_total_limit": "how many checkpoints are kept on disk",
     "early_stopping_patience": "when to stop, like --max-steps",
