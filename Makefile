@@ -91,9 +91,16 @@ comma := ,
 BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --target runtime $(if $(CA_CERT),--secret id=ca$(comma)src=$(CA_CERT)) $(BUILD_ARGS)
 RUN_MOUNTS = -v $(abspath $(DATA_DIR)):/data:ro -v $(abspath $(OUTPUT_DIR)):/output -e FINETUNE_PRESET=$(PRESET)
 
+# The CUDA image's flavour: cu130 (driver >= 580.65.06; torch from PyPI), cu128 (>= 570.26) or cu126
+# (>= 560.28.03), the older two with torch from PyTorch's own index for that CUDA version.
+CUDA_FLAVOUR ?= cu130
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(CUDA_FLAVOUR)
+CUDA_ARGS = --build-arg CUDA_FLAVOUR=$(CUDA_FLAVOUR) \
+	$(if $(filter-out cu130,$(CUDA_FLAVOUR)),--build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX))
+
 .PHONY: image
-image: ## Build the CUDA image, IMAGE (torch with its CUDA libraries from PyPI, about 6 GB).
-	$(BUILD) -t $(IMAGE) .
+image: ## Build the CUDA image, IMAGE (about 6 GB); CUDA_FLAVOUR=cu126 or cu128 for an older driver.
+	$(BUILD) $(CUDA_ARGS) -t $(IMAGE) .
 
 .PHONY: image-cpu
 image-cpu: ## Build the CPU-only image, CPU_IMAGE (for machines without a GPU, and CI).

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     MODEL = 5  # model or tokenizer cannot be loaded (including missing while HF_HUB_OFFLINE=1)
     OOM = 6  # out of memory on the accelerator
     PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
+    DRIVER = 11  # a GPU was expected but the NVIDIA driver is missing, too old for torch's CUDA, or CUDA is unusable
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -31,9 +32,12 @@ DESCRIPTIONS = {
     ExitCode.MODEL: "model or tokenizer could not be loaded",
     ExitCode.OOM: "out of accelerator memory",
     ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
+    ExitCode.DRIVER: "a GPU was expected but the NVIDIA driver is missing or too old, or CUDA is unusable",
 }
 
-# A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit.
+# A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit. DRIVER is not among
+# them: a retried pod may land on another node (a newer driver, a GPU that has not fallen off the bus), and the
+# check fails in preflight, seconds in, so each retry costs little.
 PERMANENT = (ExitCode.USAGE, ExitCode.DATA, ExitCode.MODEL)
 
 
@@ -70,3 +74,7 @@ class OutOfMemory(FinetuneError):
 class Preempted(FinetuneError):
     code = ExitCode.PREEMPTED
 
+
+
+class DriverError(FinetuneError):
+    code = ExitCode.DRIVER
