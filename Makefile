@@ -62,7 +62,7 @@ lock: ## Re-resolve the newest dependencies into constraints.txt.
 
 .PHONY: clean
 clean: ## Remove the virtualenv, demo files, output, benchmark files and caches.
-	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(BENCH_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container
@@ -151,6 +151,28 @@ bench: install ## The tutorial recipe vs `finetune train`, side by side: a table
 .PHONY: bench-prepare
 bench-prepare: install ## Data preparation throughput on ~30M tokens with a 50k BPE, cold and cached.
 	$(VENV)/bin/python -m bench.prepare --workdir $(BENCH_DIR) --json $(BENCH_DIR)/prepare.json
+
+# make gpu-check: the GPU tests and benchmark in one command (docs/gpu.md). It runs with the system Python of a GPU
+# machine (no .venv there) or with .venv here, where no CUDA means dry mode: tiny shapes on the CPU.
+GPU_CHECK_DIR ?= .gpu-check
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+# The GPU machine's Python (3.12, x86-64 manylinux) and the packages it lacks, at the versions constraints.txt pins.
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEEL_PACKAGES ?= datasets dill multiprocess transformers regex
+
+.PHONY: gpu-check
+gpu-check: ## The GPU tests and benchmark (under 8 min on an H100) into GPU_CHECK_DIR; dry mode without CUDA.
+	GPU_CHECK_DIR=$(GPU_CHECK_DIR) GPU_WHEELS=$(GPU_WHEELS) PYTHON=$(GPU_PYTHON) scripts/gpu-check.sh
+
+.PHONY: gpu-wheels
+gpu-wheels: ## Download the wheels a GPU machine's system Python lacks into GPU_WHEELS (about 15 MB), for carrying.
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+		$(foreach p,$(GPU_WHEEL_PACKAGES),$(shell grep -i '^$(p)==' constraints.txt))
+	@du -sh $(GPU_WHEELS)
 
 .PHONY: bench-resume
 bench-resume: install ## Seconds from process start to the first resumed step, GPT-2 124M shape on CPU.

@@ -236,6 +236,7 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "padding_fraction": 1 - real / positions if positions else 0.0,
         "mfu": speed.mfu(trainer, plan, real),
         "step_seconds": speed.step_seconds(trainer),
+        "step_seconds_p90": speed.step_seconds(trainer, 0.9),
         "flops_per_token": efficiency.flops_per_token(trainer.model, plan.block_size),
         "compile_seconds": speed.compile_seconds(trainer),
         "world_size": trainer.args.world_size,
