@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "py
 # (tokens a block, micro-batches, compile settings, optimizer steps, seconds a run may take at most)
 GPU_PLAN = {"block": 1024, "micro_batches": (16, 32, 8), "compile": ("off", "on"), "steps": 50, "run_limit": 150}
 DRY_PLAN = {"block": 128, "micro_batches": (8,), "compile": ("off",), "steps": 1, "run_limit": 900}
+PER_TEST_SECONDS = 240  # pytest-timeout per GPU test; the compile and torchrun tests take well under a minute there
 SEQUENCES_PER_STEP = 32  # the tutorial's 4 x 8, kept by ours as micro-batch x accumulation
 # A run is started only if this many seconds of the budget are left (compiling GPT-2 takes about a minute).
 MIN_SECONDS = {"off": 30, "on": 90}
@@ -133,8 +135,11 @@ def run_tests(out: Path, dry: bool, deadline: float, workdir: Path, limit: float
     """pytest -m gpu in a fresh process, for at most `limit` seconds; per-test outcomes from its JUnit XML."""
     junit = out / "gpu-tests.xml"
     env = {**os.environ, **({"GPU_CHECK_DRY": "1"} if dry else {})}
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+    # -v prints one line per test as it ends, so a run cut short still tells which tests passed; a test that
+    # hangs fails alone after --timeout seconds.
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
                f"--junitxml={junit}", f"--basetemp={workdir / 'pytest'}"]
+    command += [] if dry else [f"--timeout={PER_TEST_SECONDS}"]
     say(f"gpu-check: tests: {' '.join(command[1:])}")
     began = time.monotonic()
     try:
@@ -142,14 +147,23 @@ def run_tests(out: Path, dry: bool, deadline: float, workdir: Path, limit: float
                               timeout=max(30.0, min(limit, deadline - time.monotonic())))
         code, tail = done.returncode, (done.stdout + done.stderr)[-4000:]
     except subprocess.TimeoutExpired as exc:
-        code, tail = 124, f"pytest passed its time limit ({exc.timeout:.0f} s)"
+        partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        code, tail = 124, f"{partial[-3000:]}\npytest passed its time limit ({exc.timeout:.0f} s)"
+        junit.unlink(missing_ok=True)
     seconds = time.monotonic() - began
-    cases = junit_cases(junit) if junit.is_file() else []
+    cases = junit_cases(junit) if junit.is_file() else verbose_cases(tail)
     counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")}
     say(f"gpu-check: tests: exit {code} in {seconds:.0f} s: {counts}")
     if code != 0:
         say(tail)
     return {"exit_code": code, "seconds": seconds, **counts, "cases": cases, "log_tail": tail if code else ""}
+
+
+def verbose_cases(log: str) -> list[dict]:
+    """Outcomes from pytest -v lines ('tests/test_gpu.py::name PASSED'), for a run that never wrote its XML."""
+    return [{"name": name, "outcome": {"PASSED": "passed", "SKIPPED": "skipped"}.get(word, "failed"),
+             "seconds": 0.0, "message": "from the log of a run cut short"}
+            for name, word in re.findall(r"::(\w+) (PASSED|FAILED|ERROR|SKIPPED)", log)]
 
 
 def junit_cases(path: Path) -> list[dict]:

@@ -4,7 +4,9 @@ on this GPU-less machine."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,16 @@ def test_void_devices_train_on_the_cpu_as_before(tmp_path, data_dir, tiny_model)
     result = finetune("train", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert Path(tmp_path / "out" / "model").is_dir()
+
+
+@pytest.mark.parametrize("flavour", list(cuda.FLAVOURS))
+def test_each_flavour_of_the_dockerfile_passes_hadolint(tmp_path, flavour):
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: it comes with the dev extra (make install)"
+    text = (REPO / "Dockerfile").read_text()
+    assert "ARG CUDA_FLAVOUR=cu130\n" in text
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(text.replace("ARG CUDA_FLAVOUR=cu130\n", f"ARG CUDA_FLAVOUR={flavour}\n"))
+    done = subprocess.run([hadolint, "--failure-threshold", "warning", str(dockerfile)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
