@@ -160,3 +160,28 @@ def test_each_flavour_of_the_dockerfile_passes_hadolint(tmp_path, flavour):
     done = subprocess.run([hadolint, "--failure-threshold", "warning", str(dockerfile)], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def loaded_driver(tmp_path, monkeypatch):
+    """This machine as if the 570 driver were loaded: /proc/driver/nvidia/version's text in a file."""
+    proc = tmp_path / "version"
+    proc.write_text(PROC_PROPRIETARY.replace("535.230.02", "570.172.08"))
+    monkeypatch.setattr(cuda, "PROC_VERSION", proc)
+    return proc
+
+
+def test_driver_version_is_read_from_proc_first(loaded_driver):
+    assert cuda.driver_version() == "570.172.08"
+
+
+def test_a_cpu_torch_beside_a_driver_trains_on_the_cpu_unless_a_gpu_is_asked_for(loaded_driver):
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("needs the CPU build of torch")
+    cuda.check("auto", {})  # nothing asked for a GPU: quiet
+    with pytest.raises(cuda.DriverError, match="CPU-only build"):
+        cuda.check("bf16", {})
+    with pytest.raises(cuda.DriverError, match="NVIDIA_VISIBLE_DEVICES=all"):
+        cuda.check("auto", {"NVIDIA_VISIBLE_DEVICES": "all"})
