@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         workdir = (args.workdir or Path(scratch)).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
         if not args.skip_tests:
             report["tests"] = run_tests(args.out, dry, deadline, workdir, args.tests_limit)
             write(args.out, report, start)

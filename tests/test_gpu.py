@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 
 from entrypoint.errors import ExitCode
 from tests.helpers import FAST_TRAIN, finetune, train_env
+from tests.test_launch import free_port
 from tests.test_preemption import interrupt_at
 
 CUDA = torch.cuda.is_available()
@@ -142,20 +141,22 @@ def test_batch_size_auto_probes_in_train_mode_and_never_picks_more_than_fits():
 
 
 def test_torchrun_world_size_one_trains_then_resumes_from_the_end(tmp_path, tiny_model, corpus_dir):
-    """The launcher path: NCCL on a GPU (gloo in dry mode), --batch-size auto's agreement and the end-of-run
-    collectives, then a longer rerun that resumes from the last checkpoint."""
+    """The CLI's launcher (an elastic 1:1 range, so it re-launches itself under torchrun with c10d rendezvous on
+    loopback) at world size 1: NCCL on a GPU (gloo in dry mode), --batch-size auto's agreement and the
+    end-of-run collectives, then a longer rerun that resumes from the last checkpoint."""
     out = tmp_path / "out"
     env = env_for(tiny_model, corpus_dir, out, FINETUNE_MAX_STEPS="12", FINETUNE_SAVE_STEPS="4",
-                  FINETUNE_EVAL_STEPS="4", FINETUNE_BATCH_SIZE="auto", FINETUNE_GRAD_ACCUM="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               "-m", "entrypoint", "train"]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+                  FINETUNE_EVAL_STEPS="4", FINETUNE_BATCH_SIZE="auto", FINETUNE_GRAD_ACCUM="1",
+                  FINETUNE_NNODES="1:1", FINETUNE_RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
+    first = finetune("train", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "launch: torchrun" in first.stderr
     assert metrics_of(out)["global_step"] == 12 and metrics_of(out)["world_size"] == 1
     if not CUDA:
         return  # dry mode: resuming on the CPU is test_preemption's and test_launch's; spare two cores a process
-    longer = {**env, "FINETUNE_MAX_STEPS": "16", "FINETUNE_OVERWRITE": "true"}
-    second = subprocess.run(command, env=longer, capture_output=True, text=True, timeout=600)
+    longer = {**env, "FINETUNE_MAX_STEPS": "16", "FINETUNE_OVERWRITE": "true",
+              "FINETUNE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+    second = finetune("train", env=longer)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resume: from {out / 'checkpoints' / 'checkpoint-12'}" in second.stderr
     assert metrics_of(out)["global_step"] == 16
