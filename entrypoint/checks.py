@@ -69,12 +69,14 @@ def load_model_config(model: str, token: str | None):
                              f"{hint}.") from None
 
 
-def preflight(cfg: TrainConfig) -> Plan:
-    """Everything checkable before weights load; raises one error carrying every problem."""
+def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
+    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
+    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
     device, precision = "cpu", "fp32"
     try:
-        device, precision = device_and_precision(cfg.precision)
+        if trains:
+            device, precision = device_and_precision(cfg.precision)
     except FinetuneError as exc:
         problems.append(exc)
     try:

@@ -234,7 +234,7 @@ def prepare(preset, **params):
     cfg, sources = resolve(TrainConfig, params, preset)
     setup_logs(cfg)
     log_config(cfg, sources)
-    plan = preflight(cfg)
+    plan = preflight(cfg, trains=False)
     _, _, stats = build(cfg, load_tokenizer(cfg), plan.block_size, builds=True)
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
                f"{plan.block_size} tokens in {cfg.data_cache_dir}")

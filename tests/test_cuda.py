@@ -185,3 +185,11 @@ def test_a_cpu_torch_beside_a_driver_trains_on_the_cpu_unless_a_gpu_is_asked_for
         cuda.check("bf16", {})
     with pytest.raises(cuda.DriverError, match="NVIDIA_VISIBLE_DEVICES=all"):
         cuda.check("auto", {"NVIDIA_VISIBLE_DEVICES": "all"})
+
+
+def test_prepare_from_the_cuda_image_on_a_cpu_node_needs_no_driver(tmp_path, data_dir, tiny_model):
+    """Tokenizing needs no GPU: the prepare overlay runs the CUDA image (NVIDIA_VISIBLE_DEVICES=all) on CPU nodes."""
+    env = train_env(tiny_model, data_dir, tmp_path / "out", NVIDIA_VISIBLE_DEVICES="all")
+    result = finetune("prepare", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prepared:" in result.stdout
