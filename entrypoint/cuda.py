@@ -150,6 +150,8 @@ def check(precision: str, environ: Mapping[str, str]) -> None:
     if torch.version.cuda is None and why is None:
         return  # a CPU build of torch on a host that has a driver: the CPU run it was installed for
     label = f"torch {torch.__version__}"
+    if found is None and torch.version.cuda is not None and torch.cuda.is_available():
+        return  # CUDA works though its driver's version is hidden (no /proc entry, no nvidia-smi): nothing to fix
     if line := driver_problem(found, torch.version.cuda, why or f"driver {found} is loaded", label):
         raise DriverError(line)
     with warnings.catch_warnings(record=True) as caught:
