@@ -1,12 +1,19 @@
 # The `finetune` image. Stages: base (Python, tini, user) -> build (venv from constraints.txt) ->
 # model (optional baked model) -> dev (the dev container: + test and lint tools) -> runtime (the default).
 #
-#   make image        CUDA image (docker build --target runtime .)
-#   make image-cpu    CPU-only image on Debian, with the CPU torch wheel from .docker-wheels/
+#   make image                        CUDA image (docker build --target runtime .), CUDA 13.0: driver >= 580.65.06
+#   make image CUDA_FLAVOUR=cu126     the same for an older driver (see CUDA_FLAVOUR below)
+#   make image-cpu                    CPU-only image on Debian, with the CPU torch wheel from .docker-wheels/
 #
 # Build arguments:
+#   CUDA_FLAVOUR         cu130 (default), cu128 or cu126: the CUDA base image below and the CUDA version the torch
+#                        wheels must have (the build fails if they disagree). The image declares it in
+#                        NVIDIA_REQUIRE_CUDA, so the NVIDIA container toolkit refuses an older driver at start.
+#                        cu130 takes torch from PyPI; make image passes PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/<flavour>
+#                        for the others. Minimum drivers (NVIDIA's CUDA release notes): cu130 580.65.06,
+#                        cu128 570.26, cu126 560.28.03.
 #   BASE_IMAGE           Any Debian/Ubuntu image with Python >= 3.11 in its apt sources; empty or unset
-#                        means the CUDA default in the FROM line below (so a caller may pass it through blank).
+#                        means the CUDA_FLAVOUR's base below (so a caller may pass it through blank).
 #   BAKE_MODEL           Bake a model into the image for air-gapped clusters: a directory under models/ in
 #                        the build context (BAKE_MODEL=models/my-gpt2), or a Hub id (BAKE_MODEL=gpt2) downloaded
 #                        at build time. The image then defaults to it (FINETUNE_MODEL) with HF_HUB_OFFLINE=1.
@@ -16,12 +23,38 @@
 # while pip or the Hub download runs and never written to a layer:
 #   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/path/to/proxy-ca.pem ...
 
-# The CUDA `base` flavour is enough: PyPI's torch wheels bring their own CUDA runtime, cuDNN and NCCL (the
+# The CUDA `base` flavour is enough: the torch wheels bring their own CUDA runtime, cuDNN and NCCL (the
 # nvidia-* wheels), so the image needs only the NVIDIA container runtime's conventions, not the multi-GB
 # `runtime`/`devel` flavours. Ubuntu 24.04 because its python3 is 3.12; 22.04's 3.10 is too old.
+# One stage per flavour; only the one CUDA_FLAVOUR names is pulled. NVIDIA_REQUIRE_CUDA replaces the base's own
+# (which also admits older datacenter driver branches through CUDA's minor-version compatibility): this image
+# asks for the driver its torch's CUDA version needs, the same minimum `finetune doctor` checks (entrypoint/cuda.py).
+# The 13.0 and 12.6 tags are not pinned by digest yet: no registry was reachable where they were added; pin them
+# with `docker buildx imagetools inspect nvidia/cuda:<tag>`.
 ARG BASE_IMAGE
+ARG CUDA_FLAVOUR=cu130
 
-FROM ${BASE_IMAGE:-nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2} AS base
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04 AS cuda-cu130
+ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
+    FINETUNE_IMAGE_CUDA=13.0
+
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2 AS cuda-cu128
+ENV NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
+    FINETUNE_IMAGE_CUDA=12.8
+
+FROM nvidia/cuda:12.6.3-base-ubuntu24.04 AS cuda-cu126
+ENV NVIDIA_REQUIRE_CUDA="cuda>=12.6" \
+    FINETUNE_IMAGE_CUDA=12.6
+
+# DL3006: cuda-${CUDA_FLAVOUR} is one of the stages above, each tagged.
+# hadolint ignore=DL3006
+FROM cuda-${CUDA_FLAVOUR} AS cuda
+# Every GPU, compute and nvidia-smi only; set on the CUDA flavours alone, so the CPU image (a Debian base) expects
+# no GPU and `finetune` there trains on the CPU instead of stopping with exit 11 (DRIVER).
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+FROM ${BASE_IMAGE:-cuda} AS base
 # Versions come from the base image's release (pinned by digest above), not from apt pins that would break
 # on the next security update; the Python dependencies are pinned in constraints.txt.
 # The CA secret matters here too: the CUDA image's NVIDIA apt source is HTTPS.
@@ -55,8 +88,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/.cache/matplotlib \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     FINETUNE_PRESET_DIR=/app/config
 
 FROM base AS build
@@ -76,6 +107,7 @@ RUN --mount=type=secret,id=ca \
     && python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
         > /tmp/requirements.txt \
     && pip install -c constraints.txt -r /tmp/requirements.txt \
+    && python3 -c 'import os, sys, torch; want = os.environ.get("FINETUNE_IMAGE_CUDA"); sys.exit(0 if not want or torch.version.cuda == want else f"torch {torch.__version__} has CUDA {torch.version.cuda}, this flavour needs {want}: pass the index with its wheels (make image sets it)")' \
     && rm -f /tmp/ca.pem /tmp/requirements.txt
 # The app as a wheel, installed by the runtime stage on top of the unchanged venv: a code change then rebuilds
 # a layer of kilobytes instead of copying the 1.5 GB venv again.

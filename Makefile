@@ -76,7 +76,7 @@ lock: ## Re-resolve the newest dependencies into constraints.txt.
 
 .PHONY: clean
 clean: ## Remove the virtualenv, demo files, output, benchmark files and caches.
-	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(BENCH_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container
@@ -105,9 +105,16 @@ comma := ,
 BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --target runtime $(if $(CA_CERT),--secret id=ca$(comma)src=$(CA_CERT)) $(BUILD_ARGS)
 RUN_MOUNTS = -v $(abspath $(DATA_DIR)):/data:ro -v $(abspath $(OUTPUT_DIR)):/output -e FINETUNE_PRESET=$(PRESET)
 
+# The CUDA image's flavour: cu130 (driver >= 580.65.06; torch from PyPI), cu128 (>= 570.26) or cu126
+# (>= 560.28.03), the older two with torch from PyTorch's own index for that CUDA version.
+CUDA_FLAVOUR ?= cu130
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(CUDA_FLAVOUR)
+CUDA_ARGS = --build-arg CUDA_FLAVOUR=$(CUDA_FLAVOUR) \
+	$(if $(filter-out cu130,$(CUDA_FLAVOUR)),--build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX))
+
 .PHONY: image
-image: ## Build the CUDA image, IMAGE (torch with its CUDA libraries from PyPI, about 6 GB).
-	$(BUILD) -t $(IMAGE) .
+image: ## Build the CUDA image, IMAGE (about 6 GB); CUDA_FLAVOUR=cu126 or cu128 for an older driver.
+	$(BUILD) $(CUDA_ARGS) -t $(IMAGE) .
 
 .PHONY: image-cpu
 image-cpu: ## Build the CPU-only image, CPU_IMAGE (for machines without a GPU, and CI).
@@ -163,6 +170,28 @@ bench-prepare: install ## Data preparation throughput on ~30M tokens with a 50k 
 bench-prepare-scale: install ## Preparation at 256 MB, 1 GB and 4 GB of text: tokens/s and peak anonymous memory.
 	$(VENV)/bin/python -m bench.prepare_scale --sizes $(SCALE_SIZES) --workers $(SCALE_WORKERS) --workdir $(BENCH_DIR) \
 		--json $(BENCH_DIR)/prepare-scale.json
+
+# make gpu-check: the GPU tests and benchmark in one command (docs/gpu.md). It runs with the system Python of a GPU
+# machine (no .venv there) or with .venv here, where no CUDA means dry mode: tiny shapes on the CPU.
+GPU_CHECK_DIR ?= .gpu-check
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+# The GPU machine's Python (3.12, x86-64 manylinux) and the packages it lacks, at the versions constraints.txt pins.
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEEL_PACKAGES ?= datasets dill multiprocess transformers regex
+
+.PHONY: gpu-check
+gpu-check: ## The GPU tests and benchmark (under 8 min on an H100) into GPU_CHECK_DIR; dry mode without CUDA.
+	GPU_CHECK_DIR=$(GPU_CHECK_DIR) GPU_WHEELS=$(GPU_WHEELS) PYTHON=$(GPU_PYTHON) scripts/gpu-check.sh
+
+.PHONY: gpu-wheels
+gpu-wheels: ## Download the wheels a GPU machine's system Python lacks into GPU_WHEELS (about 15 MB), for carrying.
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+		$(foreach p,$(GPU_WHEEL_PACKAGES),$(shell grep -i '^$(p)==' constraints.txt))
+	@du -sh $(GPU_WHEELS)
 
 .PHONY: bench-resume
 bench-resume: install ## Seconds from process start to the first resumed step, GPT-2 124M shape on CPU.

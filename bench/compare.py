@@ -137,8 +137,9 @@ def _data_files(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
 
 
 def run_side(side: str, model: Path, train_file: Path, valid_file: Path, budget: list[str],
-             ours_args: list[str], out: Path) -> dict:
-    """One fresh process; returns its metrics plus the wall time measured from here."""
+             ours_args: list[str], out: Path, timeout: float | None = None) -> dict:
+    """One fresh process; returns its metrics plus the wall time measured from here. A failure or a run past
+    `timeout` seconds raises SystemExit with the log's tail."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINETUNE_", "SM_", "AIP_"))}
@@ -153,7 +154,11 @@ def run_side(side: str, model: Path, train_file: Path, valid_file: Path, budget:
                    "--train-file", str(train_file), "--valid-file", str(valid_file), "--output-dir", str(out),
                    *HYPERPARAMETERS, *budget, *ours_args]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *command], env=env, cwd=REPO, capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, *command], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench: the {side} run passed its {timeout:.0f} s limit") from None
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])

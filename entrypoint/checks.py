@@ -31,9 +31,13 @@ class Plan:
 
 def device_and_precision(requested: str) -> tuple[str, str]:
     """auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU. An explicit request that the
-    hardware cannot honour is an error, never a silent change."""
+    hardware cannot honour is an error, never a silent change. Where a GPU is expected (or a driver is loaded),
+    a missing or too old driver, or CUDA that will not start, is a DriverError (cuda.check)."""
     import torch
 
+    from . import cuda
+
+    cuda.check(requested, os.environ)
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
         bf16 = torch.cuda.is_bf16_supported()
@@ -99,12 +103,14 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
         raise ModelLoadError(*problems)
 
 
-def preflight(cfg: TrainConfig) -> Plan:
-    """Everything checkable before weights load; raises one error carrying every problem."""
+def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
+    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
+    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
     device, precision = "cpu", "fp32"
     try:
-        device, precision = device_and_precision(cfg.precision)
+        if trains:
+            device, precision = device_and_precision(cfg.precision)
     except FinetuneError as exc:
         problems.append(exc)
     try:

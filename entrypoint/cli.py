@@ -291,7 +291,7 @@ def prepare(preset, shard, num_shards, **params):
         from .checks import check_model_dir
 
         check_model_dir(Path(cfg.model), "--model", weights=False)
-    plan = preflight(cfg)
+    plan = preflight(cfg, trains=False)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
     stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import cuda
 from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, load_model_config
 from .config import TrainConfig, check_values
 from .errors import ConfigError, FinetuneError, ModelLoadError
@@ -68,6 +69,10 @@ def _device(cfg):
     gpus = torch.cuda.device_count()
     bf16 = gpus and torch.cuda.is_bf16_supported()
     support = f"{gpus} GPU(s), bf16 {'yes' if bf16 else 'no'}" if gpus else "no GPU visible (CPU training)"
+    driver = cuda.driver_version()
+    if driver and torch.version.cuda:
+        support += (f", NVIDIA driver {driver} (torch's CUDA {torch.version.cuda} needs "
+                    f"{cuda.required_driver(torch.version.cuda) or 'a driver of its release'})")
     return f"{device}: {support}; training precision {precision}"
 
 

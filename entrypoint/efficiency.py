@@ -55,7 +55,13 @@ def flops_per_token(model, seq: int) -> float:
 def mfu(model, device_name: str, precision: str, seq: int, tokens_per_second_per_device: float,
         tf32: bool = False) -> float | None:
     """Useful model FLOPs per second over the device's peak; None where there is no known peak (CPU)."""
+    return mfu_from(flops_per_token(model, seq), device_name, precision, tokens_per_second_per_device, tf32)
+
+
+def mfu_from(flops: float, device_name: str, precision: str, tokens_per_second_per_device: float,
+             tf32: bool = False) -> float | None:
+    """MFU from FLOPs per token: the one formula the job (metrics.json) and the benchmarks share."""
     peak = peak_flops(device_name, precision, tf32)
     if not peak:
         return None
-    return flops_per_token(model, seq) * tokens_per_second_per_device / peak
+    return flops * tokens_per_second_per_device / peak

@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     DIVERGED = 8  # the loss went non-finite, or the final model is worse than the untrained one: not published
     BUSY = 9  # another live run holds the output or checkpoint directory (its lease): nothing was touched
     EXPORT = 10  # the model is published locally but --export-to failed: rerun to export without retraining
+    DRIVER = 11  # a GPU was expected but the NVIDIA driver is missing, too old for torch's CUDA, or CUDA is unusable
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -37,13 +38,15 @@ DESCRIPTIONS = {
     ExitCode.DIVERGED: "training diverged; the model was not published",
     ExitCode.BUSY: "another run is using the output or checkpoint directory",
     ExitCode.EXPORT: "model published locally but the upload to --export-to failed; rerun to export",
+    ExitCode.DRIVER: "a GPU was expected but the NVIDIA driver is missing or too old, or CUDA is unusable",
 }
 
 # A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit. DIVERGED is
 # permanent because training is deterministic: a retry resumes the same run and diverges again. BUSY is not:
 # the holder may be a run on its way out (a pod still terminating on a lost node, a SIGKILLed run whose lease
 # goes stale within lease.STALE_SECONDS), and the retry after the Job's backoff (10 s, doubling) finds the
-# directory free.
+# directory free. DRIVER is not permanent either: a retried pod may land on another node (a newer driver, a
+# GPU that has not fallen off the bus), and the check fails in preflight, seconds in, so each retry costs little.
 PERMANENT = (ExitCode.USAGE, ExitCode.DATA, ExitCode.MODEL, ExitCode.DIVERGED)
 
 
@@ -91,3 +94,7 @@ class Busy(FinetuneError):
 
 class ExportError(FinetuneError):
     code = ExitCode.EXPORT
+
+
+class DriverError(FinetuneError):
+    code = ExitCode.DRIVER

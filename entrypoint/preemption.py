@@ -98,16 +98,24 @@ class StopEvaluation(TrainerCallback):
         self.started = None
 
 
+# In a multi-process run the ranks agree on a stop every STOP_CHECK_EVERY optimizer steps (and at the last one):
+# the agreement is an all-reduce plus a read back to the host, which would otherwise stall the GPU's queue at every
+# step. A signal is then acted on within STOP_CHECK_EVERY steps, the same step on every rank; size the grace
+# period for that many steps plus a save. One process needs no agreement and checks at every step.
+STOP_CHECK_EVERY = 10
+
+
 class StopOnSignal(TrainerCallback):
-    """At each step end, stop and save if any rank was signalled. In a multi-process run the flag is all-reduced
-    (max) so every rank stops at the same step and none waits forever in a collective."""
+    """At a step end, stop and save if any rank was signalled. In a multi-process run the flag is all-reduced
+    (max) on the device, every STOP_CHECK_EVERY steps, so every rank stops at the same step and none waits
+    forever in a collective."""
 
     def __init__(self, stop: StopRequest):
         self.stop = stop
         self.stopped_at: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._agreed(args):
+        if self._agreed(args, state):
             control.should_save = True
             control.should_log = True  # the loss since the last log goes into the checkpoint's history, not lost
             control.should_training_stop = True
@@ -115,11 +123,14 @@ class StopOnSignal(TrainerCallback):
             log.warning("preemption: stopping at step %d and saving a checkpoint", state.global_step)
         return control
 
-    def _agreed(self, args) -> bool:
+    def _agreed(self, args, state) -> bool:
         if args.world_size <= 1 or not torch.distributed.is_initialized():
             return self.stop.requested
+        if state.global_step % STOP_CHECK_EVERY and state.global_step < state.max_steps:
+            return False
         flag = torch.tensor(1.0 if self.stop.requested else 0.0, device=args.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and not self.stop.requested:
+        stop = bool(flag.item())
+        if stop and not self.stop.requested:
             self.stop.signal_name = "a signal on another rank"
-        return bool(flag.item())
+        return stop

@@ -34,7 +34,8 @@ def batch_and_accumulation(cfg, plan, model) -> tuple[int, int]:
     if plan.device == "cpu":
         batch = AUTO_BASE_BATCH
     else:
-        batch = largest_fitting_batch(model, plan.precision, plan.block_size, effective, cfg.gradient_checkpointing)
+        batch = agree_on_smallest(largest_fitting_batch(model, plan.precision, plan.block_size, effective,
+                                                        cfg.gradient_checkpointing))
     accumulation = -(-effective // batch)
     event(f"batch size: auto chose {batch} x {accumulation} accumulation ({batch * accumulation} sequences a step)",
           batch_size=batch, grad_accum=accumulation)
@@ -42,23 +43,46 @@ def batch_and_accumulation(cfg, plan, model) -> tuple[int, int]:
 
 
 def largest_fitting_batch(model, precision: str, block_size: int, limit: int, checkpointing: bool) -> int:
-    """Try powers of two from the largest up to `limit` down to 1 on this process's GPU (unmeasured here)."""
+    """Try powers of two from the largest up to `limit` down to 1 on this process's GPU.
+
+    The probe runs the model as training will: in train mode (a loaded model is in eval mode, where dropout is
+    off and GPT-2 skips gradient checkpointing), with checkpointing on exactly when the run asks for it. The
+    model's mode is restored afterwards."""
     from accelerate import PartialState
 
     device = PartialState().device
     model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable()
+    was_training = model.training
+    model.train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # AdamW's two fp32 moments are allocated at the first optimizer step; hold their room during the probe.
     optimizer_state = torch.empty(2 * sum(p.numel() for p in model.parameters()), device=device)
     total = torch.cuda.get_device_properties(device).total_memory
     batch = 1 << (limit.bit_length() - 1)
-    while batch > 1 and not _fits(model, device, dtype, batch, block_size, total):
-        batch //= 2
-    del optimizer_state
-    torch.cuda.empty_cache()
+    try:
+        while batch > 1 and not _fits(model, device, dtype, batch, block_size, total):
+            batch //= 2
+    finally:
+        model.train(was_training)
+        del optimizer_state
+        torch.cuda.empty_cache()
     return batch
+
+
+def agree_on_smallest(batch: int) -> int:
+    """Every rank must train with the same micro-batch (or the gradient average weights ranks unevenly and the
+    data split differs); each probed its own GPU, so all take the smallest. The all-reduce runs on the rank's own
+    device: NCCL accepts only CUDA tensors."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not torch.distributed.is_initialized():  # under torchrun even one process agrees, as the GPU check proves
+        return batch
+    agreed = torch.tensor(batch, device=state.device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return int(agreed.item())
 
 
 def _fits(model, device, dtype, batch: int, block_size: int, total: int) -> bool:
@@ -103,26 +127,64 @@ def tf32_supported() -> bool:
 
 
 class StepTimer(TrainerCallback):
-    """Times optimizer steps; the first one's excess over the typical step is the compile time."""
+    """Times optimizer steps: each step from its start to its end (the first one's excess over the typical step is
+    the compile time) and the period from one step's end to the next (what MFU divides by: data loading counts,
+    while the evaluations and saves that fall between two steps are outliers the median leaves out)."""
 
-    def __init__(self):
+    def __init__(self, compiled: bool = False):
+        self.compiled = compiled
         self.began = 0.0
+        self.ended: float | None = None
         self.seconds: list[float] = []
+        self.periods: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.began = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self.began)
-        if len(self.seconds) == 2:
+        now = time.perf_counter()
+        self.seconds.append(now - self.began)
+        if self.ended is not None:
+            self.periods.append(now - self.ended)
+        self.ended = now
+        if self.compiled and len(self.seconds) == 2:
             event(f"compile: first step took {self.seconds[0]:.1f} s, the next {self.seconds[1]:.2f} s",
                   first_step_seconds=self.seconds[0])
 
+    def step_seconds(self, quantile: float = 0.5) -> float | None:
+        """An optimizer step's wall time at `quantile` (nearest rank) of the periods, or of the steps when there
+        is only one; the median by default. The 0.9 quantile over the median is the step-time spread."""
+        times = sorted(self.periods or self.seconds)
+        if not times:
+            return None
+        return statistics.median(times) if quantile == 0.5 else times[round(quantile * (len(times) - 1))]
+
+
+def _timer(trainer) -> StepTimer | None:
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
 
 
 def compile_seconds(trainer) -> float | None:
     """The compile time StepTimer saw, or None when the model was not compiled (or ran a single step)."""
-    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
-    if timer is None or len(timer.seconds) < 2:
+    timer = _timer(trainer)
+    if timer is None or not timer.compiled or len(timer.seconds) < 2:
         return None
     return max(0.0, timer.seconds[0] - statistics.median(timer.seconds[1:]))
+
+
+def step_seconds(trainer, quantile: float = 0.5) -> float | None:
+    timer = _timer(trainer)
+    return timer.step_seconds(quantile) if timer else None
+
+
+def mfu(trainer, plan, real_tokens: int) -> float | None:
+    """MFU of this run from the measured optimizer-step time: the useful tokens of a typical step on one device
+    (this process's steps; `real_tokens` summed over ranks) over the step's wall time, against the GPU's dense
+    peak for the precision (efficiency.PEAK_TFLOPS). None on a CPU or an unknown GPU."""
+    timer = _timer(trainer)
+    seconds = timer.step_seconds() if timer else None
+    if not seconds or not real_tokens:
+        return None
+    per_device_step = real_tokens / len(timer.seconds) / trainer.args.world_size
+    return efficiency.mfu_from(efficiency.flops_per_token(trainer.model, plan.block_size), plan.device,
+                               plan.precision, per_device_step / seconds, tf32=tf32_supported())

@@ -239,7 +239,7 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
     )
     counter = TokenCounter()
     progress = ProgressLog(counter, show_steps=quiet)
-    callbacks = [progress, speed.StepTimer()] if compiled else [progress]
+    callbacks = [progress, speed.StepTimer(compiled)]
     if "tensorboard" in cfg.report_to:
         from transformers.integrations import TensorBoardCallback
 
@@ -285,9 +285,10 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "useful_tokens_per_second": real / training if training > 0 else 0.0,
         "eval_seconds": eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,
-        "mfu": efficiency.mfu(trainer.model, plan.device, plan.precision, plan.block_size,
-                              real / training / trainer.args.world_size if training > 0 else 0.0,
-                              tf32=speed.tf32_supported()),
+        "mfu": speed.mfu(trainer, plan, real),
+        "step_seconds": speed.step_seconds(trainer),
+        "step_seconds_p90": speed.step_seconds(trainer, 0.9),
+        "flops_per_token": efficiency.flops_per_token(trainer.model, plan.block_size),
         "compile_seconds": speed.compile_seconds(trainer),
         "world_size": trainer.args.world_size,
         "device": plan.device,

@@ -15,6 +15,7 @@ import pytest
 from entrypoint.config import TrainConfig
 from entrypoint.errors import ExitCode
 from entrypoint.launch import torchrun_arguments
+from entrypoint.preemption import STOP_CHECK_EVERY
 from tests.helpers import FAST_TRAIN, clean_env, finetune, train_env
 from tests.test_preemption import Job
 
@@ -67,6 +68,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume(tmp_path, tiny_model,
     assert code == ExitCode.PREEMPTED, log[-3000:]
     assert not (out / "model").exists()
     stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
+    assert stopped % STOP_CHECK_EVERY == 0 or stopped == 16, "ranks agree only every STOP_CHECK_EVERY steps"
     assert (out / "checkpoints" / f"checkpoint-{stopped}" / "finetune-complete.json").is_file()
 
     result = finetune("train", env=env)

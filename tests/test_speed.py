@@ -3,11 +3,14 @@ decision, and how the compile time is read from step times."""
 
 from __future__ import annotations
 
+import time
+import types
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from entrypoint import speed
+from entrypoint import efficiency, speed
 from entrypoint.checks import Plan
 from entrypoint.config import TrainConfig, check_values, coerce, fields
 from entrypoint.errors import ConfigError
@@ -46,12 +49,38 @@ def test_compile_auto_is_off_on_cpu_and_short_gpu_runs_and_on_for_long_ones(gpt2
     assert speed.should_compile(TrainConfig(compile="on"), plan(), gpt2, train_rows=1, sequences_per_step=1)
 
 
+def fake_trainer(timer, model=None, world_size: int = 1):
+    """What speed reads from a Trainer: its callbacks, its model and its world size."""
+    return types.SimpleNamespace(callback_handler=types.SimpleNamespace(callbacks=[timer]), model=model,
+                                 args=types.SimpleNamespace(world_size=world_size))
+
+
 def test_compile_seconds_is_the_first_steps_excess_over_the_typical_step():
-    timer = speed.StepTimer()
+    timer = speed.StepTimer(compiled=True)
     timer.seconds = [31.0, 1.0, 1.2, 0.9]
+    assert speed.compile_seconds(fake_trainer(timer)) == pytest.approx(30.0)
+    uncompiled = speed.StepTimer()
+    uncompiled.seconds = [31.0, 1.0, 1.2, 0.9]
+    assert speed.compile_seconds(fake_trainer(uncompiled)) is None
 
-    class Trainer:
-        class callback_handler:  # noqa: N801  (Trainer's attribute name)
-            callbacks = [timer]
 
-    assert speed.compile_seconds(Trainer) == pytest.approx(30.0)
+def test_step_timer_measures_the_period_between_step_ends():
+    timer = speed.StepTimer()
+    for _ in range(3):
+        timer.on_step_begin(None, None, None)
+        time.sleep(0.01)
+        timer.on_step_end(None, None, None)
+    assert len(timer.seconds) == 3 and len(timer.periods) == 2
+    assert timer.step_seconds() >= 0.01
+
+
+def test_mfu_uses_the_typical_step_time_and_the_dense_peak(gpt2):
+    timer = speed.StepTimer()
+    timer.seconds = [40.0, 0.06, 0.06, 0.06]  # a compile-long first step and an eval-long period are outliers
+    timer.periods = [0.06, 9.0, 0.06]
+    tokens = 4 * 32 * 1024 * 2  # 4 steps of 32 x 1024 tokens on each of 2 ranks
+    got = speed.mfu(fake_trainer(timer, gpt2, world_size=2), plan(H100, "bf16"), tokens)
+    flops = efficiency.flops_per_token(gpt2, 1024)
+    assert got == pytest.approx(flops * 32 * 1024 / 0.06 / 989.4e12)
+    assert 0.4 < got < 0.55  # GPT-2 124M at ~550k tokens/s on one H100 is nanoGPT-class, under half its peak
+    assert speed.mfu(fake_trainer(timer, gpt2), plan(), tokens) is None  # CPU: no peak
