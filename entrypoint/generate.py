@@ -15,7 +15,7 @@ from .checks import check_model_dir
 from .config import GenerateConfig, check_values
 from .errors import ConfigError, ModelLoadError, OutOfMemory
 
-MIN_TEMPERATURE = 1e-3
+MIN_TEMPERATURE = 1e-3  # smaller ones act as greedy anyway, and far smaller ones overflow float32 logits to inf
 BATCH = 32  # samples generated together; more are generated batch after batch, so memory stays bounded
 
 
@@ -54,7 +54,6 @@ def sample(cfg: GenerateConfig) -> Iterator[str]:
 def check_inputs(cfg: GenerateConfig) -> None:
     """The checks that need no library: the sampling values, the prompt's encoding and the model directory's files."""
     problems = check_values(cfg)
-    # Below MIN_TEMPERATURE, logits divided by it overflow float32 to inf; 0 already means greedy.
     if 0 < cfg.temperature < MIN_TEMPERATURE:
         problems.append(f"--temperature {cfg.temperature} is too small to sample with; use 0 (greedy) or a value of "
                         f"at least {MIN_TEMPERATURE}.")
