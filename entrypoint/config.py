@@ -8,6 +8,7 @@ flag > FINETUNE_* env var > platform contract (SageMaker, Vertex AI) > preset > 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -25,6 +26,9 @@ ENV_PREFIX = "FINETUNE_"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
 # Installed (non-editable) copies find the presets here; the image sets it to /app/config.
 PRESET_DIR = Path(os.environ.get("FINETUNE_PRESET_DIR", PRESET_DIR))
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit, and transformers' set_seed seeds numpy too
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -80,7 +84,7 @@ class TrainConfig:
     early_stopping_patience: int | None = opt(
         None, "Stop after N evaluations without improvement and publish the best model.", min=1)
     logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
-    seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0)
+    seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0, max=SEED_MAX)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
                        "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
@@ -128,7 +132,7 @@ class GenerateConfig:
     top_p: float = opt(0.95, "Nucleus sampling: keep the smallest token set with this much probability.",
                        min=0.0, max=1.0)
     num_samples: int = opt(1, "Samples to print.", min=1)
-    seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0)
+    seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0, max=SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class InitModelConfig:
     vocab_size: int = opt(2048, "Tokenizer vocabulary size, including the 256 byte symbols.", min=260,
                           max=1_000_000)
     context: int = opt(256, "Context length (n_positions).", min=8, max=65536)
-    seed: int = opt(0, "Random seed for the weights.", min=0)
+    seed: int = opt(0, "Random seed for the weights.", min=0, max=SEED_MAX)
 
 
 # Architecture presets for `init-model`: (layers, heads, width). gpt2 is GPT-2 124M's shape.
@@ -215,6 +219,9 @@ def check_values(cfg: Any) -> list[str]:
         if value is None or f.metadata.get("auto") and value == "auto":
             continue
         choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every range comparison
+            problems.append(f"--{_dash(name)} {value} is not a finite number; give a number.")
+            continue
         if choices and value not in choices:
             problems.append(f"--{_dash(name)} {value!r} is not one of {', '.join(choices)}; pick one of them.")
         if lo is not None and value < lo or hi is not None and value > hi:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .checks import check_model_dir
-from .config import GenerateConfig
+from .config import GenerateConfig, check_values
 from .errors import ConfigError, ModelLoadError, OutOfMemory
 
+MIN_TEMPERATURE = 1e-3  # smaller ones act as greedy anyway, and far smaller ones overflow float32 logits to inf
 BATCH = 32  # samples generated together; more are generated batch after batch, so memory stays bounded
 
 
@@ -51,7 +52,13 @@ def sample(cfg: GenerateConfig) -> Iterator[str]:
 
 
 def check_inputs(cfg: GenerateConfig) -> None:
-    """The checks that need no library: the prompt's encoding and the model directory's files."""
+    """The checks that need no library: the sampling values, the prompt's encoding and the model directory's files."""
+    problems = check_values(cfg)
+    if 0 < cfg.temperature < MIN_TEMPERATURE:
+        problems.append(f"--temperature {cfg.temperature} is too small to sample with; use 0 (greedy) or a value of "
+                        f"at least {MIN_TEMPERATURE}.")
+    if problems:
+        raise ConfigError(*problems)
     check_prompt(cfg.prompt)
     check_model_dir(cfg.model_dir, "--model-dir")
 

@@ -257,7 +257,10 @@ class Lease:
 def held_by_another(directory: Path) -> bool:
     """True when a lease file in `directory` names a process other than this one (the CLI then leaves the
     directory's status.json to its owner)."""
-    found = _read(Path(directory) / LEASE)
+    try:
+        found = _read(Path(directory) / LEASE)
+    except OSError:  # the directory is what failed (not a directory, unreadable): nobody can hold it
+        return False
     if found is None:
         return False
     holder = found[0] or {}

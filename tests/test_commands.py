@@ -146,6 +146,11 @@ GENERATE = [
      "--temperature"),
     ("top_p_above_one", lambda p: ["--model-dir", str(p.model), "--top-p", "1.5"], ExitCode.USAGE, "--top-p"),
     ("zero_samples", lambda p: ["--model-dir", str(p.model), "--num-samples", "0"], ExitCode.USAGE, "--num-samples"),
+    ("temperature_too_small_to_sample", lambda p: ["--model-dir", str(p.model), "--temperature", "1e-45"],
+     ExitCode.USAGE, "use 0 (greedy) or a value of at least"),
+    ("top_p_not_a_number", lambda p: ["--model-dir", str(p.model), "--top-p", "nan"], ExitCode.USAGE,
+     "--top-p nan is not a finite number"),
+    ("seed_beyond_32_bits", lambda p: ["--model-dir", str(p.model), "--seed", str(2**32)], ExitCode.USAGE, "--seed"),
 ]
 
 
@@ -330,6 +335,7 @@ CONFIG = [
     ("nproc_not_a_number", lambda p: ["--nproc-per-node", "two"], {}, "--nproc-per-node 'two'"),
     ("nodes_without_endpoint", lambda p: ["--nnodes", "2"], {}, "--rdzv-endpoint"),
     ("split_out_of_range", lambda p: ["--validation-split", "90"], {}, "--validation-split"),
+    ("learning_rate_not_a_number", lambda p: ["--learning-rate", "nan"], {}, "--learning-rate nan is not a finite"),
     ("bad_env_value", lambda p: [], {"FINETUNE_BATCH_SIZE": "lots"}, "FINETUNE_BATCH_SIZE"),
     ("missing_preset", lambda p: ["--preset", "no-such-preset"], {}, "not found"),
     ("preset_not_yaml", lambda p: _preset(p, "epochs: [1,"), {}, "not valid YAML"),
