@@ -57,6 +57,13 @@ def load_model_config(model: str, token: str | None):
                              "save_pretrained folder or a Hub id.")
     try:
         return AutoConfig.from_pretrained(model, token=token)
+    except ValueError as exc:  # an unknown model_type, or an auto_map that only its own code can load
+        from .model import needs_remote_code, remote_code_error
+
+        if needs_remote_code(exc):
+            raise remote_code_error(model) from None
+        raise ModelLoadError(f"cannot load model config for {model!r} ({str(exc).splitlines()[0][:120]}); "
+                             "use a model whose architecture this transformers version supports.") from None
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = ("HF_HUB_OFFLINE=1 is set and it is not in the cache (HF_HOME); download it first or bake it "
@@ -87,7 +94,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     model_config, block_size = None, cfg.block_size or 0
     try:
         model_config = load_model_config(cfg.model, cfg.hub_token)
-        positions = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
+        positions = context_length(model_config)
         if cfg.block_size and cfg.block_size > positions:
             problems.append(ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "
                                         f"use --block-size {positions} or less."))
@@ -98,6 +105,13 @@ def preflight(cfg: TrainConfig) -> Plan:
         problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
         raise type(problems[0])(*[p for e in problems for p in e.problems])
     return Plan(device=device, precision=precision, block_size=block_size, model_config=model_config)
+
+
+def context_length(model_config) -> int:
+    """The model's maximum sequence length. transformers' attribute maps give every architecture the standard
+    name (GPT-2's n_positions reads as max_position_embeddings); a model without one gets MAX_DEFAULT_BLOCK."""
+    text_config = model_config.get_text_config()
+    return getattr(text_config, "max_position_embeddings", None) or MAX_DEFAULT_BLOCK
 
 
 # The first problem decides the exit code: the most fundamental kind first.

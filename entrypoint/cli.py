@@ -229,7 +229,7 @@ def prepare(preset, **params):
     """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
     from .checks import preflight
     from .data import prepare as build
-    from .train import load_tokenizer
+    from .model import load_tokenizer
 
     cfg, sources = resolve(TrainConfig, params, preset)
     setup_logs(cfg)
