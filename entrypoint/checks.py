@@ -56,7 +56,7 @@ def load_model_config(model: str, token: str | None):
         raise ModelLoadError(f"--model {model} is not a model directory (no config.json); point it at a "
                              "save_pretrained folder or a Hub id.")
     try:
-        return AutoConfig.from_pretrained(model, token=token)
+        return AutoConfig.from_pretrained(model, token=token, trust_remote_code=False)  # never asks on stdin
     except ValueError as exc:  # an unknown model_type, or an auto_map that only its own code can load
         from .model import needs_remote_code, remote_code_error
 

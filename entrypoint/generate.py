@@ -14,8 +14,8 @@ def sample(cfg: GenerateConfig) -> list[str]:
         raise ModelLoadError(f"{cfg.model_dir} is not a model directory (no config.json); train first or point "
                              "--model-dir at a published model/.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {cfg.model_dir} ({str(exc).splitlines()[0][:120]}); "
                              "is the model complete (model/COMPLETE)?") from None

@@ -45,7 +45,7 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         if needs_remote_code(exc):
             raise remote_code_error(cfg.model) from None
@@ -66,7 +66,7 @@ def load_model(cfg: TrainConfig):
     try:
         # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
-                                                     token=cfg.hub_token)
+                                                     token=cfg.hub_token, trust_remote_code=False)
     except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
         if needs_remote_code(exc):
             raise remote_code_error(cfg.model) from None
@@ -121,6 +121,7 @@ def save_published(model, tokenizer, directory: Path) -> None:
     thing done with it."""
     if is_lora(model):
         model.save_pretrained(directory / ADAPTER_DIR)
+        (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's blank card; model/README.md says it
         model = model.merge_and_unload()
     model.config.use_cache = True  # off only for training (load_model); generation wants it
     model.save_pretrained(directory)
