@@ -94,7 +94,9 @@ def add_lora(model, cfg: TrainConfig):
 
     targets = lora_targets(model.config.model_type, cfg.lora_target_modules)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
+    torch.manual_seed(cfg.seed)  # lora_A starts random: the same seed makes a run, and its rerun, repeatable
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
