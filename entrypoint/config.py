@@ -135,6 +135,8 @@ class GenerateConfig:
                        min=0.0, max=1.0)
     num_samples: int = opt(1, "Samples to print.", min=1)
     seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0)
+    chat: bool = opt(False, "Send --prompt as a user message through the model's chat template (finetune's default "
+                     "when it has none), as chat training renders it; print the answer only.")
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,22 @@ def test_opt_ignores_restarted_position_ids_so_isolation_is_refused_for_it(tmp_p
     packed, alone = packed_and_alone_logits(tmp_path, tiny_model, "opt")
     assert (packed - alone).abs().max() > 1e-3  # attends across the boundary: the refusal below is needed
     assert "--no-isolate-documents" in formats.isolation_problem("opt")
+
+
+@pytest.mark.parametrize("template", [None, CHATML, INST])
+def test_generate_chat_feeds_exactly_what_chat_training_conditions_an_answer_on(tokenizer, template):
+    from entrypoint.generate import chat_prompt
+
+    tok = tokenizer if template is None else llama_style(tokenizer, template)
+    encoded = formats.encode({"messages": CONVERSATION[:2]}, CHAT, tok, formats.convention(tok))
+    first_target = next(i for i, label in enumerate(encoded.labels) if label != IGNORE)
+    assert chat_prompt(tok, "Hi") == encoded.ids[:first_target]
+
+
+def test_generate_chat_prints_the_answer_only(tiny_model):
+    from tests.helpers import finetune
+
+    result = finetune("generate", "--model-dir", str(tiny_model), "--chat", "--prompt", "Hi", "--max-new-tokens",
+                      "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "User:" not in result.stdout and "Assistant:" not in result.stdout  # the prompt is not echoed
