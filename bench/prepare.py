@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.disable_progress_bars()
 
     from entrypoint.config import TrainConfig
-    from entrypoint.train import load_tokenizer
+    from entrypoint.model import load_tokenizer
 
     workdir = args.workdir.resolve()
     model = assets.model(workdir, "tiny", assets.GPT2_VOCAB)  # only its tokenizer is used

@@ -60,8 +60,12 @@ def load_model_config(model: str, token: str | None):
         raise ModelLoadError(f"--model {model} is not a model directory (no config.json); point it at a "
                              "save_pretrained folder or a Hub id.")
     try:
-        return AutoConfig.from_pretrained(model, token=token)
+        return AutoConfig.from_pretrained(model, token=token, trust_remote_code=False)  # never asks on stdin
     except (OSError, ValueError) as exc:
+        from .model import needs_remote_code, remote_code_error
+
+        if isinstance(exc, ValueError) and needs_remote_code(exc):
+            raise remote_code_error(model) from None
         first = str(exc).splitlines()[0][:160]
         if (local / "config.json").is_file():  # a local directory: the network and the Hub cache are not the cause
             raise ModelLoadError(f"cannot read {local / 'config.json'} ({first}); it is not valid JSON or names an "
@@ -127,7 +131,7 @@ def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
     model_config, block_size = None, cfg.block_size or 0
     try:
         model_config = load_model_config(cfg.model, cfg.hub_token)
-        positions = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
+        positions = context_length(model_config)
         if cfg.block_size and cfg.block_size > positions:
             problems.append(ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "
                                         f"use --block-size {positions} or less."))
@@ -138,6 +142,13 @@ def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
         problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
         raise type(problems[0])(*[p for e in problems for p in e.problems])
     return Plan(device=device, precision=precision, block_size=block_size, model_config=model_config)
+
+
+def context_length(model_config) -> int:
+    """The model's maximum sequence length. transformers' attribute maps give every architecture the standard
+    name (GPT-2's n_positions reads as max_position_embeddings); a model without one gets MAX_DEFAULT_BLOCK."""
+    text_config = model_config.get_text_config()
+    return getattr(text_config, "max_position_embeddings", None) or MAX_DEFAULT_BLOCK
 
 
 # The first problem decides the exit code: the most fundamental kind first.

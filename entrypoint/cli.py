@@ -273,9 +273,9 @@ def prepare(preset, shard, num_shards, **params):
     from . import data
     from .checks import preflight
     from .errors import ConfigError
+    from .model import load_tokenizer
     from .platforms import shard_default
     from .preemption import StopRequest
-    from .train import load_tokenizer
 
     cfg, sources = resolve(TrainConfig, params, preset)
     # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.

@@ -59,6 +59,14 @@ class TrainConfig:
     block_size: int | None = opt(None, "Tokens per training sequence [default: the model's context, at most 1024].",
                                  min=8)
     packing: bool = opt(True, "Pack documents into full blocks (EOS between them) instead of padding each one.")
+    prompt_field: str = opt("prompt", "Field holding the prompt of prompt/completion records (instruction data).")
+    completion_field: str = opt("completion", "Field holding the completion of prompt/completion records.")
+    messages_field: str = opt("messages", "Field holding the list of {role, content} messages of chat records.")
+    train_on_prompt: bool = opt(False, "Put loss on prompt and user tokens too, not only on completions and "
+                                "assistant turns.")
+    isolate_documents: bool | None = opt(
+        None, "Restart position ids at every document in a packed block so no token attends across a document "
+        "boundary [default: on for instruction and chat data, off for plain text].")
     cache_dir: Path | None = opt(None, "Where the tokenized dataset is cached [default: <output-dir>/cache].")
     preprocessing_workers: int = opt(0, "Processes for tokenization [default 0: one per CPU this process may use, "
                                      "from its affinity and cgroup CPU quota].", min=0)
@@ -86,6 +94,14 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
     seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0, max=SEED_MAX)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    lora_rank: int = opt(0, "LoRA rank; 0 trains every weight (full fine-tuning). The published model is merged; "
+                         "the adapter is kept in model/adapter/.", min=0)
+    lora_alpha: float | None = opt(None, "LoRA scaling numerator (the update is scaled by alpha / rank) "
+                                   "[default: 2 x --lora-rank].", min=0.0)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", min=0.0, max=0.9)
+    lora_target_modules: str | None = opt(
+        None, "Comma-separated module names LoRA adapts, or all-linear [default: the architecture's attention and "
+        "MLP projections, all-linear for unknown architectures].")
     compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
                        "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
@@ -133,6 +149,8 @@ class GenerateConfig:
                        min=0.0, max=1.0)
     num_samples: int = opt(1, "Samples to print.", min=1)
     seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0, max=SEED_MAX)
+    chat: bool = opt(False, "Send --prompt as a user message through the model's chat template (finetune's default "
+                     "when it has none), as chat training renders it; print the answer only.")
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,15 @@ def peak_flops(device_name: str, precision: str, tf32: bool = False) -> float | 
 
 
 def flops_per_token(model, seq: int) -> float:
-    """6N + 12 * layers * width * seq for a GPT-2-style model (see the module docstring)."""
-    config = model.config
-    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
-    width = getattr(config, "n_embd", None) or config.hidden_size
-    positions = sum(p.numel() for name, p in model.named_parameters() if name.endswith("wpe.weight"))
-    parameters = sum(p.numel() for p in model.parameters()) - positions
-    return 6 * parameters + 12 * layers * width * seq
+    """6N + 12 * layers * width * seq (see the module docstring), for any architecture: transformers' attribute
+    maps give every config the standard names (GPT-2's n_layer and n_embd read as num_hidden_layers and
+    hidden_size). Learned position embeddings (GPT-2's wpe, OPT's embed_positions) are lookups and left out.
+    A frozen weight (LoRA's base model) costs 4 FLOPs per token, not 6: forward and input gradient, no weight
+    gradient; with every weight trainable this is the 6N above."""
+    config = model.config.get_text_config()
+    matmul = [p for name, p in model.named_parameters() if not name.endswith(("wpe.weight", "embed_positions.weight"))]
+    frozen = sum(p.numel() for p in matmul if not p.requires_grad)
+    return 6 * sum(p.numel() for p in matmul) - 2 * frozen + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
 def mfu(model, device_name: str, precision: str, seq: int, tokens_per_second_per_device: float,

@@ -28,7 +28,7 @@ def sample(cfg: GenerateConfig) -> Iterator[str]:
 
     config = _load(AutoConfig, cfg.model_dir, "config")
     tokenizer = _load(AutoTokenizer, cfg.model_dir, "tokenizer")
-    ids = prompt_ids(tokenizer, cfg.prompt)
+    ids = chat_prompt(tokenizer, cfg.prompt) if cfg.chat else prompt_ids(tokenizer, cfg.prompt)
     check_length(len(ids), cfg.max_new_tokens, context_of(config))
     model = _load(AutoModelForCausalLM, cfg.model_dir, "weights", config=config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +48,7 @@ def sample(cfg: GenerateConfig) -> Iterator[str]:
             raise OutOfMemory(f"out of memory generating {input_ids.shape[0]} samples of {cfg.max_new_tokens} "
                               "tokens; lower --max-new-tokens or --num-samples.") from None
         for seq in out:
-            yield tokenizer.decode(seq, skip_special_tokens=True)
+            yield tokenizer.decode(seq[len(ids):] if cfg.chat else seq, skip_special_tokens=True)
 
 
 def check_inputs(cfg: GenerateConfig) -> None:
@@ -102,8 +102,19 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context: int | None) -
 def _load(auto, model_dir, what: str, **kwargs):
     """from_pretrained, with every loader failure (OSError, ValueError, SafetensorError, ...) as one line."""
     try:
-        return auto.from_pretrained(model_dir, **kwargs)
+        return auto.from_pretrained(model_dir, trust_remote_code=False, **kwargs)
     except Exception as exc:  # the loaders raise many types for a bad file; all mean "this model cannot be loaded"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ModelLoadError(f"cannot load the {what} in {model_dir} ({type(exc).__name__}: {first}); is the model "
                              "complete (model/COMPLETE)? Publish it again with finetune train.") from None
+
+
+def chat_prompt(tokenizer, message: str) -> list[int]:
+    """A user message rendered and tokenized exactly as chat training renders the turns before an answer."""
+    from . import formats
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         chat_template=formats.chat_template(tokenizer), add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = formats.convention(tokenizer).bos_id
+    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids

@@ -15,7 +15,9 @@ from .config import TrainConfig
 # Options whose value changes the model a run produces: a resume under another value would silently continue
 # the old optimizer, schedule and data order with the new setting half applied.
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
-            "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision")
+            "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "prompt_field", "completion_field",
+            "messages_field", "train_on_prompt", "isolate_documents")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {

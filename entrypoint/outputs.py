@@ -134,7 +134,9 @@ def _fsync_dir(directory: Path) -> None:
 def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
     hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
                                     "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
-                                    "packing", "seed") if k in config}
+                                    "packing", "seed", "lora_rank", "lora_alpha", "lora_dropout",
+                                    "lora_target_modules") if k in config and (config.get("lora_rank") or
+                                                                               not k.startswith("lora_"))}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
              "train_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
@@ -157,7 +159,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/model")
 ```
 
 or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
-
+{_lora_note(base_model, config)}
 ## Hyperparameters
 
 | name | value |
@@ -169,6 +171,24 @@ or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
 | metric | value |
 | --- | --- |
 {results}
+"""
+
+
+def _lora_note(base_model: str, config: dict) -> str:
+    if not config.get("lora_rank"):
+        return ""
+    return f"""
+## LoRA
+
+Trained with LoRA (rank {config["lora_rank"]}). The weights here are merged: the adapter is folded into the base
+weights, so this is an ordinary model and the lines above load it. The adapter alone is in `adapter/`, for use
+on top of `{base_model}` with peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "path/to/model/adapter")
+```
 """
 
 

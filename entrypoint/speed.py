@@ -57,8 +57,9 @@ def largest_fitting_batch(model, precision: str, block_size: int, limit: int, ch
     was_training = model.training
     model.train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    # AdamW's two fp32 moments are allocated at the first optimizer step; hold their room during the probe.
-    optimizer_state = torch.empty(2 * sum(p.numel() for p in model.parameters()), device=device)
+    # AdamW's two fp32 moments (trainable weights only: LoRA freezes the rest) are allocated at the first
+    # optimizer step; hold their room during the probe.
+    optimizer_state = torch.empty(2 * sum(p.numel() for p in model.parameters() if p.requires_grad), device=device)
     total = torch.cuda.get_device_properties(device).total_memory
     batch = 1 << (limit.bit_length() - 1)
     try:

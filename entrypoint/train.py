@@ -14,10 +14,11 @@ from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArgumen
 from . import checkpoints, data, efficiency, export, guard, identity, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
-from .errors import ConfigError, Diverged, ModelLoadError, OutOfMemory, Preempted
+from .errors import ConfigError, Diverged, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty, perplexity
+from .model import load_model, load_tokenizer, save_published
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .trainer import FinetuneTrainer, TokenCounter
 
@@ -91,8 +92,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop
 
     def save(directory: Path) -> None:
         event(f"publish: writing the model to {directory}")
-        trainer.model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_published(trainer.model, tokenizer, directory)
 
     lease.check()
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
@@ -154,38 +154,6 @@ def already_published(cfg: TrainConfig) -> bool:
         raise ConfigError(f"{cfg.output_dir / outputs.MODEL_DIR} holds a model from a different configuration; "
                           "use another --output-dir, or --overwrite to replace it.")
     return False
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
-                             "the model directory needs tokenizer files.") from None
-    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
-        raise ModelLoadError(f"{cfg.model!r} has no fast tokenizer with an EOS token; save one with "
-                             "tokenizer.json (transformers' PreTrainedTokenizerFast).")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only ever used under an attention mask of 0
-    return tokenizer
-
-
-def load_model(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
-                                                     token=cfg.hub_token)
-    except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
-        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:120]}); check the directory has a complete "
-                             "model.safetensors, or the Hub id and HF_TOKEN.") from None
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
-    return model
 
 
 def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval_ds, fresh: bool):

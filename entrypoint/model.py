@@ -1,0 +1,130 @@
+"""Load the tokenizer and the model, wire LoRA in (peft), and save what gets published.
+
+With `--lora-rank N` only low-rank adapters on the target modules train: checkpoints hold the adapter and its
+optimizer state, and publishing merges the adapter into the base weights, so `model/` is an ordinary model that
+plain transformers loads, with the adapter itself beside it in `model/adapter/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .errors import ModelLoadError
+
+ADAPTER_DIR = "adapter"
+
+# Default LoRA targets per architecture (config.model_type): the attention and MLP projections. Unknown
+# architectures get peft's all-linear (every linear layer but the output head).
+LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+def needs_remote_code(exc: Exception) -> bool:
+    """Whether a transformers loading error means the model ships its own Python code."""
+    return "trust_remote_code" in str(exc)
+
+
+def remote_code_error(model: str) -> ModelLoadError:
+    return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
+                          "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
+                          "architecture transformers supports natively.")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if needs_remote_code(exc):
+            raise remote_code_error(cfg.model) from None
+        raise ModelLoadError(f"cannot load the tokenizer of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
+                             "the model directory needs tokenizer files.") from None
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{cfg.model!r} has no fast tokenizer with an EOS token; save one with "
+                             "tokenizer.json (transformers' PreTrainedTokenizerFast).")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used under an attention mask of 0
+    return tokenizer
+
+
+def load_model(cfg: TrainConfig):
+    """The model to train: the base model, wrapped with LoRA adapters when --lora-rank > 0."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
+                                                     token=cfg.hub_token, trust_remote_code=False)
+    except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
+        if needs_remote_code(exc):
+            raise remote_code_error(cfg.model) from None
+        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}); check the directory has a complete "
+                             "model.safetensors, or the Hub id and HF_TOKEN.") from None
+    # Training never reads a KV cache. With one, transformers also skips the block-diagonal mask it builds from
+    # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
+    model.config.use_cache = False
+    if cfg.lora_rank:
+        model = add_lora(model, cfg)
+    return model
+
+
+def lora_targets(model_type: str, requested: str | None) -> list[str] | str:
+    """The module names LoRA adapts: the option's comma-separated list, or the architecture's default."""
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+    return list(LORA_TARGETS.get(model_type, ())) or "all-linear"
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model.config.model_type, cfg.lora_target_modules)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
+    torch.manual_seed(cfg.seed)  # lora_A starts random: the same seed makes a run, and its rerun, repeatable
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ModelLoadError(f"--lora-target-modules {cfg.lora_target_modules or ','.join(targets)}: "
+                             f"{str(exc).splitlines()[0][:160]}; name modules the model has, or use all-linear."
+                             ) from None
+    if cfg.gradient_checkpointing:
+        # The embeddings are frozen, so without this the recomputed blocks would see inputs that need no
+        # gradient and the adapters inside them would get none.
+        model.enable_input_require_grads()
+    return model
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_published(model, tokenizer, directory: Path) -> None:
+    """Write an ordinary model to `directory`; a LoRA model also leaves its adapter in `directory/adapter`.
+
+    Merging changes the wrapped model in place (the adapter folds into the base weights), so this is the last
+    thing done with it."""
+    if is_lora(model):
+        model.save_pretrained(directory / ADAPTER_DIR)
+        (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's blank card; model/README.md says it
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # off only for training (load_model); generation wants it
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
