@@ -84,7 +84,8 @@ def test_fused_adamw_on_cuda(tmp_path, tiny_model, corpus_dir):
     from entrypoint import data
     from entrypoint.checks import preflight
     from entrypoint.config import TrainConfig
-    from entrypoint.train import build_trainer, load_model, load_tokenizer
+    from entrypoint.model import load_model, load_tokenizer
+    from entrypoint.train import build_trainer
 
     cfg = TrainConfig(model=str(tiny_model), data_dir=corpus_dir, output_dir=tmp_path / "out", block_size=32,
                       batch_size=8, grad_accum=1, max_steps=2, precision=PRECISION, report_to="none")
