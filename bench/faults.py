@@ -390,7 +390,7 @@ def sigterm_while_loading(lab: Lab) -> Outcome:
 @fault("SIGTERM during an evaluation", codes=(7, 0), published=True)
 def sigterm_during_evaluation(lab: Lab) -> Outcome:
     out = lab.fresh("eval") / "out"
-    big_eval = {"FINETUNE_VALIDATION_SPLIT": "50", "FINETUNE_SAVE_STEPS": "4"}  # evaluating ~2,900 blocks
+    big_eval = {"FINETUNE_VALID_FILE": "train.txt", "FINETUNE_SAVE_STEPS": "4"}  # evaluating ~5,800 blocks
     job = lab.start(out, **big_eval)
     job.wait_for(r"eval: evaluating at step 8")
     job.proc.send_signal(signal.SIGTERM)
