@@ -25,6 +25,14 @@ CONFIGS = {
 }
 
 
+def step(model, ids, positions) -> float:
+    """Seconds for one forward and backward pass."""
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids, position_ids=positions).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def main(repeats: int = 15) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, 2048, (BATCH, BLOCK))
@@ -33,17 +41,11 @@ def main(repeats: int = 15) -> None:
         config.use_cache = False  # with a cache, transformers skips the packed-document mask
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
 
-        def step(positions) -> float:
-            start = time.perf_counter()
-            model(input_ids=ids, labels=ids, position_ids=positions).loss.backward()
-            model.zero_grad(set_to_none=True)
-            return time.perf_counter() - start
-
-        step(None), step(isolated)  # warm-up
+        step(model, ids, None), step(model, ids, isolated)  # warm-up
         plain, iso = [], []
         for _ in range(repeats):  # interleaved, so a busy machine slows both alike
-            plain.append(step(None))
-            iso.append(step(isolated))
+            plain.append(step(model, ids, None))
+            iso.append(step(model, ids, isolated))
         p, i = statistics.median(plain), statistics.median(iso)
         tokens = BATCH * BLOCK
         print(f"{name}: plain {tokens / p:.0f} tokens/s, isolated {tokens / i:.0f} tokens/s, "
