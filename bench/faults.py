@@ -426,6 +426,61 @@ def misspelt_variable(lab: Lab) -> Outcome:
     return lab.outcome(out, [code], log)
 
 
+# ---- run identity and whole-run results -------------------------------------------------------------------
+
+@fault("options changed between SIGTERM and rerun", codes=(7, 2), published=False)
+def changed_options_on_resume(lab: Lab) -> Outcome:
+    out = lab.fresh("changed") / "out"
+    job = lab.start(out)
+    job.wait_for(r"train step 10/")
+    job.proc.send_signal(signal.SIGTERM)
+    first, _ = job.finish()
+    second, log = lab.train(out, FINETUNE_LEARNING_RATE="0.01")
+    expect(re.search(r"--learning-rate \S+ -> 0\.01", log) is not None and "--no-resume" in log
+           and "--checkpoint-dir" in log, "the refusal does not name the change and both fixes", log)
+    return lab.outcome(out, [first, second], log,
+                       note="names --learning-rate old -> new, --no-resume, --checkpoint-dir")
+
+
+@fault("--overwrite with a new learning rate over a finished run", codes=(0, 0), published=True)
+def overwrite_retrains(lab: Lab) -> Outcome:
+    out = lab.fresh("overwrite") / "out"
+    first, _ = lab.train(out)
+    old = (out / "model" / "model.safetensors").read_bytes()
+    second, log = lab.train(out, "--overwrite", FINETUNE_LEARNING_RATE="0.001")
+    expect("resume: from" not in log and (out / "model" / "model.safetensors").read_bytes() != old,
+           "the old run was resumed or its weights republished", log)
+    expect((out / "checkpoints" / "previous-run").is_dir(), "the old checkpoints were not set aside", log)
+    return lab.outcome(out, [first, second], log, note="trained from the base model; old checkpoints in previous-run/")
+
+
+@fault("SIGTERM during the last step", codes=(7, 0), published=True, exact=True)
+def sigterm_during_the_last_step(lab: Lab) -> Outcome:
+    out = lab.fresh("last-step") / "out"
+    job = lab.start(out)
+    job.wait_for(rf"train step {STEPS - 1}/")
+    job.proc.send_signal(signal.SIGTERM)
+    first, _ = job.finish()
+    second, log = lab.train(out)
+    expect("publishing it without training" in log, "the finished checkpoint was trained further", log)
+    metrics = _read_json(out / "metrics.json") or {}
+    expect(metrics.get("train_tokens") == lab.reference["train_tokens"], "train_tokens lost the first process", log)
+    return lab.outcome(out, [first, second], log, note=f"checkpoint-{STEPS} published as it was; whole-run tokens")
+
+
+@fault("failure with the output dir from a preset", codes=(3,), published=False)
+def status_in_the_resolved_output(lab: Lab) -> Outcome:
+    root = lab.fresh("preset-output")
+    out = root / "from-preset"
+    (root / "preset.yaml").write_text(f"output_dir: {out}\n")
+    env = lab.env(root / "unused", FINETUNE_DATA_DIR=str(root / "missing"))
+    del env["FINETUNE_OUTPUT_DIR"]
+    done = subprocess.run([sys.executable, "-m", "entrypoint", "train", "--preset", str(root / "preset.yaml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    expect(status_of(out) == ("failed", 3), "status.json is not in the preset's output dir", done.stderr)
+    return lab.outcome(out, [done.returncode], done.stderr, note="status.json in the preset's output_dir")
+
+
 # ---- running and printing ------------------------------------------------------------------------------------
 
 def run_case(lab: Lab, case: Case) -> tuple[Outcome | None, str]:
