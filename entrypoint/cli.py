@@ -248,7 +248,8 @@ def train(preset, **params):
         from .logs import event
 
         mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-        event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+        event(f"done: {metrics.get('data_format', 'text')} data, eval loss {metrics['eval_loss']:.4f}, "
+              f"perplexity {metrics['perplexity']:.2f}, "
               f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
               f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "
               f"{metrics['global_step']} steps in {metrics['train_runtime']:.0f} s after "
