@@ -229,7 +229,7 @@ def test_finetune_train_on_instruction_records_reports_target_tokens_and_the_for
     assert metrics["data_format"] == "instruction" and metrics["isolate_documents"] is True
     assert 0 < metrics["target_tokens"] < metrics["train_tokens"] // 2  # prompts carry no loss
     done = [line for line in (result.stdout + result.stderr).splitlines() if "done:" in line]
-    assert done and "instruction data" in done[-1]
+    assert done and "on instruction data" in done[-1]
     assert "on instruction data" in (out / "model" / "README.md").read_text()
     # The eval loss is the mean over the validation set's target tokens, prompts excluded.
     cache = next((out / "cache").glob("blocks-*"))
