@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
                   parameters=sum(p.numel() for p in model.parameters()),
                   documents_per_block=stats.train_documents * args.block_size / max(1, stats.train_tokens))
     print(f"isolation: {result['isolated']:,.0f} tokens/s isolated vs {result['plain']:,.0f} plain packing "
-          f"({result['cost']:.1%} slower); {args.size} GPT-2 ({result['parameters'] / 1e6:.1f}M parameters), "
+          f"(isolation changes throughput by {-result['cost']:+.1%}); {args.size} GPT-2 "
+          f"({result['parameters'] / 1e6:.1f}M parameters), "
           f"{args.batch_size} x {args.block_size} tokens, about {result['documents_per_block']:.0f} documents a block, "
           f"median of {args.steps} forward+backward steps, {result['threads']} threads")
     if args.json:

@@ -371,8 +371,9 @@ def init_model(**params):
               show_envvar=True, help="Directory to write train.txt and valid.txt to.")
 @click.option("--max-documents", type=click.IntRange(min=1), default=None, envvar="FINETUNE_MAX_DOCUMENTS",
               show_envvar=True, help="Stop after this many documents [default: all].")
-@click.option("--instructions", is_flag=True, envvar="FINETUNE_INSTRUCTIONS", show_envvar=True, help="Write train.jsonl and valid.jsonl instead: prompt = a function's "
-              "signature, completion = the first paragraph of its docstring (instruction data).")
+@click.option("--instructions", is_flag=True, envvar="FINETUNE_INSTRUCTIONS", show_envvar=True,
+              help="Write train.jsonl and valid.jsonl instead: prompt = a function's signature, completion = the "
+              "first paragraph of its docstring (instruction data).")
 @handled()
 def corpus(output_dir, max_documents, instructions):
     """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
