@@ -237,6 +237,29 @@ def test_finetune_train_on_instruction_records_reports_target_tokens_and_the_for
     assert math.isclose(metrics["eval_loss"], eval_loss_over_targets(out / "model", valid), rel_tol=1e-4)
 
 
+def test_finetune_train_on_chat_records_with_a_llama_model_and_its_own_template(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = save_tiny_model("llama", saved_tokenizer(llama_style(AutoTokenizer.from_pretrained(tiny_model),
+                                                                     CHATML), tmp_path / "tok"), tmp_path / "llama")
+    directory, out = split_dir(tmp_path, CHATS), tmp_path / "out"
+    result = finetune("train", env=train_env(model_dir, directory, out, FINETUNE_MAX_STEPS="4",
+                                             FINETUNE_EVAL_STEPS="4", FINETUNE_SAVE_STEPS="4",
+                                             FINETUNE_BLOCK_SIZE="64"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data_format"] == "chat" and 0 < metrics["target_tokens"] < metrics["train_tokens"] // 2
+    # The cache training read: Llama's BOS starts every conversation; only assistant turns carry loss.
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    train = data.load(TrainConfig(data_dir=directory, output_dir=out), next((out / "cache").glob("blocks-*")), 0.0,
+                      True)[0]
+    ids, labels = expected_stream(tok, CHATS[:-6], CHAT)
+    batch = collated(train)
+    assert batch["input_ids"].flatten().tolist() == ids[:len(train) * 64] and ids[0] == tok.bos_token_id
+    assert batch["labels"].flatten().tolist() == labels[:len(train) * 64]
+    assert "<|im_start|>user" not in tok.decode(batch["input_ids"][batch["labels"] != IGNORE])
+
+
 def test_plain_text_metrics_count_every_predicted_token_as_a_target(tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
     result = finetune("train", env=train_env(tiny_model, data_dir, out, FINETUNE_MAX_STEPS="2",
