@@ -211,7 +211,8 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": cfg.packing,
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
     try:
-        write_atomically(target / "stats.json", json.dumps(asdict(stats), indent=1))
+        saved = {k: v for k, v in asdict(stats).items() if k != "isolated"}  # decided when the cache is read
+        write_atomically(target / "stats.json", json.dumps(saved, indent=1))
         write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
         write_atomically(target / COMPLETE, "")
     except OSError as exc:
