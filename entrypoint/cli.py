@@ -301,7 +301,7 @@ def prepare(preset, shard, num_shards, **params):
                    "every shard is written")
         return
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
-               f"{plan.block_size} tokens in {cfg.data_cache_dir}")
+               f"{plan.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
