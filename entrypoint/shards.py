@@ -98,11 +98,16 @@ def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
     ids = [e.ids for e in job.backend.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=job.dtype, count=int(lengths.sum()))
-    if job.bos is not None:
-        flat = np.insert(flat, np.cumsum(lengths) - lengths, job.bos)
-        lengths += 1
-    tokens = np.insert(flat, np.cumsum(lengths), job.eos)
-    lengths += 1
+    # BOS first and EOS last, each unless the document's text already tokenizes to it (never doubled).
+    if job.bos is not None and len(lengths):
+        starts = np.cumsum(lengths) - lengths
+        missing = flat[starts] != job.bos
+        flat = np.insert(flat, starts[missing], job.bos)
+        lengths += missing
+    ends = np.cumsum(lengths)
+    missing = flat[ends - 1] != job.eos if len(lengths) else np.zeros(0, bool)
+    tokens = np.insert(flat, ends[missing], job.eos)
+    lengths += missing
     return _route(job, first + keep, tokens, lengths, None), nbytes
 
 

@@ -150,6 +150,20 @@ def test_text_gets_bos_and_eos_with_a_llama_style_tokenizer_and_eos_only_with_a_
         assert stream.count(llama.bos_token_id) == (len(docs) - 4 if bos else 0)
 
 
+def test_text_that_already_ends_with_eos_or_starts_with_bos_gets_neither_twice(tokenizer, tmp_path):
+    llama = llama_style(tokenizer)
+    docs = ["<s>Begins with BOS already.", "Ends with EOS already.</s>", "<s>Has both.</s>", "Has neither."] * 8
+    directory = tmp_path / "data"
+    directory.mkdir()
+    (directory / "train.txt").write_text("".join(d + "\n" for d in docs))
+    (directory / "valid.txt").write_text("".join(d + "\n" for d in docs))
+    train, _, _ = prepare(llama, directory, block_size=8)
+    stream = collated(train)["input_ids"].flatten().tolist()
+    plain = [llama(d.replace("<s>", "").replace("</s>", ""), add_special_tokens=False)["input_ids"] for d in docs]
+    expected = [t for ids in plain for t in [llama.bos_token_id, *ids, llama.eos_token_id]]
+    assert stream == expected[:len(stream)] and len(stream) > len(expected) // 2
+
+
 def test_unpacked_instruction_rows_keep_their_mask_and_pad_without_loss(tokenizer, tmp_path):
     train, _, stats = prepare(tokenizer, split_dir(tmp_path, PROMPTS), packing=False)
     assert not stats.isolated  # an unpacked row holds one document
