@@ -299,3 +299,14 @@ def test_text_records_are_still_text(tokenizer, tmp_path):
     write_records(directory, "train", records, "jsonl")
     _, _, stats = prepare(tokenizer, directory)
     assert stats.data_format == "text" and formats.detect(["text", "prompt"]) == TEXT
+
+
+def test_chat_records_in_a_csv_file_are_refused_in_one_line(tokenizer, tmp_path):
+    from entrypoint.errors import DataError
+
+    directory = tmp_path / "data"
+    write_records(directory, "train", [{"messages": json.dumps(c["messages"])} for c in CHATS], "csv")
+    with pytest.raises(DataError) as raised:
+        prepare(tokenizer, directory)
+    assert "is not a non-empty list of messages" in str(raised.value) and "\n" not in str(raised.value)
+    assert not list((directory.parent / "out" / "cache").glob(f"*/{data.COMPLETE}"))
