@@ -1,56 +1,85 @@
-"""What document isolation costs: forward and backward tokens/s with plain packing against packed blocks whose
-position ids restart at every document (transformers then builds a block-diagonal mask instead of running the
-causal kernel). Random weights and tokens; CPU or whatever torch picks by default.
+"""What --isolate-documents costs: training tokens/s on packed instruction data with position ids restarting at
+every document (a block-diagonal attention mask) against plain packing (the causal kernel without a mask), on the
+same blocks, through the real cache, collator and model.
 
-    python -m bench.isolation [repeats]
+The data is the standard library's instruction corpus (`finetune corpus --instructions`); the model a random GPT-2
+of `init-model --size` with its tokenizer trained on the docstring corpus. Each step is a forward and backward pass
+(no optimizer: it costs the same either way); the two modes alternate step by step so a busy machine slows both.
+
+    python -m bench.isolation --size small --block-size 512 --batch-size 4 --steps 8
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
-import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-BATCH, BLOCK, DOCUMENT = 8, 256, 64  # sequences, tokens per block, tokens per document
-
-CONFIGS = {
-    "gpt2 (4 layers, width 256)": GPT2Config(vocab_size=2048, n_positions=BLOCK, n_embd=256, n_layer=4, n_head=4,
-                                             bos_token_id=0, eos_token_id=0),
-    "llama (4 layers, width 256)": LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024,
-                                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                               max_position_embeddings=BLOCK),
-}
+REPO = Path(__file__).resolve().parent.parent
 
 
-def step(model, ids, positions) -> float:
-    """Seconds for one forward and backward pass."""
-    start = time.perf_counter()
-    model(input_ids=ids, labels=ids, position_ids=positions).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small", "gpt2"), help="init-model --size.")
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode, after one warm-up each.")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "isolation")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args(argv)
 
+    from entrypoint import corpus, data, sftcorpus
+    from entrypoint.config import InitModelConfig, TrainConfig
+    from entrypoint.model import load_model, load_tokenizer
+    from entrypoint.modelinit import init_model
 
-def main(repeats: int = 15) -> None:
+    work = args.workdir
+    if not (work / "sft" / "train.jsonl").is_file():
+        corpus.build(work / "text", max_documents=3000)
+        sftcorpus.build(work / "sft")
+    model_dir = work / f"model-{args.size}"
+    if not (model_dir / "config.json").is_file():
+        init_model(InitModelConfig(output_dir=model_dir, corpus=work / "text" / "train.txt", size=args.size,
+                                   context=args.block_size))
+    cfg = TrainConfig(model=str(model_dir), data_dir=work / "sft", output_dir=work / "out", cache_dir=work / "cache")
+    tokenizer = load_tokenizer(cfg)
+    train, _, stats = data.prepare(cfg, tokenizer, args.block_size)
+    model = load_model(cfg).train()
+    collate = data.PackedCollator()
+    needed = (args.steps + 1) * args.batch_size
+    rows = [train[i % len(train)] for i in range(needed)]
+    seconds: dict[str, list[float]] = {"isolated": [], "plain": []}
     torch.manual_seed(0)
-    ids = torch.randint(0, 2048, (BATCH, BLOCK))
-    isolated = torch.arange(BLOCK).remainder(DOCUMENT).unsqueeze(0).expand(BATCH, -1)
-    for name, config in CONFIGS.items():
-        config.use_cache = False  # with a cache, transformers skips the packed-document mask
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
-
-        step(model, ids, None), step(model, ids, isolated)  # warm-up
-        plain, iso = [], []
-        for _ in range(repeats):  # interleaved, so a busy machine slows both alike
-            plain.append(step(model, ids, None))
-            iso.append(step(model, ids, isolated))
-        p, i = statistics.median(plain), statistics.median(iso)
-        tokens = BATCH * BLOCK
-        print(f"{name}: plain {tokens / p:.0f} tokens/s, isolated {tokens / i:.0f} tokens/s, "
-              f"isolated/plain {p / i:.3f}")
+    for step in range(args.steps + 1):
+        batch = collate(rows[step * args.batch_size:(step + 1) * args.batch_size])
+        for mode in ("isolated", "plain") if step % 2 else ("plain", "isolated"):
+            inputs = dict(batch) if mode == "isolated" else {k: v for k, v in batch.items() if k != "position_ids"}
+            start = time.perf_counter()
+            model(**inputs).loss.backward()
+            elapsed = time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
+            if step:  # the first step of each mode warms up
+                seconds[mode].append(elapsed)
+    tokens = args.batch_size * args.block_size
+    result = {mode: tokens / statistics.median(times) for mode, times in seconds.items()}
+    result.update(cost=1 - result["isolated"] / result["plain"], size=args.size, block_size=args.block_size,
+                  batch_size=args.batch_size, steps=args.steps, threads=torch.get_num_threads(),
+                  parameters=sum(p.numel() for p in model.parameters()),
+                  documents_per_block=stats.train_documents * args.block_size / max(1, stats.train_tokens))
+    print(f"isolation: {result['isolated']:,.0f} tokens/s isolated vs {result['plain']:,.0f} plain packing "
+          f"(isolation changes throughput by {-result['cost']:+.1%}); {args.size} GPT-2 "
+          f"({result['parameters'] / 1e6:.1f}M parameters), "
+          f"{args.batch_size} x {args.block_size} tokens, about {result['documents_per_block']:.0f} documents a block, "
+          f"median of {args.steps} forward+backward steps, {result['threads']} threads")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 15)
+    main()

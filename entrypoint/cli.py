@@ -248,7 +248,8 @@ def train(preset, **params):
         from .logs import event
 
         mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-        event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+        event(f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} on "
+              f"{metrics.get('data_format', 'text')} data, "
               f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
               f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "
               f"{metrics['global_step']} steps in {metrics['train_runtime']:.0f} s after "
@@ -300,7 +301,7 @@ def prepare(preset, shard, num_shards, **params):
                    "every shard is written")
         return
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
-               f"{plan.block_size} tokens in {cfg.data_cache_dir}")
+               f"{plan.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -370,14 +371,19 @@ def init_model(**params):
               show_envvar=True, help="Directory to write train.txt and valid.txt to.")
 @click.option("--max-documents", type=click.IntRange(min=1), default=None, envvar="FINETUNE_MAX_DOCUMENTS",
               show_envvar=True, help="Stop after this many documents [default: all].")
+@click.option("--instructions", is_flag=True, envvar="FINETUNE_INSTRUCTIONS", show_envvar=True,
+              help="Write train.jsonl and valid.jsonl instead: prompt = a function's signature, completion = the "
+              "first paragraph of its docstring (instruction data).")
 @handled()
-def corpus(output_dir, max_documents):
+def corpus(output_dir, max_documents, instructions):
     """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
     tests: real prose on every machine, nothing downloaded)."""
-    from .corpus import build
+    from . import corpus as plain
+    from . import sftcorpus
 
-    counts = build(output_dir, max_documents)
-    click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation documents in {output_dir}")
+    counts = (sftcorpus if instructions else plain).build(output_dir, max_documents)
+    kind = "prompt/completion records" if instructions else "documents"
+    click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation {kind} in {output_dir}")
 
 
 def main() -> None:

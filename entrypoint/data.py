@@ -1,5 +1,8 @@
 """Files -> documents -> tokens -> training rows, streamed into a token cache on disk (see shards.py).
 
+Plain text takes a fast batched path; instruction and chat records (formats.py) a per-record one that also writes
+each token's loss mask. Every document gets BOS first where the tokenizer adds one, and EOS last.
+
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
 document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
@@ -25,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import shards
+from . import formats, shards
 from .config import TrainConfig
 from .cpus import available_cpus
 from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder, write_atomically
 from .errors import DataError, OutputError
 from .logs import WorkProgress
-from .sources import Source, discover, read_documents
+from .sources import Source, discover, read_documents, record_format
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
@@ -49,6 +52,13 @@ class DataStats:
     prepare_seconds: float
     fingerprint: str = ""  # the cache key: inputs' bytes, tokenizer and options
     cache_hit: bool = False
+    data_format: str = "text"  # text, instruction or chat (FORMAT_NAMES)
+    train_target_tokens: int = 0  # tokens of the training split that carry loss
+    isolated: bool = False  # packed rows restart position ids at every document (set when loaded)
+
+
+# formats.py's names -> the names users see in logs, metrics and the model card
+FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat"}
 
 
 def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None):
@@ -111,27 +121,35 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
         train_docs = read_documents(train_src, cfg, scratch)
+        fmt = record_format(train_docs)
         jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
         if valid_src:
-            jobs.append((read_documents(valid_src, cfg, scratch), "valid", None))
+            valid_docs = read_documents(valid_src, cfg, scratch)
+            if record_format(valid_docs) != fmt:
+                raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
+                                f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
+            jobs.append((valid_docs, "valid", None))
         ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
         dtype = shards.token_dtype(len(tokenizer))
         backend = shards.backend(tokenizer)
+        bos = formats.convention(tokenizer).bos_id
         workers = cfg.preprocessing_workers or available_cpus()
         total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
         log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
-        writer = shards.ShardWriter(staging, block_size)
+        writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
-            job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out)
+            job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
+                             cfg.train_on_prompt)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
-                    for part, (tokens, lengths) in result.items():
-                        writer.add(part, tokens, lengths)
-                    progress.update(nbytes, sum(len(tokens) for tokens, _ in result.values()))
+                    for part, (tokens, lengths, mask) in result.items():
+                        writer.add(part, tokens, lengths, mask)
+                    progress.update(nbytes, sum(len(piece[0]) for piece in result.values()))
         progress.close()
+        (staging / "format").write_text(fmt)
         writer.close()
         writer = None
         try:
@@ -159,9 +177,12 @@ def _share(count: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 
 def _text_bytes(docs, lo: int, hi: int) -> int:
-    """UTF-8 bytes of documents [lo, hi), from the string arrays' offsets (no per-document array)."""
+    """UTF-8 bytes of documents [lo, hi), from the string arrays' offsets (no per-document array); for records,
+    the Arrow bytes of their rows."""
     import pyarrow as pa
 
+    if "text" not in docs.column_names:
+        return docs.data.table.slice(lo, hi - lo).nbytes
     total = 0
     for chunk in docs.data.table.column("text").slice(lo, hi - lo).chunks:
         if len(chunk):
@@ -185,10 +206,13 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
             counts[field] = counts.get(field, 0) + value
     stats = summarize(cfg, counts, block_size, holds_out)
     stats.prepare_seconds, stats.fingerprint = seconds, key
+    fmt = (target / names[0] / "format").read_text()
+    stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": cfg.packing,
-                "dtype": dtype, "shards": names}
+                "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
     try:
-        write_atomically(target / "stats.json", json.dumps(asdict(stats), indent=1))
+        saved = {k: v for k, v in asdict(stats).items() if k != "isolated"}  # decided when the cache is read
+        write_atomically(target / "stats.json", json.dumps(saved, indent=1))
         write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
         write_atomically(target / COMPLETE, "")
     except OSError as exc:
@@ -230,9 +254,11 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
     stats = DataStats(**json.loads((target / "stats.json").read_text()))
     stats.cache_hit, stats.prepare_seconds = hit, time.perf_counter() - start
     parts = [target / name for name in manifest["shards"]]
-    block_size, dtype = manifest["block_size"], manifest["dtype"]
-    train = shards.TokenDataset(parts, "train", block_size, manifest["packing"], dtype)
-    valid = shards.TokenDataset(parts, "valid", block_size, manifest["packing"], dtype)
+    block_size, dtype, packing, masked = manifest["block_size"], manifest["dtype"], manifest["packing"], \
+        manifest["masked"]
+    stats.isolated = packing and formats.isolate_by_default(manifest["data_format"], cfg.isolate_documents)
+    train = shards.TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    valid = shards.TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
     capped = valid.capped(cfg.max_eval_tokens)
     if capped is not valid:
         log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
@@ -242,12 +268,15 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
 
 
 class PackedCollator:
-    """Full blocks: labels are the inputs (the model shifts them); no attention mask, so SDPA's causal
-    kernel runs without a mask tensor."""
+    """Full blocks: labels are the inputs (the model shifts them), or the cache's labels (-100 where no loss) for
+    records; position ids for isolated documents. No attention mask: SDPA's causal kernel runs without a mask
+    tensor, and transformers builds the block-diagonal mask from restarted position ids only when there is none."""
 
     def __call__(self, rows):
-        ids = torch.stack([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
-        return {"input_ids": ids, "labels": ids.clone()}
+        batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
+                 for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
+        batch.setdefault("labels", batch["input_ids"].clone())
+        return batch
 
 
 class PaddingCollator:
@@ -269,4 +298,7 @@ class PaddingCollator:
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1
         labels = ids.masked_fill(mask == 0, -100)
+        for i, row in enumerate(rows):
+            if "labels" in row:  # records: the cache's loss mask
+                labels[i, : len(seqs[i])] = torch.as_tensor(row["labels"], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -21,12 +21,17 @@ from .errors import DataError
 from .sources import Source, fingerprint
 
 log = logging.getLogger("entrypoint.data")
-FORMAT_VERSION = 3  # 3: streamed token shards read through np.memmap, per-document hashed split
+# 3: streamed token shards read through np.memmap, per-document hashed split
+# 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
+FORMAT_VERSION = 4
 COMPLETE = "COMPLETE"
 
 
 def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> dict:
-    """Everything besides the inputs that changes what a build writes."""
+    """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
+    ids come from the documents' lengths when the cache is read.)"""
+    from .formats import chat_template, convention
+
     return {
         "format": FORMAT_VERSION,
         "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
@@ -35,6 +40,10 @@ def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> 
         "packing": cfg.packing,
         "txt_split": cfg.txt_split,
         "text_field": cfg.text_field,
+        "bos": convention(tokenizer).bos_id,
+        "record_fields": [cfg.prompt_field, cfg.completion_field, cfg.messages_field],
+        "train_on_prompt": cfg.train_on_prompt,
+        "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
         # The held-out split depends on these only when there is no validation input.
         "split": None if valid else [cfg.validation_split, cfg.seed],
     }

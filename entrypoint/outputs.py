@@ -139,7 +139,7 @@ def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: di
                                                                                not k.startswith("lora_"))}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
-             "train_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
+             "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
     results = "\n".join(f"| {k} | {_fmt(metrics[k])} |" for k in shown if k in metrics)
     return f"""---
 library_name: transformers
@@ -148,7 +148,8 @@ base_model: {base_model}
 ---
 # Fine-tuned {base_model}
 
-Fine-tuned with `finetune train` (Hugging Face Trainer) on data with fingerprint `{data_fingerprint}`.
+Fine-tuned with `finetune train` (Hugging Face Trainer) on {metrics.get("data_format", "text")} data with fingerprint
+`{data_fingerprint}`{_loss_note(metrics)}.
 
 ## Load it
 
@@ -172,6 +173,13 @@ or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
 | --- | --- |
 {results}
 """
+
+
+def _loss_note(metrics: dict) -> str:
+    if metrics.get("data_format", "text") == "text":
+        return ""
+    return "; the loss covered the completions or assistant turns only" if not metrics.get("train_on_prompt") \
+        else "; the loss covered prompts and answers alike"
 
 
 def _lora_note(base_model: str, config: dict) -> str:

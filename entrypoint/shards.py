@@ -1,11 +1,15 @@
 """Streaming tokenization into token shards on disk, and the memory-mapped dataset training reads from them.
 
-A shard is a directory holding, for each split, `<split>.tokens` (every document's ids followed by EOS,
-concatenated, raw uint16 when the vocabulary fits in 65,536 ids, else uint32) and `<split>.docs` (each
-document's token count with its EOS, int64), plus `stats.json` with the counts. A cache is an ordered list of
-shards; a split's token stream is their concatenation, so packed blocks may straddle two shards and a sharded
-build yields exactly the rows of a single-process one. Memory stays bounded: documents are read in spans from
-the memory-mapped Arrow table, tokenized by forked workers and appended to the files as results arrive.
+A shard is a directory holding, for each split, `<split>.tokens` (every document's ids, BOS first where the
+tokenizer adds one and EOS last, concatenated, raw uint16 when the vocabulary fits in 65,536 ids, else uint32) and
+`<split>.docs` (each document's token count with its BOS and EOS, int64), plus `stats.json` with the counts.
+Instruction and chat records also write `<split>.mask` (uint8, one per token: 1 where the token carries loss),
+written in the same pieces as the tokens; plain text has no mask (every token is a target).
+
+A cache is an ordered list of shards; a split's token stream is their concatenation, so packed blocks may
+straddle two shards and a sharded build yields exactly the rows of a single-process one. Memory stays bounded:
+documents are read in spans from the memory-mapped Arrow table, tokenized by forked workers and appended to the
+files as results arrive.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import formats
 from . import split as splitting
 
 SPLITS = ("train", "valid")
@@ -44,6 +49,10 @@ class Job:
     dtype: np.dtype
     target: str = "train"  # where every document goes, unless `hold_out` routes some to valid
     hold_out: tuple[float, int] | None = None  # (percent, seed)
+    bos: int | None = None  # prepended to every document (formats.convention)
+    fmt: str = formats.TEXT  # records (formats.INSTRUCTION, formats.CHAT) take the slower per-record path
+    tokenizer: object = None  # the transformers tokenizer, for records
+    train_on_prompt: bool = False
 
 
 _JOB: Job | None = None
@@ -56,6 +65,10 @@ def spans(docs, start: int, end: int, workers: int):
 
     size = max(1, min(TOKENIZE_BATCH, -(-(end - start) // (8 * workers))))
     table = docs.data.table
+    if "text" not in table.column_names:  # records: a few fields each, so a count bounds the bytes well enough
+        size = max(1, size // 8)
+        yield from ((first, min(end, first + size)) for first in range(start, end, size))
+        return
     for window in range(start, end, 64 * size):
         stop = min(end, window + 64 * size)
         sizes = pc.binary_length(table.column("text").slice(window, stop - window)).fill_null(0)
@@ -70,11 +83,14 @@ def spans(docs, start: int, end: int, workers: int):
 
 
 def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
-    """Tokenize documents [first, last) of the inherited job: ({split: (tokens, lengths)}, text bytes)."""
+    """Tokenize documents [first, last) of the inherited job: ({split: (tokens, lengths, mask)}, input bytes);
+    mask is None for plain text."""
     import pyarrow.compute as pc
 
     job = _JOB
     first, last = span
+    if job.fmt != formats.TEXT:
+        return _tokenize_records(job, first, last)
     column = job.docs.data.table.column("text").slice(first, last - first)
     nbytes = int(pc.sum(pc.binary_length(column)).as_py() or 0)
     texts = column.to_pylist()
@@ -82,13 +98,40 @@ def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
     ids = [e.ids for e in job.backend.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=job.dtype, count=int(lengths.sum()))
-    tokens = np.insert(flat, np.cumsum(lengths), job.eos)
-    lengths += 1
+    # BOS first and EOS last, each unless the document's text already tokenizes to it (never doubled).
+    if job.bos is not None and len(lengths):
+        starts = np.cumsum(lengths) - lengths
+        missing = flat[starts] != job.bos
+        flat = np.insert(flat, starts[missing], job.bos)
+        lengths += missing
+    ends = np.cumsum(lengths)
+    missing = flat[ends - 1] != job.eos if len(lengths) else np.zeros(0, bool)
+    tokens = np.insert(flat, ends[missing], job.eos)
+    lengths += missing
+    return _route(job, first + keep, tokens, lengths, None), nbytes
+
+
+def _tokenize_records(job: Job, first: int, last: int) -> tuple[dict, int]:
+    """The per-record path (formats.encode): tokens, lengths and each token's loss mask."""
+    table = job.docs.data.table.slice(first, last - first)
+    conv = formats.Convention(job.bos, job.eos)
+    docs = [formats.encode(record, job.fmt, job.tokenizer, conv, train_on_prompt=job.train_on_prompt)
+            for record in table.to_pylist()]
+    lengths = np.fromiter((len(d.ids) for d in docs), dtype=np.int64, count=len(docs))
+    total = int(lengths.sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(d.ids for d in docs), dtype=job.dtype, count=total)
+    mask = np.fromiter((label != formats.IGNORE for d in docs for label in d.labels), dtype=np.uint8, count=total)
+    return _route(job, np.arange(first, last, dtype=np.int64), tokens, lengths, mask), table.nbytes
+
+
+def _route(job: Job, indices: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None) -> dict:
+    """{split: (tokens, lengths, mask)}: all to the job's target, or each document (by its index) held out or not."""
     if job.hold_out is None:
-        return {job.target: (tokens, lengths)}, nbytes
-    held = splitting.held_out(first + keep, *job.hold_out)
+        return {job.target: (tokens, lengths, mask)}
+    held = splitting.held_out(indices, *job.hold_out)
     by_token = np.repeat(held, lengths)
-    return {"train": (tokens[~by_token], lengths[~held]), "valid": (tokens[by_token], lengths[held])}, nbytes
+    return {"train": (tokens[~by_token], lengths[~held], None if mask is None else mask[~by_token]),
+            "valid": (tokens[by_token], lengths[held], None if mask is None else mask[by_token])}
 
 
 def _quiet_worker() -> None:
@@ -135,7 +178,8 @@ STOPPED = "while preparing data; the partial cache was removed"
 def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Every document's ids then EOS, concatenated, and each document's length with its EOS (in memory: for
     tests and benchmarks; preparation streams the same results to disk)."""
-    job = Job(docs, backend(tokenizer), tokenizer.eos_token_id, np.dtype(np.int32))
+    job = Job(docs, backend(tokenizer), tokenizer.eos_token_id, np.dtype(np.int32),
+              bos=formats.convention(tokenizer).bos_id)
     parts = [result["train"] for result, _ in tokenized(job, 0, len(docs), workers)]
     if not parts:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
@@ -152,20 +196,25 @@ def backend(tokenizer):
 
 
 class ShardWriter:
-    """Appends tokenized documents to one shard directory; `close` writes stats.json, which marks it whole."""
+    """Appends tokenized documents to one shard directory; `close` writes stats.json, which marks it whole.
+    `masked` shards also hold each token's loss mask."""
 
-    def __init__(self, directory: Path, block_size: int):
+    def __init__(self, directory: Path, block_size: int, masked: bool = False):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.block_size = directory, block_size
         self.open = contextlib.ExitStack()
-        self.files = {s: (self.open.enter_context((directory / f"{s}.tokens").open("wb")),
-                          self.open.enter_context((directory / f"{s}.docs").open("wb"))) for s in SPLITS}
-        self.counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents", "rows")}
+        kinds = ("tokens", "docs", "mask") if masked else ("tokens", "docs")
+        self.files = {s: [self.open.enter_context((directory / f"{s}.{kind}").open("wb")) for kind in kinds]
+                      for s in SPLITS}
+        self.counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents", "rows", "targets")}
 
-    def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        tokens_file, docs_file = self.files[split]
+    def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        tokens_file, docs_file, *mask_file = self.files[split]
         tokens_file.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
         docs_file.write(memoryview(np.ascontiguousarray(lengths, dtype=np.int64)).cast("B"))
+        if mask_file:
+            mask_file[0].write(memoryview(np.ascontiguousarray(mask, dtype=np.uint8)).cast("B"))
+        self.counts[f"{split}_targets"] += int(mask.sum(dtype=np.int64)) if mask is not None else len(tokens)
         self.counts[f"{split}_tokens"] += int(lengths.sum())
         self.counts[f"{split}_documents"] += len(lengths)
         self.counts[f"{split}_rows"] += int((-(-lengths // self.block_size)).sum())  # rows without packing
@@ -180,33 +229,39 @@ class ShardWriter:
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """One split of a cache as rows for the collators: {"input_ids": int64 array}, read through np.memmap.
+    """One split of a cache as rows for the collators, read through np.memmap: {"input_ids": int64 array}, plus
+    "labels" (-100 where no loss) when the cache is `masked`, plus "position_ids" restarting at every document
+    (and at the row start) when packed rows `isolate` documents.
 
     Packed: row i is tokens [i*block, (i+1)*block) of the concatenated stream (the remainder is never read).
     Unpacked: one row per document, a document longer than a block continuing in the next row. Offsets are
     int64 throughout, so streams past 2**31 tokens index correctly."""
 
     def __init__(self, shards: list[Path], split: str, block_size: int, packing: bool, dtype: str,
-                 rows: np.ndarray | None = None):
+                 rows: np.ndarray | None = None, masked: bool = False, isolate: bool = False):
         self.shards, self.split, self.block_size, self.packing, self.dtype = shards, split, block_size, packing, dtype
         self.rows = rows  # a subset of row indices (the evaluation cap), or None for all
+        self.masked, self.isolate = masked, isolate and packing  # an unpacked row holds one document already
         self._open()
 
     def _open(self) -> None:
         paths = [d / f"{self.split}.tokens" for d in self.shards]
-        self.parts = [np.memmap(p, dtype=self.dtype, mode="r") if p.stat().st_size else np.zeros(0, self.dtype)
-                      for p in paths]
+        self.parts = _mapped(paths, self.dtype)
+        self.masks = _mapped([d / f"{self.split}.mask" for d in self.shards], "uint8") if self.masked else None
         self.bounds = np.cumsum([0] + [len(p) for p in self.parts], dtype=np.int64)
         total = int(self.bounds[-1])
+        lengths = None
+        if not self.packing or self.isolate:
+            lengths = np.concatenate([np.fromfile(d / f"{self.split}.docs", dtype=np.int64) for d in self.shards])
+        self.starts = np.cumsum(lengths) - lengths if self.isolate else None  # each document's first token
         if self.packing:
             self.count, self.offsets = total // self.block_size, None
         else:
-            lengths = np.concatenate([np.fromfile(d / f"{self.split}.docs", dtype=np.int64) for d in self.shards])
             self.offsets = row_offsets(lengths, self.block_size)
             self.count = len(self.offsets) - 1
 
     def __getstate__(self):  # DataLoader workers under spawn: send paths, not mapped arrays
-        return {k: v for k, v in self.__dict__.items() if k not in ("parts", "bounds", "offsets")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("parts", "masks", "bounds", "offsets", "starts")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -225,19 +280,29 @@ class TokenDataset(torch.utils.data.Dataset):
             start, end = row * self.block_size, (row + 1) * self.block_size
         else:
             start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        return {"input_ids": self.read(start, end)}
+        ids = self.read(start, end)
+        item = {"input_ids": ids}
+        if self.masks is not None:
+            item["labels"] = np.where(self.read(start, end, self.masks) != 0, ids, -100)
+        if self.starts is not None:
+            at = np.arange(start, end, dtype=np.int64)
+            first = self.starts[np.searchsorted(self.starts, at, side="right") - 1]
+            item["position_ids"] = at - np.maximum(first, start)
+        return item
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the concatenated stream, as int64, crossing shard ends where needed."""
+    def read(self, start: int, end: int, parts: list | None = None) -> np.ndarray:
+        """Tokens (or, from `parts`, mask values) [start, end) of the concatenated stream, as int64, crossing shard
+        ends where needed."""
+        parts = self.parts if parts is None else parts
         pieces = []
         part = int(np.searchsorted(self.bounds, start, side="right")) - 1
         while start < end:
             base = int(self.bounds[part])
             stop = min(end, int(self.bounds[part + 1]))
-            pieces.append(self.parts[part][start - base:stop - base])
+            pieces.append(parts[part][start - base:stop - base])
             start, part = stop, part + 1
         return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else pieces[0].astype(np.int64)
 
@@ -250,10 +315,15 @@ class TokenDataset(torch.utils.data.Dataset):
         """This split limited to evenly spaced rows of at most `max_tokens` tokens in all (itself if they fit)."""
         rows = splitting.capped_rows(self.row_lengths(), max_tokens)
         return self if rows is None else TokenDataset(self.shards, self.split, self.block_size, self.packing,
-                                                      self.dtype, rows if self.rows is None else self.rows[rows])
+                                                      self.dtype, rows if self.rows is None else self.rows[rows],
+                                                      self.masked, self.isolate)
 
     def tokens(self) -> int:
         return int(self.row_lengths().sum(dtype=np.int64))
+
+
+def _mapped(paths: list[Path], dtype: str) -> list[np.ndarray]:
+    return [np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype) for p in paths]
 
 
 def row_offsets(lengths: np.ndarray, block_size: int) -> np.ndarray:

@@ -176,12 +176,14 @@ def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
 
 
 def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
-    """A memory-mapped `datasets.Dataset` with one column, `text`, one row per document as the loader reads
-    it, empty ones included (data preparation skips those as it streams, without a filtered copy)."""
+    """A memory-mapped `datasets.Dataset`, one row per document as the loader reads it, empty ones included
+    (data preparation skips those as it streams, without a filtered copy). Its columns say the format
+    (`record_format`): `text` for plain text, `prompt` and `completion` for instruction records, `messages`
+    for chat records, whatever the fields are called in the files."""
     import datasets
 
     if source.saved_dataset:
-        ds = _load_saved(source, cfg.text_field)
+        ds = _load_saved(source, cfg)
     else:
         parts = []
         by_loader: dict[str, list[str]] = {}
@@ -203,14 +205,44 @@ def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
                 first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
                 raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
                     from None
-            field = "text" if loader == "text" else cfg.text_field
-            parts.append(_text_column(part, field, files[0]))
+            parts.append(_text_column(part, {"text": ("text", "--txt-split")}, files[0]) if loader == "text"
+                         else _columns(part, cfg, files[0]))
+        formats = {record_format(p) for p in parts}
+        if len(formats) > 1:
+            raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(formats))}); train on one "
+                            "format at a time.")
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     # Preparation reads the Arrow table itself, so rows must be in the table's order (no indices mapping).
     return ds.flatten_indices() if ds._indices is not None else ds
 
 
-def _load_saved(source: Source, field: str):
+def record_format(ds) -> str:
+    """text, prompt-completion or chat (formats.py's names) for a dataset from read_documents."""
+    from . import formats
+
+    if "messages" in ds.column_names:
+        return formats.CHAT
+    return formats.INSTRUCTION if "prompt" in ds.column_names else formats.TEXT
+
+
+def _columns(ds, cfg: TrainConfig, where: str):
+    """A loaded file's records reduced to the columns of their format (formats.detect), under canonical names."""
+    from . import formats
+
+    fields = formats.Fields.from_config(cfg)
+    names = set(ds.column_names)
+    if fields.messages in names:
+        ds = ds.select_columns([fields.messages])
+        return ds.rename_column(fields.messages, "messages") if fields.messages != "messages" else ds
+    if fields.prompt in names and fields.completion in names:
+        return _text_column(ds, {fields.prompt: ("prompt", "--prompt-field"),
+                                 fields.completion: ("completion", "--completion-field")}, where)
+    if fields.text not in names and names & {fields.prompt, fields.completion}:
+        formats.detect(names, fields)  # its message names every option
+    return _text_column(ds, {cfg.text_field: ("text", "--text-field")}, where)
+
+
+def _load_saved(source: Source, cfg: TrainConfig):
     import datasets
 
     loaded = datasets.load_from_disk(str(source.saved_dataset))
@@ -219,24 +251,27 @@ def _load_saved(source: Source, field: str):
             raise DataError(f"saved dataset {source.saved_dataset} has splits {', '.join(loaded)} but no "
                             f"{source.split!r}; save one, or pass --train-file/--valid-file.")
         loaded = loaded[source.split]
-    return _text_column(loaded, field, source.describe())
+    return _columns(loaded, cfg, source.describe())
 
 
-def _text_column(ds, field: str, where: str):
+def _text_column(ds, wanted: dict[str, tuple[str, str]], where: str):
+    """`ds` reduced to the string fields in `wanted` ({field: (new name, its option)}), renamed."""
     import datasets
 
-    if field not in ds.column_names:
-        raise DataError(f"{where} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
-                        "set --text-field to the one holding the text.")
-    feature = ds.features[field]  # a Value, or a List/dict/Json without a dtype for nested fields
-    dtype = getattr(feature, "dtype", type(feature).__name__)
-    if dtype not in ("string", "large_string"):
-        raise DataError(f"field {field!r} in {where} holds {dtype}, not text; set --text-field to a text field.")
-    ds = ds.select_columns([field])
-    if dtype == "large_string":
-        # pandas 3 (the csv loader) and polars write large_string; one type lets the parts concatenate.
-        ds = ds.cast_column(field, datasets.Value("string"))
-    return ds.rename_column(field, "text") if field != "text" else ds
+    for field, (_, option) in wanted.items():
+        if field not in ds.column_names:
+            raise DataError(f"{where} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
+                            f"set {option} to the one holding the text.")
+        feature = ds.features[field]  # a Value, or a List/dict/Json without a dtype for nested fields
+        dtype = getattr(feature, "dtype", type(feature).__name__)
+        if dtype not in ("string", "large_string"):
+            raise DataError(f"field {field!r} in {where} holds {dtype}, not text; set {option} to a text field.")
+    ds = ds.select_columns(list(wanted))
+    for field in wanted:
+        if ds.features[field].dtype == "large_string":
+            # pandas 3 (the csv loader) and polars write large_string; one type lets the parts concatenate.
+            ds = ds.cast_column(field, datasets.Value("string"))
+    return ds.rename_columns({f: n for f, (n, _) in wanted.items() if f != n})
 
 
 def _saved_validation(path: Path) -> Source:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
-from . import checkpoints, data, efficiency, export, guard, identity, outputs, speed
+from . import checkpoints, data, efficiency, export, formats, guard, identity, outputs, speed
 from .checks import Plan, preflight
 from .config import TrainConfig, as_dict
 from .errors import ConfigError, Diverged, OutOfMemory, Preempted
@@ -54,6 +54,12 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
+    answers_only = stats.data_format != "text" and not cfg.train_on_prompt
+    event(f"data: {stats.data_format} data, documents {'' if stats.isolated else 'not '}isolated"
+          f"{', loss on completions and assistant turns only' if answers_only else ''}",
+          data_format=stats.data_format, isolate_documents=stats.isolated)
+    if stats.isolated and (problem := formats.isolation_problem(plan.model_config.model_type)):
+        raise ConfigError(problem)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     with stop.interruptible("during model loading"):
@@ -250,6 +256,10 @@ def summarize(cfg, plan: Plan, trainer, result, final: dict, progress: ProgressL
         "epoch": trainer.state.epoch,
         "train_runtime": training + eval_seconds,
         "train_tokens": real,
+        "target_tokens": totals["target_tokens"],
+        "data_format": stats.data_format,
+        "isolate_documents": stats.isolated,
+        "train_on_prompt": cfg.train_on_prompt,
         "useful_tokens_per_second": real / training if training > 0 else 0.0,
         "eval_seconds": eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,

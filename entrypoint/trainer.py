@@ -20,18 +20,20 @@ from .logs import ProgressLog, event
 
 
 class TokenCounter:
-    """Real (non-padding) tokens and all positions the training loop consumed, kept on the device so counting
-    costs no synchronisation; read only when a log line is printed. `before` holds the whole run's totals (every
-    process) at the checkpoint this process resumed from."""
+    """Real (non-padding) tokens, tokens that carried loss (targets) and all positions the training loop consumed,
+    kept on the device so counting costs no synchronisation; read only when a log line is printed. `before` holds
+    the whole run's totals (every process) at the checkpoint this process resumed from."""
 
     def __init__(self):
-        self.real = self.positions = None
-        self.before = {"train_tokens": 0, "train_positions": 0, "train_seconds": 0.0}
+        self.real = self.positions = self.targets = None
+        self.before = {"train_tokens": 0, "train_positions": 0, "train_seconds": 0.0, "target_tokens": 0}
 
     def add(self, inputs: dict) -> None:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
         self.real = real if self.real is None else self.real + real
+        targets = targets_in(inputs["labels"])
+        self.targets = targets if self.targets is None else self.targets + targets
         self.positions = ids.numel() + (self.positions or 0)
 
     def tokens(self) -> int:
@@ -41,12 +43,22 @@ class TokenCounter:
         """Whole-run totals: `before` plus this session's counts summed over every process. A collective, so every
         process calls it; the tensor reduced lives on this process's device (NCCL refuses CPU tensors)."""
         device = accelerator.device
-        real = self.real.to(device) if self.real is not None else torch.zeros((), dtype=torch.long, device=device)
-        counts = torch.stack([real.long(), torch.tensor(self.positions or 0, dtype=torch.long, device=device)])
-        real, positions = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        real = self.real.to(device) if self.real is not None else zero
+        targets = self.targets.to(device) if self.targets is not None else zero
+        counts = torch.stack([real.long(), torch.tensor(self.positions or 0, dtype=torch.long, device=device),
+                              targets.long()])
+        real, positions, targets = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
         return {"train_tokens": self.before["train_tokens"] + real,
                 "train_positions": self.before["train_positions"] + positions,
-                "train_seconds": round(self.before["train_seconds"] + session_seconds, 3)}
+                "train_seconds": round(self.before["train_seconds"] + session_seconds, 3),
+                "target_tokens": self.before.get("target_tokens", 0) + targets}
+
+
+def targets_in(labels: torch.Tensor) -> torch.Tensor:
+    """Positions a causal LM's loss counts: labels other than -100, after the shift (a row's first label is never
+    predicted), as Trainer counts num_items_in_batch."""
+    return labels[..., 1:].ne(-100).sum()
 
 
 class FinetuneTrainer(Trainer):
@@ -57,12 +69,36 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.counter = counter
         self.run = run or {}
+        self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.counter.add(inputs)
+        elif self.eval_sums is not None:
+            # The batch's own mean over its target tokens, weighted by their count in evaluation_loop.
+            targets = targets_in(inputs["labels"])
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs)
+            loss = result[0] if return_outputs else result
+            weighted = torch.where(targets > 0, loss.detach().double() * targets, 0.0)  # no targets: loss is nan
+            self.eval_sums += torch.stack([weighted, targets.double()]).to(self.eval_sums)
+            return result
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop, but the loss is the mean over every target token (labels -100 excluded), not the mean
+        of per-batch means: batches holding more answer tokens weigh more, as in training."""
+        self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            total, targets = self.accelerator.reduce(self.eval_sums, reduction="sum").tolist()
+        finally:
+            self.eval_sums = None
+        if targets:
+            output.metrics[f"{metric_key_prefix}_loss"] = total / targets
+        return output
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -156,6 +156,7 @@ def test_sigterm_during_the_last_step_then_rerun_publishes_without_training(tmp_
     metrics = final_metrics(out)
     assert metrics["global_step"] == STEPS
     assert metrics["train_tokens"] == reference["train_tokens"] > 0
+    assert metrics["target_tokens"] == reference["target_tokens"] > 0  # whole-run counters survive the restart
     for key in ("eval_loss", "initial_eval_loss", "best_eval_loss", "train_loss"):
         assert metrics[key] == pytest.approx(reference[key], abs=1e-4), key
 
