@@ -102,9 +102,8 @@ def test_image_flavours_agree_with_the_table_and_the_dockerfile():
     assert f"ARG CUDA_FLAVOUR={next(iter(cuda.FLAVOURS))}" in dockerfile  # the default is the newest
 
 
-def test_readme_container_table_lists_each_flavour_with_its_minimum_driver():
-    readme = (REPO / "README.md").read_text()
-    container = readme.split("## Container", 1)[1]
+def test_container_docs_first_table_lists_each_flavour_with_its_minimum_driver():
+    container = (REPO / "docs" / "container.md").read_text()
     first_table = next(block for block in container.split("\n\n") if block.lstrip().startswith("|"))
     for flavour, version in cuda.FLAVOURS.items():
         assert re.search(rf"\| `{flavour}`.*\| {re.escape(cuda.MINIMUM_DRIVER[version])} .*CUDA_FLAVOUR={flavour}",
