@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import queue
 import random
 import re
 import shutil
@@ -24,14 +23,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from tests.helpers import FAST_TRAIN, clean_env, train_env
+from tests.helpers import FAST_TRAIN, Job, clean_env, train_env
 
 STEPS = 16
 # A log line per step, to signal at a known one; a checkpoint and an evaluation every 8 steps.
@@ -70,42 +68,6 @@ def fault(name: str, codes: tuple[int, ...], published: bool, exact: bool = Fals
 
 class Skip(Exception):
     """This machine cannot stage the fault (e.g. mounting a tmpfs needs root)."""
-
-
-class Job:
-    """`finetune train` in the background, its log lines collected as they come."""
-
-    def __init__(self, env: dict[str, str], *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "entrypoint", "train", *args], env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"never saw {pattern!r}; log:\n{''.join(self.lines)[-3000:]}")
-
-    def finish(self, timeout: float = 180) -> tuple[int, str]:
-        code = self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return code, "".join(self.lines)
 
 
 class Lab:
@@ -221,14 +183,7 @@ def sigkill_mid_save(lab: Lab) -> Outcome:
     extra = {"FINETUNE_MODEL": str(lab.small_model), "FINETUNE_MAX_STEPS": "12", "FINETUNE_SAVE_STEPS": "2",
              "FINETUNE_EVAL_STEPS": "6", "FINETUNE_LOGGING_STEPS": "2"}
     job = lab.start(out, **extra)
-    killed, deadline = None, time.monotonic() + 180
-    while killed is None and job.proc.poll() is None and time.monotonic() < deadline:
-        for path in (out / "checkpoints").glob("checkpoint-*"):
-            if path.name != "checkpoint-2" and not (path / checkpoints.MARKER).exists():
-                job.proc.kill()
-                killed = path
-                break
-        time.sleep(0.0005)
+    killed = job.kill_mid_save(out / "checkpoints", checkpoints.MARKER, keep="checkpoint-2")
     first, _ = job.finish()
     expect(killed is not None, "no checkpoint save was caught in progress")
     second, log = lab.train(out, **extra)

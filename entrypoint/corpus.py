@@ -28,12 +28,18 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
 
 
-def docstring_paragraphs(path: Path) -> Iterator[str]:
+def parse_source(path: Path) -> ast.Module | None:
+    """A standard-library source file's syntax tree, or None when this Python cannot parse it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences in old sources
-            tree = ast.parse(path.read_bytes())
+            return ast.parse(path.read_bytes())
     except (SyntaxError, ValueError):
+        return None
+
+
+def docstring_paragraphs(path: Path) -> Iterator[str]:
+    if (tree := parse_source(path)) is None:
         return
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):

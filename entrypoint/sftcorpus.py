@@ -10,11 +10,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .corpus import stdlib_files
+from .corpus import parse_source, stdlib_files
 
 MIN_CHARS = 30  # shorter first paragraphs are mostly "Return x." fragments with nothing to learn
 
@@ -27,11 +26,7 @@ def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 
 
 def instruction_pairs(path: Path) -> Iterator[dict[str, str]]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escape sequences in old sources
-            tree = ast.parse(path.read_bytes())
-    except (SyntaxError, ValueError):
+    if (tree := parse_source(path)) is None:
         return
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):

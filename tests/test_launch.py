@@ -16,8 +16,7 @@ from entrypoint.config import TrainConfig
 from entrypoint.errors import ExitCode
 from entrypoint.launch import torchrun_arguments
 from entrypoint.preemption import STOP_CHECK_EVERY
-from tests.helpers import FAST_TRAIN, clean_env, finetune, train_env
-from tests.test_preemption import Job
+from tests.helpers import FAST_TRAIN, Job, clean_env, finetune, train_env
 
 STEPWISE = {**FAST_TRAIN, "FINETUNE_LOGGING_STEPS": "1"}  # a log line per step, to signal at a known one
 

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from entrypoint import checkpoints
 from entrypoint.config import InitModelConfig
 from entrypoint.errors import ExitCode
 from entrypoint.modelinit import init_model
-from tests.helpers import FAST_TRAIN, finetune, train_env
+from tests.helpers import FAST_TRAIN, Job, finetune, train_env
 
 STEPS = 24
 RUN = {**FAST_TRAIN, "FINETUNE_MAX_STEPS": str(STEPS), "FINETUNE_SAVE_STEPS": "8", "FINETUNE_EVAL_STEPS": "8",
@@ -34,42 +31,6 @@ IS_ROOT = os.geteuid() == 0
 
 def env_for(model: Path, data: Path, out: Path, **extra: str) -> dict[str, str]:
     return train_env(model, data, out, base=RUN, FINETUNE_CACHE_DIR=str(out.parent / "cache"), **extra)
-
-
-class Job:
-    """`finetune train` in the background, its log lines collected as they come."""
-
-    def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "entrypoint", "train"], env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"never saw {pattern!r}; log:\n{''.join(self.lines)[-3000:]}")
-
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
-        code = self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return code, "".join(self.lines)
 
 
 def interrupt_at(env, step: int, sig=signal.SIGTERM, then_kill_after: float | None = None) -> tuple[int, str]:
@@ -221,15 +182,7 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path
     env = env_for(small_model, corpus_dir, out, FINETUNE_MAX_STEPS="12", FINETUNE_SAVE_STEPS="2",
                   FINETUNE_EVAL_STEPS="6", FINETUNE_LOGGING_STEPS="2")
     job = Job(env)
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and job.proc.poll() is None and time.monotonic() < deadline:
-        for path in (out / "checkpoints").glob("checkpoint-*"):
-            if path.name != "checkpoint-2" and not (path / checkpoints.MARKER).exists():
-                job.proc.kill()
-                killed = path
-                break
-        time.sleep(0.0005)
+    killed = job.kill_mid_save(out / "checkpoints", checkpoints.MARKER, keep="checkpoint-2")
     job.finish()
     if killed is None:
         pytest.fail("no checkpoint save was caught in progress; the saves were too fast to interrupt")
