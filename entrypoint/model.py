@@ -7,6 +7,7 @@ plain transformers loads, with the adapter itself beside it in `model/adapter/`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from .config import TrainConfig
 from .errors import ModelLoadError
 
+log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 # Default LoRA targets per architecture (config.model_type): the attention and MLP projections. Unknown
@@ -59,14 +61,25 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def load_model(cfg: TrainConfig):
+def attention_for(isolated: bool, precision: str) -> str:
+    """SDPA, or flash-attention's variable-length kernels for isolated documents on a GPU in half precision where
+    the flash_attn package is installed (transformers derives each document's span from the restarted position
+    ids, so no mask tensor is built). Unmeasured: no GPU with flash_attn was available to this project yet."""
+    import importlib.util
+
+    if isolated and precision in ("bf16", "fp16") and torch.cuda.is_available() \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: TrainConfig, attention: str = "sdpa"):
     """The model to train: the base model, wrapped with LoRA adapters when --lora-rank > 0."""
     from transformers import AutoModelForCausalLM
 
     try:
         # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa",
-                                                     token=cfg.hub_token, trust_remote_code=False)
+        model = _from_pretrained(AutoModelForCausalLM, cfg, attention)
     except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
         if needs_remote_code(exc):
             raise remote_code_error(cfg.model) from None
@@ -79,6 +92,16 @@ def load_model(cfg: TrainConfig):
     if cfg.lora_rank:
         model = add_lora(model, cfg)
     return model
+
+
+def _from_pretrained(auto, cfg: TrainConfig, attention: str):
+    kwargs = {"dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
+    if attention != "sdpa":
+        try:
+            return auto.from_pretrained(cfg.model, attn_implementation=attention, **kwargs)
+        except (ImportError, ValueError) as exc:  # the architecture or the installed flash_attn does not support it
+            log.warning("model: %s unavailable (%s); using sdpa", attention, str(exc).splitlines()[0][:160])
+    return auto.from_pretrained(cfg.model, attn_implementation="sdpa", **kwargs)
 
 
 def lora_targets(model_type: str, requested: str | None) -> list[str] | str:

@@ -18,7 +18,7 @@ from .errors import ConfigError, Diverged, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty, perplexity
-from .model import load_model, load_tokenizer, save_published
+from .model import attention_for, load_model, load_tokenizer, save_published
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .trainer import FinetuneTrainer, TokenCounter
 
@@ -64,7 +64,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, plan: Plan, stop
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     with stop.interruptible("during model loading"):
         event(f"model: loading {cfg.model}")
-        model = load_model(cfg)
+        model = load_model(cfg, attention_for(stats.isolated, plan.precision))
     stop.raise_if_requested("before training started")
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
     trainer.run = run_identity

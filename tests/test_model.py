@@ -3,6 +3,7 @@ exactly, a merged published model that plain transformers loads, and no remote c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -119,3 +120,23 @@ def test_a_model_that_needs_remote_code_is_refused_naming_the_flag(tmp_path, dat
     assert result.returncode == ExitCode.MODEL, result.stderr[-2000:]
     assert "trust_remote_code" in result.stderr and "--trust-remote-code" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_attention_is_sdpa_unless_isolated_half_precision_on_a_gpu_with_flash_attn():
+    from entrypoint.model import attention_for
+
+    assert attention_for(isolated=False, precision="bf16") == "sdpa"
+    assert attention_for(isolated=True, precision="fp32") == "sdpa"
+    if not torch.cuda.is_available():
+        assert attention_for(isolated=True, precision="bf16") == "sdpa"
+
+
+def test_an_attention_the_installation_cannot_provide_falls_back_to_sdpa_with_a_warning(tiny_model, caplog):
+    from entrypoint.model import load_model
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here, so flash_attention_2 may load")
+    with caplog.at_level("WARNING", logger="entrypoint.model"):
+        model = load_model(TrainConfig(model=str(tiny_model)), attention="flash_attention_2")
+    assert model.config._attn_implementation == "sdpa"
+    assert "flash_attention_2 unavailable" in caplog.text
