@@ -52,6 +52,13 @@ def device_and_precision(requested: str) -> tuple[str, str]:
     return "cpu", "fp32"
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is off (HF_HUB_OFFLINE), as huggingface_hub itself resolved it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def load_model_config(model: str, token: str | None):
     from transformers import AutoConfig
 
@@ -70,7 +77,7 @@ def load_model_config(model: str, token: str | None):
         if (local / "config.json").is_file():  # a local directory: the network and the Hub cache are not the cause
             raise ModelLoadError(f"cannot read {local / 'config.json'} ({first}); it is not valid JSON or names an "
                                  "architecture this transformers does not know: fix or replace the model.") from None
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        offline = hub_offline()
         hint = ("HF_HUB_OFFLINE=1 is set and it is not in the cache (HF_HOME); download it first or bake it "
                 "into the image") if offline else "check the name, network access, and HF_TOKEN for gated models"
         raise ModelLoadError(f"cannot load model config for {model!r} ({str(exc).splitlines()[0][:120]}); "

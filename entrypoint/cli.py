@@ -315,7 +315,7 @@ def doctor(preset, **params):
 
     cfg, _ = resolve(TrainConfig, params, preset)
     setup_logs(cfg)
-    diagnose(cfg)
+    diagnose(cfg, click.echo)
 
 
 @cli.command("config", epilog=EXIT_CODES_HELP)

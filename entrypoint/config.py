@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -23,9 +22,9 @@ from .errors import ConfigError
 from .platforms import cluster_defaults, platform_defaults
 
 ENV_PREFIX = "FINETUNE_"
+# The shipped presets; FINETUNE_PRESET_DIR (read by the CLI, passed to resolve) names another folder, as the image
+# does (/app/config) for installed, non-editable copies.
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
-# Installed (non-editable) copies find the presets here; the image sets it to /app/config.
-PRESET_DIR = Path(os.environ.get("FINETUNE_PRESET_DIR", PRESET_DIR))
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit, and transformers' set_seed seeds numpy too
@@ -287,18 +286,18 @@ def _dash(name: str) -> str:
 
 # ---- presets and platform contracts ---------------------------------------------------------------
 
-def find_preset(name_or_path: str) -> Path:
+def find_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Path:
     path = Path(name_or_path)
-    candidate = path if path.suffix in (".yaml", ".yml") or path.exists() else PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = path if path.suffix in (".yaml", ".yml") or path.exists() else preset_dir / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        shipped = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) or "none found"
+        shipped = ", ".join(sorted(p.stem for p in preset_dir.glob("*.yaml"))) or "none found"
         raise ConfigError(f"preset {name_or_path!r} not found; use a YAML path or one of: {shipped}.")
     return candidate
 
 
-def load_preset(name_or_path: str, schema: type = TrainConfig) -> dict[str, Any]:
+def load_preset(name_or_path: str, schema: type = TrainConfig, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
     """A preset's overrides, coerced to the schema's types. Unknown keys are an error, not a silent no-op."""
-    path = find_preset(name_or_path)
+    path = find_preset(name_or_path, preset_dir)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -326,7 +325,8 @@ def resolve(schema: type, explicit: dict[str, tuple[Any, str]], preset: str | No
     values: dict[str, Any] = {}
     sources = {name: "default" for name in known}
     if preset:
-        for name, value in load_preset(preset, schema).items():
+        preset_dir = Path(environ.get("FINETUNE_PRESET_DIR") or PRESET_DIR)
+        for name, value in load_preset(preset, schema, preset_dir).items():
             values[name], sources[name] = value, f"preset {preset}"
     if schema is TrainConfig:
         platform, overrides = platform_defaults(environ)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 import shutil
 from pathlib import Path
 
-import click
-
 from . import cuda
-from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, load_model_config
+from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, hub_offline, load_model_config
 from .config import TrainConfig, check_values
 from .errors import ConfigError, FinetuneError, ModelLoadError
 from .export import probe
@@ -21,17 +18,18 @@ from .sources import discover, fingerprint
 SHM_MIN = 1 << 30  # bytes; DataLoader workers pass batches through /dev/shm and Docker's default is 64 MiB
 
 
-def diagnose(cfg: TrainConfig) -> None:
+def diagnose(cfg: TrainConfig, echo=print) -> None:
+    """Check everything `train` needs, printing one line per check through `echo`; raise on blocking problems."""
     failures: list[FinetuneError] = []
 
     def report(name: str, check):
         try:
             detail, warning = check()
-            click.echo(f"{'warn' if warning else 'ok':5} {name}: {detail}")
+            echo(f"{'warn' if warning else 'ok':5} {name}: {detail}")
         except FinetuneError as exc:
             failures.append(exc)
             for line in exc.problems:
-                click.echo(f"FAIL  {name}: {line}")
+                echo(f"FAIL  {name}: {line}")
 
     report("versions", _versions)
     report("config", lambda: _config(cfg))
@@ -44,9 +42,9 @@ def diagnose(cfg: TrainConfig) -> None:
         report("export", lambda: (probe(cfg.export_to), False))
     report("shared memory", _shm)
     if failures:
-        click.echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")
+        echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")
         raise type(failures[0])(*[p for f in failures for p in f.problems]) from None
-    click.echo("doctor: ready to train")
+    echo("doctor: ready to train")
 
 
 def _versions():
@@ -99,7 +97,7 @@ def _model(cfg):
     params = checkpoint_bytes(model_config) // 12
     detail = (f"{cfg.model} loads ({params / 1e6:.1f}M parameters; about {12 * params / 1e9:.2f} GB per "
               f"checkpoint, {free / 1e9:.1f} GB free)")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = hub_offline()
     if offline:
         detail += "; available offline"
     return detail, free < need
