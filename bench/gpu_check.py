@@ -9,7 +9,7 @@ Stages, in order of value:
 3. the benchmark: GPT-2 124M's shape (random weights, 50,257-token vocabulary), the tutorial recipe against
    `finetune train` at equal optimizer steps, ours at block 1,024 in bf16 with compile off/on and micro-batch
    16/32/8 (32 sequences an optimizer step): useful tokens/s, MFU (the job's own, from its step time, and this
-   benchmark's, from the training loop's time, through the same efficiency.mfu_from), peak memory, step-time
+   benchmark's, from the training loop's time, through the same mfu.mfu_from), peak memory, step-time
    spread, compile time.
 A run that would not finish inside --budget is skipped and listed as such. Without CUDA (or with --dry) every
 stage runs on the CPU on tiny shapes and the report says so: `make test` runs that, so this script cannot rot.
@@ -243,7 +243,7 @@ def run_bench(workdir: Path, dry: bool, deadline: float, report: dict):
 def summary(metrics: dict) -> dict:
     """What the report keeps of one run's metrics.json, plus this benchmark's own MFU: the useful tokens over the
     training loop's time (evaluations excluded), through the same formula the job uses."""
-    from entrypoint import efficiency
+    from entrypoint import mfu
 
     keep = ("useful_tokens_per_second", "mfu", "peak_memory_mib", "step_seconds", "step_seconds_p90",
             "compile_seconds", "wall_seconds", "train_runtime", "eval_loss", "global_step", "train_tokens",
@@ -254,7 +254,7 @@ def summary(metrics: dict) -> dict:
     # The tutorial's metrics carry no flops_per_token: its own MFU is already the loop-time figure.
     row["mfu_bench"] = metrics.get("mfu")
     if flops:
-        row["mfu_bench"] = efficiency.mfu_from(flops, metrics["device"], metrics["precision"],
+        row["mfu_bench"] = mfu.mfu_from(flops, metrics["device"], metrics["precision"],
                                                metrics["useful_tokens_per_second"] / world)
     if row["step_seconds"] and row["step_seconds_p90"]:
         row["step_spread"] = row["step_seconds_p90"] / row["step_seconds"]

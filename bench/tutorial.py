@@ -96,7 +96,7 @@ def measured(trainer, result, final: dict, collator: CountingCollator, prepare_s
     """The recipe's run in the job's metric names, so bench/compare.py reads both sides alike."""
     import torch
 
-    from entrypoint import efficiency
+    from entrypoint import mfu
 
     runtime = result.metrics["train_runtime"]
     cuda = torch.cuda.is_available()
@@ -118,7 +118,7 @@ def measured(trainer, result, final: dict, collator: CountingCollator, prepare_s
         "block_size": 512,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "data_prepare_seconds": prepare_seconds,
-        "mfu": efficiency.mfu(trainer.model, device, precision, 512, tokens_per_second),
+        "mfu": mfu.mfu(trainer.model, device, precision, 512, tokens_per_second),
     }
 
 

@@ -6,7 +6,7 @@ each token's loss mask. Every document gets BOS first where the tokenizer adds o
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
 document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
-length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
+length (job.py), and the collator pads per batch, masking pad positions out of the labels by the attention
 mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,

@@ -5,21 +5,31 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import cuda
-from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, hub_offline, load_model_config
 from .config import TrainConfig, check_values
 from .errors import ConfigError, FinetuneError, ModelLoadError
 from .export import probe
 from .outputs import check_writable
+from .plan import decide
+from .preflight import (
+    check_model_dir,
+    device_and_precision,
+    hub_offline,
+    load_model_config,
+    resolved,
+)
 from .sources import discover, fingerprint
 
 SHM_MIN = 1 << 30  # bytes; DataLoader workers pass batches through /dev/shm and Docker's default is 64 MiB
 
 
-def diagnose(cfg: TrainConfig, echo=print) -> None:
-    """Check everything `train` needs, printing one line per check through `echo`; raise on blocking problems."""
+def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = None, world_size: int = 1) -> None:
+    """Check everything `train` needs, printing one line per check through `echo`, then the run plan; raise on
+    blocking problems. `environ` is the process's environment (the CLI passes it; the driver check reads it)."""
+    environ = environ or {}
     failures: list[FinetuneError] = []
 
     def report(name: str, check):
@@ -33,7 +43,7 @@ def diagnose(cfg: TrainConfig, echo=print) -> None:
 
     report("versions", _versions)
     report("config", lambda: _config(cfg))
-    report("device", lambda: (_device(cfg), False))
+    report("device", lambda: (_device(cfg, environ), False))
     report("data", lambda: _data(cfg))
     for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir")):
         report(what, lambda d=directory, w=what: _writable(d, w))
@@ -41,6 +51,8 @@ def diagnose(cfg: TrainConfig, echo=print) -> None:
     if cfg.export_to:
         report("export", lambda: (probe(cfg.export_to), False))
     report("shared memory", _shm)
+    if not failures:  # the plan needs the device, the data and the model that the checks above proved usable
+        report("plan", lambda: (decide(cfg, resolved(cfg, environ), world_size, probe=False).line(), False))
     if failures:
         echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")
         raise type(failures[0])(*[p for f in failures for p in f.problems]) from None
@@ -60,10 +72,10 @@ def _config(cfg):
     return "values in range", False
 
 
-def _device(cfg):
+def _device(cfg, environ):
     import torch
 
-    device, precision = device_and_precision(cfg.precision)
+    device, precision = device_and_precision(cfg.precision, environ)
     gpus = torch.cuda.device_count()
     bf16 = gpus and torch.cuda.is_bf16_supported()
     support = f"{gpus} GPU(s), bf16 {'yes' if bf16 else 'no'}" if gpus else "no GPU visible (CPU training)"
@@ -127,3 +139,19 @@ def _shm():
     return f"/dev/shm is {size / 2**20:.0f} MiB" + ("" if size >= SHM_MIN else
                                                      "; use --shm-size=1g (docker) or a memory emptyDir"), \
         size < SHM_MIN
+
+
+def free_disk(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(model_config) -> int:
+    """Weights (fp32) plus AdamW's two moments: about 12 bytes per parameter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return 12 * sum(p.numel() for p in model.parameters())

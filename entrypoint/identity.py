@@ -67,7 +67,7 @@ LABELS = {"data": "data fingerprint (the files' contents, the tokenizer, --txt-s
 
 def values(cfg: TrainConfig, block_size: int, data_fingerprint: str) -> dict:
     """The identity of a run: option values (as requested) plus the data fingerprint and resolved block size."""
-    from .speed import AUTO_BASE_BATCH
+    from .plan import AUTO_BASE_BATCH
 
     batch = AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size  # auto keeps 8 x --grad-accum a step
     found = {name: getattr(cfg, name) for name in IDENTITY if name not in ("batch_size", "grad_accum")}

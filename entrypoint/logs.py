@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 
 from transformers import TrainerCallback
+
+from .metrics import perplexity
 
 log = logging.getLogger("finetune")
 
@@ -120,10 +121,6 @@ class ProgressLog(TrainerCallback):
                   f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} "
                   f"eta {eta}", step=state.global_step, epoch=state.epoch, loss=logs["loss"],
                   learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
 
 
 def size(nbytes: float) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrypoint import efficiency
-from entrypoint.checks import MAX_DEFAULT_BLOCK, context_length
+from entrypoint import mfu
+from entrypoint.preflight import MAX_DEFAULT_BLOCK, context_length
 from tests.archs import save_tiny_model, tiny_config
 from tests.helpers import finetune
 from tests.test_preemption import assert_preempted_and_unpublished, env_for, interrupt_at
@@ -79,7 +79,7 @@ def test_flops_per_token_uses_each_architectures_layers_and_width(arch):
     lookups = {"gpt2": "transformer.wpe.weight", "opt": "model.decoder.embed_positions.weight"}
     params = dict(model.named_parameters())
     n = sum(p.numel() for p in params.values()) - (params[lookups[arch]].numel() if arch in lookups else 0)
-    assert efficiency.flops_per_token(model, 64) == 6 * n + 12 * 2 * 32 * 64  # 2 layers, width 32
+    assert mfu.flops_per_token(model, 64) == 6 * n + 12 * 2 * 32 * 64  # 2 layers, width 32
 
 
 def test_frozen_weights_cost_four_flops_per_token_not_six():
@@ -87,8 +87,8 @@ def test_frozen_weights_cost_four_flops_per_token_not_six():
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64))
-    full = efficiency.flops_per_token(model, 64)
+    full = mfu.flops_per_token(model, 64)
     frozen = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    assert efficiency.flops_per_token(model, 64) == full - 2 * frozen
+    assert mfu.flops_per_token(model, 64) == full - 2 * frozen

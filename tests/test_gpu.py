@@ -85,14 +85,15 @@ def test_fp16_run_keeps_a_loss_scaler(tmp_path, tiny_model, corpus_dir):
 
 def test_fused_adamw_on_cuda(tmp_path, tiny_model, corpus_dir):
     from entrypoint import data
-    from entrypoint.checks import preflight
     from entrypoint.config import TrainConfig
+    from entrypoint.job import build_trainer
     from entrypoint.model import load_model, load_tokenizer
-    from entrypoint.train import build_trainer
+    from entrypoint.plan import decide
+    from entrypoint.preflight import preflight
 
     cfg = TrainConfig(model=str(tiny_model), data_dir=corpus_dir, output_dir=tmp_path / "out", block_size=32,
                       batch_size=8, grad_accum=1, max_steps=2, precision=PRECISION, report_to="none")
-    plan = preflight(cfg)
+    plan = decide(cfg, preflight(cfg), world_size=1)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, _ = data.prepare(cfg, tokenizer, plan.block_size, builds=True)
     trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, train_ds, eval_ds, fresh=True)
@@ -114,7 +115,7 @@ def test_compile_on_compiles_and_reports_the_compile_time(tmp_path, tiny_model, 
 def test_batch_size_auto_probes_in_train_mode_and_never_picks_more_than_fits():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from entrypoint import speed
+    from entrypoint import plan
 
     model = GPT2LMHeadModel(GPT2Config()).eval()  # as from_pretrained leaves it
     modes: list[bool] = []
@@ -123,7 +124,7 @@ def test_batch_size_auto_probes_in_train_mode_and_never_picks_more_than_fits():
     chosen = {}
     for checkpointing in (False, True):
         modes.clear()
-        chosen[checkpointing] = speed.largest_fitting_batch(model, "bf16", 1024, 128, checkpointing)
+        chosen[checkpointing] = plan.largest_fitting_batch(model, "bf16", 1024, 128, checkpointing)
         assert modes and all(modes), "the probe must run the model in train mode"
         assert not model.training, "the probe restores the model's mode"
         # The chosen batch trains: forward, backward and a fused AdamW step, within the probe's headroom.

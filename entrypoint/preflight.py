@@ -1,13 +1,13 @@
 """Checks that run before a model is loaded: `train` stops on any problem, `doctor` reports them all.
 
 Each check returns problems as `FinetuneError`s (one line each, naming the fix) instead of raising, so a user
-sees every problem in one run.
+sees every problem in one run. What the checks resolve (device, precision, block size, the model's config) is the
+start of the run plan (plan.py).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,9 @@ MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What preflight resolved: the device, the precision and the block size to train with."""
+class Checked:
+    """What preflight resolved: the device, the precision and the block size to train with, and the model's
+    config (plan.py decides the rest)."""
 
     device: str
     precision: str
@@ -29,15 +30,16 @@ class Plan:
     model_config: object
 
 
-def device_and_precision(requested: str) -> tuple[str, str]:
+def device_and_precision(requested: str, environ: Mapping[str, str]) -> tuple[str, str]:
     """auto: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU. An explicit request that the
     hardware cannot honour is an error, never a silent change. Where a GPU is expected (or a driver is loaded),
-    a missing or too old driver, or CUDA that will not start, is a DriverError (cuda.check)."""
+    a missing or too old driver, or CUDA that will not start, is a DriverError (cuda.check, which reads
+    NVIDIA_VISIBLE_DEVICES from `environ`: the CLI passes the process's environment)."""
     import torch
 
     from . import cuda
 
-    cuda.check(requested, os.environ)
+    cuda.check(requested, environ)
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
         bf16 = torch.cuda.is_bf16_supported()
@@ -114,14 +116,14 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
         raise ModelLoadError(*problems)
 
 
-def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
+def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] | None = None) -> Checked:
     """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
     leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
     device, precision = "cpu", "fp32"
     try:
         if trains:
-            device, precision = device_and_precision(cfg.precision)
+            device, precision = device_and_precision(cfg.precision, environ or {})
     except FinetuneError as exc:
         problems.append(exc)
     try:
@@ -137,18 +139,32 @@ def preflight(cfg: TrainConfig, trains: bool = True) -> Plan:
             break  # the others usually live inside the first
     model_config, block_size = None, cfg.block_size or 0
     try:
-        model_config = load_model_config(cfg.model, cfg.hub_token)
-        positions = context_length(model_config)
-        if cfg.block_size and cfg.block_size > positions:
-            problems.append(ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "
-                                        f"use --block-size {positions} or less."))
-        block_size = cfg.block_size or min(positions, MAX_DEFAULT_BLOCK)
+        model_config, block_size = model_and_block_size(cfg)
     except FinetuneError as exc:
         problems.append(exc)
     if problems:
         problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
         raise type(problems[0])(*[p for e in problems for p in e.problems])
-    return Plan(device=device, precision=precision, block_size=block_size, model_config=model_config)
+    return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config)
+
+
+def resolved(cfg: TrainConfig, environ: Mapping[str, str]) -> Checked:
+    """What preflight resolves, without its other checks and without creating any directory (`config` shows the
+    plan this way); raises the first problem."""
+    device, precision = device_and_precision(cfg.precision, environ)
+    model_config, block_size = model_and_block_size(cfg)
+    return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config)
+
+
+def model_and_block_size(cfg: TrainConfig) -> tuple[object, int]:
+    """The model's config and the block size to train with: --block-size, or the model's context up to
+    MAX_DEFAULT_BLOCK."""
+    model_config = load_model_config(cfg.model, cfg.hub_token)
+    positions = context_length(model_config)
+    if cfg.block_size and cfg.block_size > positions:
+        raise ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "
+                          f"use --block-size {positions} or less.")
+    return model_config, cfg.block_size or min(positions, MAX_DEFAULT_BLOCK)
 
 
 def context_length(model_config) -> int:
@@ -160,19 +176,3 @@ def context_length(model_config) -> int:
 
 # The first problem decides the exit code: the most fundamental kind first.
 _ORDER = [ConfigError, DataError, ModelLoadError, OutputError]
-
-
-def free_disk(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def checkpoint_bytes(model_config) -> int:
-    """Weights (fp32) plus AdamW's two moments: about 12 bytes per parameter."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return 12 * sum(p.numel() for p in model.parameters())

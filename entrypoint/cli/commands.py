@@ -1,0 +1,224 @@
+"""The `finetune` commands. The CLI (this package) is the only code that touches click and os.environ; every other
+module takes the config object, and the environment where it must (the driver check) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .. import config as schema
+from ..config import GenerateConfig, InitModelConfig, TrainConfig
+from ..errors import ConfigError, FinetuneError
+from ..platforms import platform_defaults
+from .params import preset_option, resolve, schema_options
+from .running import (
+    EXIT_CODES_HELP,
+    RESOLVED_OUTPUT_DIR,
+    handled,
+    log_config,
+    setup_logs,
+    this_process,
+    train_output_dir,
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="finetune-gpt2")
+def cli():
+    """Fine-tune GPT-2-family causal language models on a folder of text.
+
+    Every option can also be set as an environment variable (shown in each command's --help) or in a preset
+    (--preset NAME). Precedence: flag > environment > platform (SageMaker, Vertex AI) > preset > default.
+    """
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled(train_output_dir)
+def train(preset, **params):
+    """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model.
+
+    With --nproc-per-node > 1 or --nnodes > 1 it re-launches itself under torchrun with the same arguments."""
+    from ..job import run
+
+    cfg, sources = resolve(TrainConfig, params, preset)
+    click.get_current_context().meta[RESOLVED_OUTPUT_DIR] = cfg.output_dir
+    dist = this_process()
+    setup_logs(cfg, dist.rank)
+    if dist.is_main:
+        log_config(cfg, sources)
+    if "LOCAL_RANK" not in os.environ and (cfg.nproc_per_node, cfg.nnodes) != ("1", "1"):
+        from ..launch import run_torchrun, torchrun_arguments
+        from ..preflight import preflight
+
+        preflight(cfg, environ=os.environ)  # one clean error here rather than one per worker
+        args = torchrun_arguments(cfg, sys.argv[1:])
+        if args:
+            # The agent forwards SIGTERM to the workers, then kills them after this many seconds: long enough
+            # for a checkpoint save; the kubelet's own grace period still bounds it.
+            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
+            sys.exit(run_torchrun(args))
+    metrics = run(cfg, sources, dist, os.environ)
+    if metrics and dist.is_main:
+        from ..logs import event
+        from ..metrics import final_line
+
+        event(final_line(metrics, cfg.output_dir / "model"), **metrics)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@click.option("--shard", type=click.IntRange(min=0), default=None, envvar="FINETUNE_SHARD", show_envvar=True,
+              help="Which share of the input this process tokenizes, from 0 [default: JOB_COMPLETION_INDEX in an "
+                   "Indexed Job, else 0].")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True, envvar="FINETUNE_NUM_SHARDS",
+              show_envvar=True, help="Processes or pods sharing the preparation (an Indexed Job's completions); "
+                                     "the cache is complete when every shard is written.")
+@schema_options(TrainConfig)
+@handled()
+def prepare(preset, shard, num_shards, **params):
+    """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
+    import dataclasses
+
+    from .. import data
+    from ..model import load_tokenizer
+    from ..platforms import shard_default
+    from ..preemption import StopRequest
+    from ..preflight import preflight
+
+    cfg, sources = resolve(TrainConfig, params, preset)
+    # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.
+    cfg = dataclasses.replace(cfg, nnodes="1", node_rank=0)
+    if shard is None:
+        shard = shard_default(os.environ) if num_shards > 1 else 0
+    if shard >= num_shards:
+        raise ConfigError(f"--shard {shard} must be below --num-shards {num_shards}; shards count from 0 (set "
+                          "--num-shards to the Indexed Job's completions).")
+    setup_logs(cfg)
+    log_config(cfg, sources)
+    if Path(cfg.model).is_dir():  # a local model without tokenizer files would tokenize everything to nothing
+        from ..preflight import check_model_dir
+
+        check_model_dir(Path(cfg.model), "--model", weights=False)
+    plan = preflight(cfg, trains=False)
+    stop = StopRequest().install()
+    tokenizer = load_tokenizer(cfg)
+    stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)
+    if stats is None:
+        click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
+                   "every shard is written")
+        return
+    click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
+               f"{plan.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled()
+def doctor(preset, **params):
+    """Check versions, device, precision, data, output, disk, shared memory and the model; exit non-zero on a
+    blocking problem."""
+    from ..doctor import diagnose
+
+    cfg, _ = resolve(TrainConfig, params, preset)
+    setup_logs(cfg)
+    diagnose(cfg, click.echo, os.environ, planned_world_size(cfg))
+
+
+@cli.command("config", epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(TrainConfig)
+@handled()
+def show_config(preset, **params):
+    """Print the resolved configuration as YAML, each value with where it came from."""
+    cfg, sources = resolve(TrainConfig, params, preset)
+    problems = schema.check_values(cfg)
+    if problems:  # the same range and cross-field checks train makes, so a printed config is a runnable one
+        raise ConfigError(*problems)
+    platform, _ = platform_defaults(os.environ)
+    if platform:
+        click.echo(f"# platform contract applied: {platform}")
+    for name, value in schema.as_dict(cfg).items():
+        rendered = "null" if value is None else value
+        click.echo(f"{name}: {rendered}  # {sources[name]}")
+    click.echo(f"# run plan: {_plan_line(cfg)}")
+
+
+def planned_world_size(cfg: TrainConfig) -> int:
+    """The processes a `train` with this configuration starts (an elastic range's largest), for doctor and config."""
+    from ..launch import processes_per_node
+
+    return processes_per_node(cfg.nproc_per_node) * int(cfg.nnodes.split(":")[-1])
+
+
+def _plan_line(cfg: TrainConfig) -> str:
+    """The run plan `train` would log here, or why it cannot be made on this machine (the model is not reachable,
+    no GPU...): `config` shows the configuration whatever the machine."""
+    from ..plan import decide
+    from ..preflight import resolved
+
+    try:
+        return decide(cfg, resolved(cfg, os.environ), planned_world_size(cfg), probe=False).line()
+    except FinetuneError as exc:
+        return f"not available here ({exc.problems[0]})"
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@schema_options(GenerateConfig)
+@handled()
+def generate(**params):
+    """Sample text from a model directory (by default the published model)."""
+    from ..generate import check_inputs, sample
+
+    cfg, _ = resolve(GenerateConfig, params)
+    check_inputs(cfg)  # before the logging setup, which imports transformers: a typo costs no seconds
+    setup_logs()
+    try:
+        for text in sample(cfg):
+            click.echo(text)
+    except BrokenPipeError:  # the reader (`| head -1`) has what it wanted; silence the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@cli.command("init-model", epilog=EXIT_CODES_HELP)
+@schema_options(InitModelConfig)
+@handled()
+def init_model(**params):
+    """Create a small random GPT-2 with a byte-level BPE tokenizer trained on --corpus (no Hub needed)."""
+    from .. import modelinit
+
+    cfg, _ = resolve(InitModelConfig, params)
+    files = modelinit.check_inputs(cfg)  # before the logging setup, which imports transformers
+    setup_logs()
+    modelinit.init_model(cfg, files)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--output-dir", type=click.Path(path_type=Path), required=True, envvar="FINETUNE_OUTPUT_DIR",
+              show_envvar=True, help="Directory to write train.txt and valid.txt to.")
+@click.option("--max-documents", type=click.IntRange(min=1), default=None, envvar="FINETUNE_MAX_DOCUMENTS",
+              show_envvar=True, help="Stop after this many documents [default: all].")
+@click.option("--instructions", is_flag=True, envvar="FINETUNE_INSTRUCTIONS", show_envvar=True,
+              help="Write train.jsonl and valid.jsonl instead: prompt = a function's signature, completion = the "
+              "first paragraph of its docstring (instruction data).")
+@handled()
+def corpus(output_dir, max_documents, instructions):
+    """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
+    tests: real prose on every machine, nothing downloaded)."""
+    from .. import corpus as plain
+    from .. import sftcorpus
+
+    counts = (sftcorpus if instructions else plain).build(output_dir, max_documents)
+    kind = "prompt/completion records" if instructions else "documents"
+    click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation {kind} in {output_dir}")
+
+
+def main() -> None:
+    cli(prog_name="finetune")

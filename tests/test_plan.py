@@ -1,0 +1,75 @@
+"""The run plan's choices that need no GPU to check: --batch-size auto's CPU fallback and parsing, --compile auto's
+decision, and the plan decided before data through the real CLI (`config`, `doctor`, `train`'s plan line)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GPT2Config
+
+from entrypoint import plan as planning
+from entrypoint.config import TrainConfig, check_values, coerce, fields
+from entrypoint.errors import ConfigError
+from entrypoint.preflight import Checked
+from tests.helpers import clean_env, finetune, train_env
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def plan(device: str = "cpu", precision: str = "fp32") -> Checked:
+    return Checked(device=device, precision=precision, block_size=1024, model_config=GPT2Config())
+
+
+def test_batch_size_takes_an_integer_or_auto_from_any_source():
+    field = fields(TrainConfig)["batch_size"]
+    assert coerce(field, "AUTO", "env") == "auto" and coerce(field, 16, "preset") == 16
+    with pytest.raises(ConfigError, match="not a valid int"):
+        coerce(field, "lots", "preset")
+    assert check_values(TrainConfig(batch_size="auto")) == []
+
+
+def test_batch_size_auto_on_cpu_is_the_default_micro_batch_and_keeps_grad_accum():
+    assert planning.batch_and_accumulation(TrainConfig(batch_size="auto", grad_accum=4), plan())[:2] == (8, 4)
+    assert planning.batch_and_accumulation(TrainConfig(batch_size=2, grad_accum=3), plan())[:2] == (2, 3)
+
+
+def test_compile_auto_is_off_on_cpu_and_short_gpu_runs_and_on_for_long_ones():
+    cfg = TrainConfig(compile="auto", epochs=3)
+    assert not planning.should_compile(cfg, plan(), train_rows=1_000_000, sequences_per_step=32)[0]
+    assert not planning.should_compile(cfg, plan(H100, "bf16"), train_rows=100, sequences_per_step=32)[0]
+    assert planning.should_compile(cfg, plan(H100, "bf16"), train_rows=1_000_000, sequences_per_step=32)[0]
+    assert planning.should_compile(TrainConfig(compile="on"), plan(), train_rows=1, sequences_per_step=1)[0]
+
+
+
+
+def test_config_and_doctor_show_the_plan_train_logs_before_reading_data(tmp_path, tiny_model, corpus_dir):
+    """One plan, three views: `config` and `doctor` print the line `train` logs, and train logs it before the data
+    is read (the cache-miss line comes after)."""
+    env = train_env(tiny_model, corpus_dir, tmp_path / "out", FINETUNE_MAX_STEPS="2", FINETUNE_BATCH_SIZE="auto",
+                    FINETUNE_GRAD_ACCUM="2")
+    shown = finetune("config", env=env)
+    assert shown.returncode == 0, shown.stderr
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("# run plan: ")).removeprefix("# run plan: ")
+    assert "device cpu, precision fp32, block size 32, batch: 8 x 2 accumulation x 1 processes" in line
+    assert "compile: off (auto: not on a CUDA GPU with a known peak)" in line
+    assert not (tmp_path / "out").exists(), "config must not create the output directory"
+    doctor = finetune("doctor", env=env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert f"plan: {line}" in doctor.stdout
+    train = finetune("train", env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert f"plan: {line}" in train.stderr
+    assert train.stderr.index("plan: ") < train.stderr.index("data: cache miss")
+
+
+def test_config_shows_why_there_is_no_plan_when_the_model_is_unreachable(tmp_path, corpus_dir):
+    env = clean_env(FINETUNE_MODEL=str(tmp_path / "missing"), FINETUNE_DATA_DIR=str(corpus_dir),
+                    FINETUNE_OUTPUT_DIR=str(tmp_path / "out"))
+    shown = finetune("config", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "# run plan: not available here (--model " in shown.stdout
+
+
+def test_the_compile_estimate_reads_file_sizes_only(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"x" * 4 * 1024 * 100)  # about 102,400 tokens at 4 bytes a token
+    assert planning.estimated_rows(TrainConfig(data_dir=tmp_path), 1024) == 100
