@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import struct
 import zipfile
 from pathlib import Path
 
-from . import identity
+from . import fsutil, identity
 from .errors import ConfigError
 from .logs import event
 
@@ -33,20 +32,7 @@ def mark_complete(checkpoint: Path, seconds: float, record: dict | None = None) 
     """Flush every file, then write the marker (itself flushed): the marker's presence implies the rest.
 
     `record` (the run's identity, world size and totals) is stored in the marker beside the save time."""
-    for path in checkpoint.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    marker = checkpoint / MARKER
-    with marker.open("w") as f:
-        json.dump({"save_seconds": round(seconds, 3), **(record or {})}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(checkpoint, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsutil.write_marker(checkpoint / MARKER, json.dumps({"save_seconds": round(seconds, 3), **(record or {})}))
 
 
 def problem(checkpoint: Path) -> str | None:
@@ -102,10 +88,8 @@ def latest_complete(directory: Path) -> Path | None:
 
 
 def read_marker(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
+    """The checkpoint's marker, or {} when it has none (or an unreadable one)."""
+    return fsutil.read_marker(checkpoint / MARKER) or {}
 
 
 def step_of(checkpoint: Path) -> int:

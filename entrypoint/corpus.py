@@ -9,13 +9,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import os
 import re
 import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import fsutil
 from .errors import DataError, OutputError
 
 # Test suites and bundled tools are excluded: they are code fixtures more than prose.
@@ -60,7 +60,7 @@ def build(output_dir: Path, max_documents: int | None = None, valid_every: int =
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output-dir {output_dir} is a file; choose a directory path.")
     counts = {"train": 0, "valid": 0}
-    tmp = {name: output_dir / f".{name}.txt.tmp-{os.getpid()}" for name in counts}
+    tmp = {name: fsutil.temp_sibling(output_dir / f"{name}.txt") for name in counts}
     created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +72,8 @@ def build(output_dir: Path, max_documents: int | None = None, valid_every: int =
         if not counts["valid"]:  # an empty valid.txt would fail train; without one, train holds a split out
             (output_dir / "valid.txt").unlink(missing_ok=True)
         else:
-            tmp["valid"].replace(output_dir / "valid.txt")
-        tmp["train"].replace(output_dir / "train.txt")  # last: its presence means the corpus is complete
+            fsutil.commit(tmp["valid"], output_dir / "valid.txt")
+        fsutil.commit(tmp["train"], output_dir / "train.txt")  # last: its presence means the corpus is complete
     except OSError as exc:
         raise OutputError(f"cannot write the corpus to {output_dir} ({exc.strerror or exc}); mount it read-write, "
                           "free space or choose another --output-dir.") from None

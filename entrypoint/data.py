@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import formats, shards
+from . import formats, fsutil, shards
 from .config import TrainConfig
 from .cpus import available_cpus
-from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder, write_atomically
+from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder
 from .errors import DataError, OutputError
 from .logs import WorkProgress
 from .sources import Source, discover, read_documents, record_format
@@ -100,7 +98,7 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
     else:
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
         stats.cache_hit = True
-    write_atomically(cfg.data_cache_dir / f"ready-{pre}", key)
+    fsutil.write_atomic(cfg.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
     if stats.cache_hit:
         log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
@@ -112,10 +110,9 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
                 target: Path, shard: int, num_shards: int, stop) -> None:
     """Read, split, tokenize and write this shard, then move it into the cache under its final name."""
     name = shard_name(shard, num_shards)
-    private = f"{socket.gethostname()}-{os.getpid()}"
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
     # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
-    scratch, staging = cfg.data_cache_dir / f".scratch-{private}", target / f".{name}.tmp-{private}"
+    scratch, staging = cfg.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
     writer = None
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
@@ -212,9 +209,11 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
     try:
         saved = {k: v for k, v in asdict(stats).items() if k != "isolated"}  # decided when the cache is read
-        write_atomically(target / "stats.json", json.dumps(saved, indent=1))
-        write_atomically(target / "manifest.json", json.dumps(manifest, indent=1))
-        write_atomically(target / COMPLETE, "")
+        fsutil.write_atomic(target / "stats.json", json.dumps(saved, indent=1))
+        fsutil.write_atomic(target / "manifest.json", json.dumps(manifest, indent=1))
+        # Not flushed, as the cache never was: flushing every shard would slow each build by the time the disk needs
+        # to take them; a cache a power loss damaged is deleted and built again.
+        fsutil.write_marker(target / COMPLETE, sync=False)
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None

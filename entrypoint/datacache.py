@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -89,9 +87,3 @@ def wait_for_builder(cache_dir: Path, pre: str, stop=None, poll_seconds: float =
     if not (target / COMPLETE).is_file():
         raise DataError(f"{pointer} names {target.name}, which is incomplete; delete both and rerun.")
     return target
-
-
-def write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    staging.write_text(text)
-    staging.replace(path)

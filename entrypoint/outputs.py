@@ -15,13 +15,13 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import fsutil
 from .errors import OutputError
 
 MODEL_DIR = "model"
@@ -31,22 +31,14 @@ TERMINATION_LOG = Path("/dev/termination-log")
 
 def check_writable(directory: Path, what: str) -> None:
     """Really try: create the directory and a file in it, so permission and read-only mounts show now."""
-    probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        reason = fsutil.write_problem(directory, nbytes=2)  # any write at all; space is checked when it is used
     except OSError as exc:
-        raise OutputError(f"{what} {directory} is not writable ({exc.strerror or exc}); mount it read-write "
+        reason = exc.strerror or str(exc)
+    if reason:
+        raise OutputError(f"{what} {directory} is not writable ({reason}); mount it read-write "
                           f"or choose another --{what.replace(' ', '-')}.") from None
-
-
-def write_file(path: Path, text: str) -> None:
-    """Write via a temporary sibling and rename, readable by every user (0644)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    tmp.replace(path)
 
 
 def write_status(output_dir: Path, state: str, exit_code: int | None = None, message: str = "",
@@ -56,7 +48,7 @@ def write_status(output_dir: Path, state: str, exit_code: int | None = None, mes
     status = {"state": state, "exit_code": exit_code, "message": message,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
     with contextlib.suppress(OSError):  # the failure being reported may be this very directory
-        write_file(output_dir / "status.json", json.dumps(status, indent=2) + "\n")
+        fsutil.write_atomic(output_dir / "status.json", json.dumps(status, indent=2) + "\n")
 
 
 def write_termination_message(message: str, platform: str | None = None) -> None:
@@ -92,11 +84,9 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
             (staging / "README.md").write_text(card)
             for path in staging.rglob("*"):
                 path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
-            _fsync_tree(staging)
-            stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
-            (staging / COMPLETE).write_text(json.dumps(stamp) + "\n")
             staging.chmod(0o755)
-            _fsync_tree(staging)
+            stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
+            fsutil.write_marker(staging / COMPLETE, json.dumps(stamp) + "\n")
         if final.exists():
             retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
             final.rename(retired)
@@ -104,7 +94,7 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(final)
-        _fsync_dir(output_dir)
+        fsutil.fsync_dir(output_dir)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
@@ -113,22 +103,6 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
@@ -205,20 +179,20 @@ def _fmt(value: Any) -> str:
 
 
 def write_metrics(output_dir: Path, metrics: dict) -> None:
-    write_file(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    fsutil.write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def write_config(output_dir: Path, config: dict, sources: dict) -> None:
     body = yaml.safe_dump(config, sort_keys=False)
     origin = "".join(f"#   {k}: {v}\n" for k, v in sources.items() if v != "default")
     header = "# Resolved configuration (secrets redacted). Non-default values came from:\n"
-    write_file(output_dir / "config.yaml", header + origin + body)
+    fsutil.write_atomic(output_dir / "config.yaml", header + origin + body)
 
 
 def write_history(output_dir: Path, history: list[dict]) -> None:
     """history.json: the records loss.png is drawn from (step, loss, learning_rate, grad_norm, eval_loss, ...)."""
     points = [h for h in history if "loss" in h or "eval_loss" in h]
-    write_file(output_dir / "history.json", json.dumps(points, indent=1) + "\n")
+    fsutil.write_atomic(output_dir / "history.json", json.dumps(points, indent=1) + "\n")
 
 
 def plot_losses(output_dir: Path, history: list[dict]) -> None:
@@ -241,15 +215,13 @@ def plot_losses(output_dir: Path, history: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = output_dir / f".loss.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.chmod(0o644)
-    tmp.replace(output_dir / "loss.png")
+    try:
+        # The temporary name does not end in .png, so the format is named.
+        fsutil.write_atomic(output_dir / "loss.png", lambda temp: fig.savefig(temp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """metrics.json, status.json or the model's COMPLETE marker, or None when missing or unreadable."""
+    return fsutil.read_marker(path)

@@ -4,8 +4,6 @@ at the last step, and telling a full or failing disk apart from a bug."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from . import checkpoints, identity
+from . import checkpoints, fsutil, identity
 from .errors import OutputError
 from .logs import ProgressLog, event
 
@@ -158,15 +156,4 @@ def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:
 
     torch.save reports a full disk as a RuntimeError about zip positions, so after a failed save the storage
     itself is asked: a small flushed write either works or names the real cause (ENOSPC, EROFS, EIO)."""
-    probe = directory / f".probe-{os.getpid()}"
-    try:
-        with probe.open("wb") as f:
-            f.write(b"\0" * probe_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+    return fsutil.write_problem(directory, probe_bytes)

@@ -1,0 +1,126 @@
+"""How every module writes files so that readers never see half of one: atomic writes, fsync, the write probe and
+completion markers, each in one place.
+
+Temporary names carry the host and the process id (`.{name}.tmp-{host}-{pid}`): several nodes may write to one
+shared volume at once (the data cache, an output directory on NFS), and a name built from the PID alone can be the
+same on two of them.
+
+    write_atomic(path, content)      readers see the old file or the new one; 0644; optionally flushed
+    fsync_file / fsync_dir / fsync_tree
+    write_problem(directory)         why a small flushed write there fails, or None
+    write_marker(path, text)         flush the folder's files, then write the marker; its presence implies the rest
+    read_marker(path)                the marker's JSON, or None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def writer_tag() -> str:
+    """`host-pid`: names a file or folder private to this process among all nodes sharing a volume."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temp_sibling(path: Path) -> Path:
+    """Where to write `path` before it is renamed into place: hidden, beside it (a rename within one filesystem is
+    atomic), private to this process."""
+    return path.with_name(f".{path.name}.tmp-{writer_tag()}")
+
+
+def commit(temp: Path, path: Path, *, sync: bool = False) -> None:
+    """Move a finished temporary file over `path`, readable by every user (0644). With `sync` the file is on disk
+    before the rename, and the rename is on disk when this returns."""
+    if sync:
+        fsync_file(temp)
+    temp.chmod(0o644)
+    temp.replace(path)
+    if sync:
+        fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, content: str | bytes | Callable[[Path], None], *, sync: bool = False) -> None:
+    """Replace `path` by `content`: text, bytes, or a function that writes the file it is given (a figure's
+    savefig). Readers see the old file or the new one, never part of either; a failure removes the temporary file
+    and raises the OSError."""
+    temp = temp_sibling(path)
+    try:
+        if callable(content):
+            content(temp)
+        elif isinstance(content, bytes):
+            temp.write_bytes(content)
+        else:
+            temp.write_text(content)
+        commit(temp, path, sync=sync)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (files created, renamed or removed in it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root`, and `root` itself."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
+
+
+def write_problem(directory: Path, nbytes: int = 1 << 16) -> str | None:
+    """Why `directory` cannot take a write of `nbytes` (flushed to disk), in the system's words ("No space left on
+    device", "Read-only file system"), or None when it can. The probe file is removed either way.
+
+    Really writing is the only reliable test: permission bits do not show a read-only mount or a full disk, and
+    some errors (a full disk behind delayed allocation, EIO) appear only when the data is flushed."""
+    probe = directory / f".write-test-{writer_tag()}"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def write_marker(path: Path, text: str = "", *, sync: bool = True) -> None:
+    """Write the completion marker `path` after everything else in its folder: with `sync`, every file and folder
+    there is flushed first and the marker itself after, so after a crash the marker's presence still implies
+    the rest. The marker appears atomically, whole or not at all."""
+    if sync:
+        fsync_tree(path.parent)
+    write_atomic(path, text, sync=sync)
+
+
+def read_marker(path: Path) -> Any:
+    """The marker's JSON content, or None when it is missing, unreadable or not JSON (an empty marker too:
+    test its presence with `is_file`)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
