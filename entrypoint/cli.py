@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import config as schema
+from . import options as schema
 from .config import GenerateConfig, InitModelConfig, TrainConfig
 from .errors import DESCRIPTIONS, ConfigError, ExitCode, FinetuneError
 from .platforms import platform_defaults

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from . import cuda
 from .checks import check_model_dir, checkpoint_bytes, device_and_precision, free_disk, hub_offline, load_model_config
-from .config import TrainConfig, check_values
+from .config import TrainConfig
 from .errors import ConfigError, FinetuneError, ModelLoadError
 from .export import probe
+from .options import check_values
 from .outputs import check_writable
 from .sources import discover, fingerprint
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .checks import check_model_dir
-from .config import GenerateConfig, check_values
+from .config import GenerateConfig
 from .errors import ConfigError, ModelLoadError, OutOfMemory
+from .options import check_values
 
 MIN_TEMPERATURE = 1e-3  # smaller ones act as greedy anyway, and far smaller ones overflow float32 logits to inf
 BATCH = 32  # samples generated together; more are generated batch after batch, so memory stays bounded

@@ -13,12 +13,13 @@ from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArgumen
 
 from . import checkpoints, data, efficiency, export, formats, guard, identity, outputs, speed
 from .checks import Plan, preflight
-from .config import TrainConfig, as_dict
+from .config import TrainConfig
 from .errors import ConfigError, Diverged, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty, perplexity
 from .model import attention_for, load_model, load_tokenizer, save_published
+from .options import as_dict
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .trainer import FinetuneTrainer, TokenCounter
 

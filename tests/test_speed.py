@@ -12,8 +12,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from entrypoint import efficiency, speed
 from entrypoint.checks import Plan
-from entrypoint.config import TrainConfig, check_values, coerce, fields
+from entrypoint.config import TrainConfig
 from entrypoint.errors import ConfigError
+from entrypoint.options import check_values, coerce, fields
 
 H100 = "NVIDIA H100 80GB HBM3"
 
