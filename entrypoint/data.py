@@ -35,6 +35,7 @@ from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_bu
 from .errors import DataError, OutputError
 from .logs import WorkProgress
 from .sources import Source, discover, read_documents, record_format
+from .tokendataset import TokenDataset
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
@@ -257,8 +258,8 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
     block_size, dtype, packing, masked = manifest["block_size"], manifest["dtype"], manifest["packing"], \
         manifest["masked"]
     stats.isolated = packing and formats.isolate_by_default(manifest["data_format"], cfg.isolate_documents)
-    train = shards.TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
-    valid = shards.TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    train = TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    valid = TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
     capped = valid.capped(cfg.max_eval_tokens)
     if capped is not valid:
         log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
