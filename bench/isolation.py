@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from entrypoint import corpus, data, sftcorpus
+    from entrypoint.collate import PackedCollator
     from entrypoint.config import InitModelConfig, TrainConfig
     from entrypoint.model import load_model, load_tokenizer
     from entrypoint.modelinit import init_model
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(cfg)
     train, _, stats = data.prepare(cfg, tokenizer, args.block_size)
     model = load_model(cfg).train()
-    collate = data.PackedCollator()
+    collate = PackedCollator()
     needed = (args.steps + 1) * args.batch_size
     rows = [train[i % len(train)] for i in range(needed)]
     seconds: dict[str, list[float]] = {"isolated": [], "plain": []}

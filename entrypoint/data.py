@@ -6,8 +6,8 @@ each token's loss mask. Every document gets BOS first where the tokenizer adds o
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
 document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
-length (train.py), and the collator pads per batch, masking pad positions out of the labels by the attention
-mask, never by token id, so real EOS tokens stay targets even when pad == eos.
+length (train.py), and the collator (collate.py) pads per batch, masking pad positions out of the labels by the
+attention mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
 and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import formats, shards
 from .config import TrainConfig
@@ -266,40 +265,3 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
                  "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
                  cfg.max_eval_tokens)
     return train, capped, stats
-
-
-class PackedCollator:
-    """Full blocks: labels are the inputs (the model shifts them), or the cache's labels (-100 where no loss) for
-    records; position ids for isolated documents. No attention mask: SDPA's causal kernel runs without a mask
-    tensor, and transformers builds the block-diagonal mask from restarted position ids only when there is none."""
-
-    def __call__(self, rows):
-        batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
-                 for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
-        batch.setdefault("labels", batch["input_ids"].clone())
-        return batch
-
-
-class PaddingCollator:
-    """Pads to the longest row in the batch (not to a fixed 512) and sets labels to -100 exactly where the
-    attention mask is 0, so a real EOS stays a target even when pad_token_id == eos_token_id."""
-
-    def __init__(self, pad_token_id: int, block_size: int, multiple_of: int = 8):
-        self.pad_token_id = pad_token_id
-        self.block_size = block_size
-        self.multiple_of = multiple_of  # tensor-core friendly lengths on GPUs
-
-    def __call__(self, rows):
-        seqs = [torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows]
-        longest = max(len(s) for s in seqs)
-        width = max(longest, min(self.block_size, -(-longest // self.multiple_of) * self.multiple_of))
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, row in enumerate(rows):
-            if "labels" in row:  # records: the cache's loss mask
-                labels[i, : len(seqs[i])] = torch.as_tensor(row["labels"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArgumen
 
 from . import checkpoints, data, efficiency, export, formats, guard, identity, outputs, speed
 from .checks import Plan, preflight
+from .collate import PackedCollator, PaddingCollator
 from .config import TrainConfig
 from .errors import ConfigError, Diverged, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
@@ -223,8 +224,7 @@ def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_ds, eval
         callbacks.append(tensorboard)
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    collator = data.PackedCollator() if cfg.packing else data.PaddingCollator(tokenizer.pad_token_id,
-                                                                              plan.block_size)
+    collator = PackedCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
     trainer = FinetuneTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                               eval_dataset=eval_ds, callbacks=callbacks, counter=counter)
