@@ -116,29 +116,54 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
     # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
     scratch, staging = cfg.data_cache_dir / f".scratch-{private}", target / f".{name}.tmp-{private}"
-    writer = None
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
-        train_docs = read_documents(train_src, cfg, scratch)
-        fmt = record_format(train_docs)
-        jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
-        if valid_src:
-            valid_docs = read_documents(valid_src, cfg, scratch)
-            if record_format(valid_docs) != fmt:
-                raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
-                                f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
-            jobs.append((valid_docs, "valid", None))
+        jobs, fmt = _read_jobs(cfg, train_src, valid_src, scratch)
         ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
-        dtype = shards.token_dtype(len(tokenizer))
-        backend = shards.backend(tokenizer)
-        bos = formats.convention(tokenizer).bos_id
-        workers = cfg.preprocessing_workers or available_cpus()
-        total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
-        log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
-        writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
+        _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop)
+        try:
+            staging.rename(target / name)
+        except OSError:
+            if not (target / name).is_dir():
+                raise
+            # An identical shard is already there (a retried pod, a racing builder): keep that one.
+    except OSError as exc:
+        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
+                          "free space or set --cache-dir to a writable place.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: Path) -> tuple[list, str]:
+    """The documents to tokenize as (documents, split, hold-out) jobs, and their record format (formats.py),
+    which the validation data must share."""
+    train_docs = read_documents(train_src, cfg, scratch)
+    fmt = record_format(train_docs)
+    jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
+    if valid_src:
+        valid_docs = read_documents(valid_src, cfg, scratch)
+        if record_format(valid_docs) != fmt:
+            raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
+                            f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
+        jobs.append((valid_docs, "valid", None))
+    return jobs, fmt
+
+
+def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, ranges: list, fmt: str, staging: Path,
+                 name: str, stop) -> None:
+    """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as `name`."""
+    dtype = shards.token_dtype(len(tokenizer))
+    backend = shards.backend(tokenizer)
+    bos = formats.convention(tokenizer).bos_id
+    workers = cfg.preprocessing_workers or available_cpus()
+    total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
+    log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
+    writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
+    try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
@@ -151,21 +176,9 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         progress.close()
         (staging / "format").write_text(fmt)
         writer.close()
-        writer = None
-        try:
-            staging.rename(target / name)
-        except OSError:
-            if not (target / name).is_dir():
-                raise
-            # An identical shard is already there (a retried pod, a racing builder): keep that one.
-    except OSError as exc:
-        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
-                          "free space or set --cache-dir to a writable place.") from None
-    finally:
-        if writer is not None:
-            writer.abandon()
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        writer.abandon()  # closes the files; build_shard removes the folder
+        raise
 
 
 def shard_name(shard: int, num_shards: int) -> str:
