@@ -1,6 +1,6 @@
-"""The fault lab: what bench/faults.py's cases are made of. A Lab holds a tiny model, a corpus, a shared data cache
-and one uninterrupted reference run; Job runs `finetune train` in the background with its log collected as it
-comes; @fault registers a case in CASES with its expected outcome."""
+"""The fault lab: what bench/fault_cases.py's cases are made of. A Lab holds a tiny model, a corpus, a shared data
+cache and one uninterrupted reference run; Job runs `finetune train` in the background with its log collected as
+it comes; @fault registers a case in CASES with its expected outcome."""
 
 from __future__ import annotations
 

@@ -23,6 +23,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = arguments(argv)
+    model, train, stats = setup(args)
+    seconds = timed_steps(model, train, args.steps, args.batch_size)
+    tokens = args.batch_size * args.block_size
+    result = {mode: tokens / statistics.median(times) for mode, times in seconds.items()}
+    result.update(cost=1 - result["isolated"] / result["plain"], size=args.size, block_size=args.block_size,
+                  batch_size=args.batch_size, steps=args.steps, threads=torch.get_num_threads(),
+                  parameters=sum(p.numel() for p in model.parameters()),
+                  documents_per_block=stats.train_documents * args.block_size / max(1, stats.train_tokens))
+    print(f"isolation: {result['isolated']:,.0f} tokens/s isolated vs {result['plain']:,.0f} plain packing "
+          f"(isolation changes throughput by {-result['cost']:+.1%}); {args.size} GPT-2 "
+          f"({result['parameters'] / 1e6:.1f}M parameters), "
+          f"{args.batch_size} x {args.block_size} tokens, about {result['documents_per_block']:.0f} documents a block, "
+          f"median of {args.steps} forward+backward steps, {result['threads']} threads")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=("tiny", "small", "gpt2"), help="init-model --size.")
     parser.add_argument("--block-size", type=int, default=512)
@@ -30,8 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode, after one warm-up each.")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "isolation")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def setup(args: argparse.Namespace):
+    """The model in train mode, the cache's training rows and their statistics (corpus and model made once)."""
     from entrypoint import corpus, data, sftcorpus
     from entrypoint.config import InitModelConfig, TrainConfig
     from entrypoint.model import load_model, load_tokenizer
@@ -48,14 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TrainConfig(model=str(model_dir), data_dir=work / "sft", output_dir=work / "out", cache_dir=work / "cache")
     tokenizer = load_tokenizer(cfg)
     train, _, stats = data.prepare(cfg, tokenizer, args.block_size)
-    model = load_model(cfg).train()
-    collate = data.PackedCollator()
-    needed = (args.steps + 1) * args.batch_size
-    rows = [train[i % len(train)] for i in range(needed)]
+    return load_model(cfg).train(), train, stats
+
+
+def timed_steps(model, train, steps: int, batch_size: int) -> dict[str, list[float]]:
+    """Seconds of each timed forward and backward pass per mode, the modes alternating which goes first."""
+    from entrypoint.collate import PackedCollator
+
+    collate = PackedCollator()
+    rows = [train[i % len(train)] for i in range((steps + 1) * batch_size)]
     seconds: dict[str, list[float]] = {"isolated": [], "plain": []}
     torch.manual_seed(0)
-    for step in range(args.steps + 1):
-        batch = collate(rows[step * args.batch_size:(step + 1) * args.batch_size])
+    for step in range(steps + 1):
+        batch = collate(rows[step * batch_size:(step + 1) * batch_size])
         for mode in ("isolated", "plain") if step % 2 else ("plain", "isolated"):
             inputs = dict(batch) if mode == "isolated" else {k: v for k, v in batch.items() if k != "position_ids"}
             start = time.perf_counter()
@@ -64,21 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             model.zero_grad(set_to_none=True)
             if step:  # the first step of each mode warms up
                 seconds[mode].append(elapsed)
-    tokens = args.batch_size * args.block_size
-    result = {mode: tokens / statistics.median(times) for mode, times in seconds.items()}
-    result.update(cost=1 - result["isolated"] / result["plain"], size=args.size, block_size=args.block_size,
-                  batch_size=args.batch_size, steps=args.steps, threads=torch.get_num_threads(),
-                  parameters=sum(p.numel() for p in model.parameters()),
-                  documents_per_block=stats.train_documents * args.block_size / max(1, stats.train_tokens))
-    print(f"isolation: {result['isolated']:,.0f} tokens/s isolated vs {result['plain']:,.0f} plain packing "
-          f"(isolation changes throughput by {-result['cost']:+.1%}); {args.size} GPT-2 "
-          f"({result['parameters'] / 1e6:.1f}M parameters), "
-          f"{args.batch_size} x {args.block_size} tokens, about {result['documents_per_block']:.0f} documents a block, "
-          f"median of {args.steps} forward+backward steps, {result['threads']} threads")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+    return seconds
 
 
 if __name__ == "__main__":

@@ -27,14 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=30_000_000, help="Approximate corpus size in tokens.")
-    parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--workers", type=int, default=0, help="--preprocessing-workers [default 0: one per core].")
-    parser.add_argument("--no-packing", action="store_true", help="Prepare padded rows instead of packed blocks.")
-    parser.add_argument("--workdir", type=Path, default=REPO / ".bench")
-    parser.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = parser.parse_args(argv)
+    args = arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     import datasets
 
@@ -56,12 +49,33 @@ def main(argv: list[str] | None = None) -> dict:
     warm = timed_prepare(cfg, tokenizer, args.block_size)
     phases = timed_phases(cfg, tokenizer, args.block_size)
     shutil.rmtree(cache, ignore_errors=True)
+    report = figures(data_dir, args.workers, cold, warm, phases)
+    for key, value in report.items():
+        print(f"{key:<28} {value:,.3f}" if isinstance(value, float) else f"{key:<28} {value:,}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=30_000_000, help="Approximate corpus size in tokens.")
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=0, help="--preprocessing-workers [default 0: one per core].")
+    parser.add_argument("--no-packing", action="store_true", help="Prepare padded rows instead of packed blocks.")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    return parser.parse_args(argv)
+
+
+def figures(data_dir: Path, workers: int, cold: dict, warm: dict, phases: dict) -> dict:
+    """The report: corpus size, cold and cache-hit timings, and the phases."""
     tokens = cold["train_tokens"] + cold["valid_tokens"]
-    report = {
+    return {
         "corpus_bytes": sum(p.stat().st_size for p in data_dir.glob("*.txt")),
         "tokens": tokens,
         "cpu_cores": os.cpu_count(),
-        "workers": args.workers or available_cpus(),
+        "workers": workers or available_cpus(),
         "cold_seconds": cold["seconds"],
         "cold_tokens_per_second": tokens / cold["seconds"],
         # Other jobs share this machine's cores; per CPU-second the figure does not depend on how busy it is.
@@ -72,11 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
         **phases,
         "tokenize_tokens_per_second": cold["train_tokens"] / phases["tokenize_pack_seconds"],
     }
-    for key, value in report.items():
-        print(f"{key:<28} {value:,.3f}" if isinstance(value, float) else f"{key:<28} {value:,}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-    return report
 
 
 def big_corpus(workdir: Path, model: Path, tokens: int) -> Path:

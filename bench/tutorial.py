@@ -35,7 +35,7 @@ class CountingCollator:
         return batch
 
 
-def main(argv: list[str] | None = None) -> dict:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Model directory with a GPT-2 tokenizer.")
     parser.add_argument("--train-file", required=True)
@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--metrics", type=Path, help="Write the measured metrics here as JSON.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """The recipe, top to bottom as published, with the timers and the counting collator around it."""
+    args = arguments(argv)
     import torch
     from datasets import load_dataset
     from transformers import (

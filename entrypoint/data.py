@@ -6,8 +6,8 @@ each token's loss mask. Every document gets BOS first where the tokenizer adds o
 Packing (the default) concatenates every document, each followed by EOS, and cuts the stream into
 `block_size` blocks: no padding, and only the final remainder (< one block) is dropped. Without packing each
 document (split into block-sized pieces when longer) is its own row, training batches group rows of similar
-length (job.py), and the collator pads per batch, masking pad positions out of the labels by the attention
-mask, never by token id, so real EOS tokens stay targets even when pad == eos.
+length (job.py), and the collator (collate.py) pads per batch, masking pad positions out of the labels by the
+attention mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
 and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import formats, fsutil, shards
 from .config import TrainConfig
@@ -33,6 +32,7 @@ from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_bu
 from .errors import DataError, OutputError
 from .logs import WorkProgress
 from .sources import Source, discover, read_documents, record_format
+from .tokendataset import TokenDataset
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
@@ -113,29 +113,54 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
     # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
     scratch, staging = cfg.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
-    writer = None
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
-        train_docs = read_documents(train_src, cfg, scratch)
-        fmt = record_format(train_docs)
-        jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
-        if valid_src:
-            valid_docs = read_documents(valid_src, cfg, scratch)
-            if record_format(valid_docs) != fmt:
-                raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
-                                f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
-            jobs.append((valid_docs, "valid", None))
+        jobs, fmt = _read_jobs(cfg, train_src, valid_src, scratch)
         ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
-        dtype = shards.token_dtype(len(tokenizer))
-        backend = shards.backend(tokenizer)
-        bos = formats.convention(tokenizer).bos_id
-        workers = cfg.preprocessing_workers or available_cpus()
-        total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
-        log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
-        writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
+        _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop)
+        try:
+            staging.rename(target / name)
+        except OSError:
+            if not (target / name).is_dir():
+                raise
+            # An identical shard is already there (a retried pod, a racing builder): keep that one.
+    except OSError as exc:
+        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
+                          "free space or set --cache-dir to a writable place.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: Path) -> tuple[list, str]:
+    """The documents to tokenize as (documents, split, hold-out) jobs, and their record format (formats.py),
+    which the validation data must share."""
+    train_docs = read_documents(train_src, cfg, scratch)
+    fmt = record_format(train_docs)
+    jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
+    if valid_src:
+        valid_docs = read_documents(valid_src, cfg, scratch)
+        if record_format(valid_docs) != fmt:
+            raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
+                            f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
+        jobs.append((valid_docs, "valid", None))
+    return jobs, fmt
+
+
+def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, ranges: list, fmt: str, staging: Path,
+                 name: str, stop) -> None:
+    """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as `name`."""
+    dtype = shards.token_dtype(len(tokenizer))
+    backend = shards.backend(tokenizer)
+    bos = formats.convention(tokenizer).bos_id
+    workers = cfg.preprocessing_workers or available_cpus()
+    total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
+    log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
+    writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
+    try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
@@ -148,21 +173,9 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         progress.close()
         (staging / "format").write_text(fmt)
         writer.close()
-        writer = None
-        try:
-            staging.rename(target / name)
-        except OSError:
-            if not (target / name).is_dir():
-                raise
-            # An identical shard is already there (a retried pod, a racing builder): keep that one.
-    except OSError as exc:
-        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
-                          "free space or set --cache-dir to a writable place.") from None
-    finally:
-        if writer is not None:
-            writer.abandon()
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        writer.abandon()  # closes the files; build_shard removes the folder
+        raise
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -256,48 +269,11 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
     block_size, dtype, packing, masked = manifest["block_size"], manifest["dtype"], manifest["packing"], \
         manifest["masked"]
     stats.isolated = packing and formats.isolate_by_default(manifest["data_format"], cfg.isolate_documents)
-    train = shards.TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
-    valid = shards.TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    train = TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    valid = TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
     capped = valid.capped(cfg.max_eval_tokens)
     if capped is not valid:
         log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
                  "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
                  cfg.max_eval_tokens)
     return train, capped, stats
-
-
-class PackedCollator:
-    """Full blocks: labels are the inputs (the model shifts them), or the cache's labels (-100 where no loss) for
-    records; position ids for isolated documents. No attention mask: SDPA's causal kernel runs without a mask
-    tensor, and transformers builds the block-diagonal mask from restarted position ids only when there is none."""
-
-    def __call__(self, rows):
-        batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
-                 for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
-        batch.setdefault("labels", batch["input_ids"].clone())
-        return batch
-
-
-class PaddingCollator:
-    """Pads to the longest row in the batch (not to a fixed 512) and sets labels to -100 exactly where the
-    attention mask is 0, so a real EOS stays a target even when pad_token_id == eos_token_id."""
-
-    def __init__(self, pad_token_id: int, block_size: int, multiple_of: int = 8):
-        self.pad_token_id = pad_token_id
-        self.block_size = block_size
-        self.multiple_of = multiple_of  # tensor-core friendly lengths on GPUs
-
-    def __call__(self, rows):
-        seqs = [torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows]
-        longest = max(len(s) for s in seqs)
-        width = max(longest, min(self.block_size, -(-longest // self.multiple_of) * self.multiple_of))
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, row in enumerate(rows):
-            if "labels" in row:  # records: the cache's loss mask
-                labels[i, : len(seqs[i])] = torch.as_tensor(row["labels"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

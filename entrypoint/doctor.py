@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import cuda
-from .config import TrainConfig, check_values
+from .config import TrainConfig
 from .errors import ConfigError, FinetuneError, ModelLoadError
 from .export import probe
+from .options import check_values
 from .outputs import check_writable
 from .plan import decide
 from .preflight import (

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .config import GenerateConfig, check_values
+from .config import GenerateConfig
 from .errors import ConfigError, ModelLoadError, OutOfMemory
+from .options import check_values
 from .preflight import check_model_dir
 
 MIN_TEMPERATURE = 1e-3  # smaller ones act as greedy anyway, and far smaller ones overflow float32 logits to inf

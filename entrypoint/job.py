@@ -13,13 +13,15 @@ import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
 from . import checkpoints, data, export, formats, guard, identity, metrics, mfu, outputs
-from .config import TrainConfig, as_dict
+from .collate import PackedCollator, PaddingCollator
+from .config import TrainConfig
 from .errors import ConfigError, Diverged, OutOfMemory, Preempted
 from .launch import SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty
 from .metrics import summarize
 from .model import attention_for, load_model, load_tokenizer, save_published
+from .options import as_dict
 from .plan import RunPlan, decide
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .preflight import Checked, preflight
@@ -198,8 +200,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, train_ds, e
         callbacks.append(tensorboard)
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    collator = data.PackedCollator() if cfg.packing else data.PaddingCollator(tokenizer.pad_token_id,
-                                                                              plan.block_size)
+    collator = PackedCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
     trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet), data_collator=collator,
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter)

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig, check_values
+from .config import TrainConfig
 from .errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
+from .options import check_values
 from .outputs import check_writable
 from .sources import discover
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entrypoint import config
-from entrypoint.config import PRESET_DIR, TrainConfig
+from entrypoint import options
+from entrypoint.config import TrainConfig
 from entrypoint.errors import ConfigError, ExitCode
+from entrypoint.options import PRESET_DIR
 from tests.helpers import clean_env, finetune
 
 
@@ -56,10 +57,10 @@ def test_secrets_are_redacted_in_printed_config():
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 def test_every_shipped_preset_loads_and_passes_checks(preset):
-    overrides = config.load_preset(preset)
+    overrides = options.load_preset(preset)
     assert overrides, f"preset {preset} overrides nothing"
     cfg = TrainConfig(**overrides)
-    assert config.check_values(cfg) == []
+    assert options.check_values(cfg) == []
     header = (PRESET_DIR / f"{preset}.yaml").read_text().splitlines()[:2]
     assert header[0].startswith("# ") and "Run:" in "\n".join(header), f"{preset}.yaml needs a purpose/run header"
 
@@ -80,7 +81,7 @@ def test_preset_with_wrong_type_names_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: lots\n")
     with pytest.raises(ConfigError, match="batch_size = 'lots' is not a valid int"):
-        config.load_preset(str(bad))
+        options.load_preset(str(bad))
 
 
 def test_missing_preset_lists_the_shipped_ones():
@@ -124,7 +125,7 @@ def test_unknown_sagemaker_hyperparameter_is_a_usage_error():
 def test_check_values_collects_every_problem():
     cfg = TrainConfig(nproc_per_node="two", report_to="tensorboard,nonsense", early_stopping_patience=2,
                       eval_steps=30, save_steps=50)
-    problems = config.check_values(cfg)
+    problems = options.check_values(cfg)
     assert len(problems) == 3
     assert any("--nproc-per-node" in p for p in problems)
     assert any("nonsense" in p for p in problems)
@@ -135,5 +136,5 @@ def test_config_yaml_keys_round_trip_through_the_schema(tmp_path):
     """What `config.yaml` publishes can be fed back as a preset."""
     cfg = TrainConfig(learning_rate=1e-4, train_file=("a.txt",), data_dir=Path("/d"))
     preset = tmp_path / "again.yaml"
-    preset.write_text(yaml.safe_dump(config.as_dict(cfg)))
-    assert TrainConfig(**config.load_preset(str(preset))) == cfg
+    preset.write_text(yaml.safe_dump(options.as_dict(cfg)))
+    assert TrainConfig(**options.load_preset(str(preset))) == cfg

@@ -1,4 +1,5 @@
-"""entrypoint/data.py: documents -> tokens -> packed or padded rows, the collators, and the on-disk cache.
+"""entrypoint/data.py and collate.py: documents -> tokens -> packed or padded rows, the collators, and the on-disk
+cache.
 
 Real files, the real tiny tokenizer (conftest), the real `datasets` code; block sizes are small (16-64
 tokens) so each prepare takes a fraction of a second.
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from entrypoint import data, shards
+from entrypoint.collate import PackedCollator, PaddingCollator
 from entrypoint.config import TrainConfig
-from entrypoint.data import PackedCollator, PaddingCollator
 from entrypoint.errors import DataError
 from tests.helpers import finetune
 

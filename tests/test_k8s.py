@@ -21,7 +21,7 @@ import yaml
 from kubeflow_trainer_api import models as trainer_models
 
 from entrypoint import cli as finetune_cli
-from entrypoint import config
+from entrypoint import config, options
 from entrypoint.errors import DESCRIPTIONS, PERMANENT, ExitCode, FinetuneError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,7 +399,7 @@ def test_training_env_comes_from_the_config_map_and_an_optional_token(overlay):
 TRAIN_COMMAND = finetune_cli.cli.commands["train"]
 # Every env var `finetune train` reads: the TrainConfig fields plus FINETUNE_PRESET (--preset).
 TRAIN_ENV = {p.envvar for p in TRAIN_COMMAND.params if p.envvar}
-TRAIN_FIELD_ENV = {config.env_name(n) for n in config.fields(config.TrainConfig)}
+TRAIN_FIELD_ENV = {options.env_name(n) for n in options.fields(config.TrainConfig)}
 
 
 @needs_kubectl
@@ -407,10 +407,10 @@ TRAIN_FIELD_ENV = {config.env_name(n) for n in config.fields(config.TrainConfig)
 def test_finetune_env_names_are_train_config_fields(overlay):
     objects = render(overlay)
     names = set(config_map(objects))
-    assert all(k.startswith(config.ENV_PREFIX) for k in names), f"{overlay}: non-FINETUNE_ key in ConfigMap"
+    assert all(k.startswith(options.ENV_PREFIX) for k in names), f"{overlay}: non-FINETUNE_ key in ConfigMap"
     for _, template in pod_templates(objects):
         for c in containers(template["spec"]):
-            names |= {e["name"] for e in c.get("env", []) if e["name"].startswith(config.ENV_PREFIX)}
+            names |= {e["name"] for e in c.get("env", []) if e["name"].startswith(options.ENV_PREFIX)}
     assert "FINETUNE_PRESET" in TRAIN_ENV  # --preset: the one option that is not a TrainConfig field
     unknown = sorted(names - TRAIN_FIELD_ENV - {"FINETUNE_PRESET"})
     assert not unknown, f"{overlay}: not finetune options: {unknown}"
@@ -420,7 +420,7 @@ def parse_command(container: dict, env: dict[str, str], monkeypatch) -> tuple[st
     """What the container's `finetune ARGS` resolves to, through the real CLI with the pod's environment,
     without running it: the config object (TrainConfig, InitModelConfig) or the parsed parameters."""
     for name in list(os.environ):
-        if name.startswith((config.ENV_PREFIX, "SM_", "AIP_")):
+        if name.startswith((options.ENV_PREFIX, "SM_", "AIP_")):
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -438,7 +438,7 @@ def parse_command(container: dict, env: dict[str, str], monkeypatch) -> tuple[st
             cfg, _ = finetune_cli.resolve(schema, ctx.params, ctx.params.get("preset"))
     except (click.ClickException, FinetuneError) as exc:
         pytest.fail(f"{container['name']}: finetune {' '.join(args)}: {exc}")
-    assert config.check_values(cfg) == [], container["name"]
+    assert options.check_values(cfg) == [], container["name"]
     return args[0], cfg
 
 
@@ -450,7 +450,7 @@ def pod_env(container: dict, objects: list[dict]) -> dict[str, str]:
             env[e["name"]] = e["value"]
         elif "fieldRef" in e.get("valueFrom", {}):
             env[e["name"]] = "0"
-    return {k: v for k, v in env.items() if k.startswith(config.ENV_PREFIX)}
+    return {k: v for k, v in env.items() if k.startswith(options.ENV_PREFIX)}
 
 
 @needs_kubectl

@@ -7,8 +7,9 @@ import pytest
 from transformers import GPT2Config
 
 from entrypoint import plan as planning
-from entrypoint.config import TrainConfig, check_values, coerce, fields
+from entrypoint.config import TrainConfig
 from entrypoint.errors import ConfigError
+from entrypoint.options import check_values, coerce, fields
 from entrypoint.preflight import Checked
 from tests.helpers import clean_env, finetune, train_env
 

@@ -77,7 +77,7 @@ def reference(reference_out) -> dict:
 def random_steps(count: int) -> list[int]:
     rng = random.Random(int(os.environ.get("PREEMPT_SEED", "0")))
     # Not an evaluation step (every 8th) or the one before: a signal landing in an evaluation ends it without a
-    # checkpoint at that step, which bench/faults.py's "SIGTERM during an evaluation" case covers.
+    # checkpoint at that step, which bench/fault_cases.py's "SIGTERM during an evaluation" case covers.
     return sorted(rng.sample([s for s in range(2, STEPS - 1) if s % 8 not in (0, 7)], count))
 
 

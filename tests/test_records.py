@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrypoint import data, formats
+from entrypoint import collate, data, formats
 from entrypoint.config import TrainConfig
 from entrypoint.formats import CHAT, IGNORE, INSTRUCTION, TEXT
 from entrypoint.model import load_model
@@ -76,7 +76,7 @@ def expected_stream(tokenizer, records: list[dict], fmt: str, train_on_prompt: b
 
 def collated(dataset) -> dict[str, torch.Tensor]:
     """Every row of a packed split through the real collator."""
-    return data.PackedCollator()([dataset[i] for i in range(len(dataset))])
+    return collate.PackedCollator()([dataset[i] for i in range(len(dataset))])
 
 
 def saved_tokenizer(tokenizer, directory: Path) -> Path:
@@ -168,7 +168,7 @@ def test_unpacked_instruction_rows_keep_their_mask_and_pad_without_loss(tokenize
     train, _, stats = prepare(tokenizer, split_dir(tmp_path, PROMPTS), packing=False)
     assert not stats.isolated  # an unpacked row holds one document
     rows = [train[i] for i in range(4)]
-    batch = data.PaddingCollator(tokenizer.eos_token_id, BLOCK)(rows)
+    batch = collate.PaddingCollator(tokenizer.eos_token_id, BLOCK)(rows)
     conv = formats.convention(tokenizer)
     for i, row in enumerate(rows):
         encoded = formats.encode(PROMPTS[i], INSTRUCTION, tokenizer, conv)
@@ -205,7 +205,7 @@ def test_a_document_in_an_isolated_packed_block_from_the_cache_has_its_solo_logi
     model_dir = save_tiny_model(arch, tiny_model, tmp_path / arch)
     model = load_model(TrainConfig(model=str(model_dir))).eval()
     train, _, _ = prepare(tokenizer, split_dir(tmp_path, PROMPTS), block_size=64)
-    batch = data.PackedCollator()([train[1]])
+    batch = collate.PackedCollator()([train[1]])
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     first, end = starts[1], starts[2]  # the second document starting in this block, wholly inside it
     with torch.no_grad():
@@ -221,7 +221,7 @@ def eval_loss_over_targets(model_dir: Path, dataset) -> float:
     model = load_model(TrainConfig(model=str(model_dir))).eval()
     total = count = 0.0
     for i in range(len(dataset)):
-        batch = data.PackedCollator()([dataset[i]])
+        batch = collate.PackedCollator()([dataset[i]])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
         labels = batch["labels"][0, 1:]

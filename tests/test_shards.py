@@ -1,5 +1,6 @@
-"""entrypoint/shards.py and the cache around it (data.prepare_shard, pre-key, waiting processes): sharded builds,
-64-bit offsets, processes that never read the corpus, and a signal in the middle of a long preparation.
+"""entrypoint/shards.py, entrypoint/tokendataset.py and the cache around them (data.prepare_shard, pre-key,
+waiting processes): sharded builds, 64-bit offsets, processes that never read the corpus, and a signal in the middle
+of a long preparation.
 
 Real files and the real tiny tokenizer (conftest); the signal test runs the real CLI in a subprocess.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entrypoint import data, shards
+from entrypoint import data, shards, tokendataset
 from entrypoint.config import TrainConfig
 from tests.helpers import REPO, clean_env, finetune
 
@@ -77,16 +78,16 @@ def test_offsets_past_two_to_the_31_tokens_are_exact(tmp_path):
         f.seek(2 * (total - 100))
         f.write(tail.tobytes())
     np.array([total - 60, 60], dtype=np.int64).tofile(shard / "train.docs")
-    packed = shards.TokenDataset([shard], "train", 64, True, "uint16")
+    packed = tokendataset.TokenDataset([shard], "train", 64, True, "uint16")
     assert len(packed) == total // 64 == 33_554_433
     assert packed[-1]["input_ids"].tolist() == tail[:64].tolist()  # tokens 2**31 .. 2**31 + 63
     assert packed[-2]["input_ids"].tolist() == [0] * 64 and packed[-1]["input_ids"].dtype == np.int64
-    unpacked = shards.TokenDataset([shard], "train", 2**30, False, "uint16")
+    unpacked = tokendataset.TokenDataset([shard], "train", 2**30, False, "uint16")
     assert unpacked.row_lengths().tolist() == [2**30, 2**30, 40, 60]  # the first document continues in rows 2, 3
     assert unpacked[-1]["input_ids"].tolist() == tail[40:].tolist()
     assert unpacked.offsets.dtype == np.int64 and int(unpacked.offsets[-1]) == total
     lengths = np.array([2**31 - 1, 2**31 - 1, 5], dtype=np.int64)
-    assert shards.row_offsets(lengths, 2**30)[-1] == 2**32 + 3  # an int32 cumulative sum would have wrapped
+    assert tokendataset.row_offsets(lengths, 2**30)[-1] == 2**32 + 3  # an int32 cumulative sum would have wrapped
 
 
 def test_a_waiting_process_never_reads_the_corpus(tokenizer, one_file, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .. import config as schema
+from .. import options as schema
 from ..config import GenerateConfig, InitModelConfig, TrainConfig
 from ..errors import ConfigError, FinetuneError
 from ..platforms import platform_defaults

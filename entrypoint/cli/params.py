@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .. import config as schema
+from .. import options as schema
 from ..errors import ConfigError
 
 # FINETUNE_* variables that are settings but not options of a command: --preset's, and where presets live.

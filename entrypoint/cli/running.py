@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .. import config as schema
+from .. import options as schema
 from ..config import TrainConfig
 from ..errors import DESCRIPTIONS, ExitCode, FinetuneError
 from ..platforms import platform_defaults

@@ -1,0 +1,44 @@
+"""The collators that turn rows of a TokenDataset into batches: full packed blocks as they are, or unpacked rows
+padded per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PackedCollator:
+    """Full blocks: labels are the inputs (the model shifts them), or the cache's labels (-100 where no loss) for
+    records; position ids for isolated documents. No attention mask: SDPA's causal kernel runs without a mask
+    tensor, and transformers builds the block-diagonal mask from restarted position ids only when there is none."""
+
+    def __call__(self, rows):
+        batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
+                 for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
+        batch.setdefault("labels", batch["input_ids"].clone())
+        return batch
+
+
+class PaddingCollator:
+    """Pads to the longest row in the batch (not to a fixed 512) and sets labels to -100 exactly where the
+    attention mask is 0, so a real EOS stays a target even when pad_token_id == eos_token_id."""
+
+    def __init__(self, pad_token_id: int, block_size: int, multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.block_size = block_size
+        self.multiple_of = multiple_of  # tensor-core friendly lengths on GPUs
+
+    def __call__(self, rows):
+        seqs = [torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows]
+        longest = max(len(s) for s in seqs)
+        width = max(longest, min(self.block_size, -(-longest // self.multiple_of) * self.multiple_of))
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        for i, row in enumerate(rows):
+            if "labels" in row:  # records: the cache's loss mask
+                labels[i, : len(seqs[i])] = torch.as_tensor(row["labels"], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
