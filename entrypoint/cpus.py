@@ -69,3 +69,8 @@ def _v1_limit(directory: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None if quota <= 0 or period <= 0 else quota / period
+
+
+def tokenizing_workers(requested: int) -> int:
+    """Processes to tokenize with: --preprocessing-workers, or for 0 one per CPU this process may use."""
+    return requested or available_cpus()

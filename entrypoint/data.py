@@ -27,7 +27,7 @@ import numpy as np
 
 from . import formats, fsutil, shards
 from .config import TrainConfig
-from .cpus import available_cpus
+from .cpus import tokenizing_workers
 from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder
 from .errors import DataError, OutputError
 from .logs import WorkProgress
@@ -59,7 +59,8 @@ class DataStats:
 FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat"}
 
 
-def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None):
+def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None,
+            workers: int | None = None):
     """Return (train, validation, stats), building and caching them unless an identical build exists.
 
     A process with `builds=False` waits for another to finish the cache instead, and never reads the inputs
@@ -72,14 +73,15 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, s
                                   stop)
         log.info("data: cache hit %s, built by another process", target.name)
         return load(cfg, target, start, hit=True)
-    stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start)
+    stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start, workers)
     return load(cfg, cfg.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
 
 
 def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_shards: int, stop=None,
-                  start: float | None = None) -> DataStats | None:
-    """Tokenize shard `shard` of `num_shards` (equal runs of documents) into the cache. Returns the cache's
-    statistics once every shard is present (this call completing it, or an earlier one), else None."""
+                  start: float | None = None, workers: int | None = None) -> DataStats | None:
+    """Tokenize shard `shard` of `num_shards` (equal runs of documents) into the cache with `workers` processes (the
+    run plan's; by default --preprocessing-workers or one per CPU). Returns the cache's statistics once every shard
+    is present (this call completing it, or an earlier one), else None."""
     start = time.perf_counter() if start is None else start
     train_src, valid_src = discover(cfg)
     pre = pre_key(cfg, tokenizer, train_src, valid_src, block_size)
@@ -88,7 +90,8 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
     if not (target / COMPLETE).is_file():
         log.info("data: cache miss; reading %s%s", train_src.describe(),
                  f" (shard {shard} of {num_shards})" if num_shards > 1 else "")
-        build_shard(cfg, tokenizer, block_size, train_src, valid_src, target, shard, num_shards, stop)
+        build_shard(cfg, tokenizer, block_size, train_src, valid_src, target, shard, num_shards, stop,
+                    workers or tokenizing_workers(cfg.preprocessing_workers))
         dtype = shards.token_dtype(len(tokenizer)).name
         if not finalize(cfg, target, block_size, num_shards, key, dtype, not valid_src, time.perf_counter() - start):
             log.info("data: shard %d of %d written to %s; the cache is complete once every shard is", shard,
@@ -107,7 +110,7 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
 
 
 def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source, valid_src: Source,
-                target: Path, shard: int, num_shards: int, stop) -> None:
+                target: Path, shard: int, num_shards: int, stop, workers: int) -> None:
     """Read, split, tokenize and write this shard, then move it into the cache under its final name."""
     name = shard_name(shard, num_shards)
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
@@ -120,7 +123,7 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
-        _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop)
+        _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop, workers)
         try:
             staging.rename(target / name)
         except OSError:
@@ -151,12 +154,11 @@ def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: 
 
 
 def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, ranges: list, fmt: str, staging: Path,
-                 name: str, stop) -> None:
+                 name: str, stop, workers: int) -> None:
     """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as `name`."""
     dtype = shards.token_dtype(len(tokenizer))
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
-    workers = cfg.preprocessing_workers or available_cpus()
     total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
     log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
     writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)

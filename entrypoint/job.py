@@ -60,7 +60,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     plan.log()
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
+    train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop,
+                                            workers=plan.preprocessing_workers)
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)

@@ -16,7 +16,7 @@ import torch
 
 from . import mfu
 from .config import TrainConfig
-from .cpus import available_cpus
+from .cpus import tokenizing_workers
 from .logs import event
 from .preflight import Checked
 from .sources import discover
@@ -84,7 +84,7 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
     why = {"compile": compile_why, **({"batch": batch_why} if batch_why else {})}
     return RunPlan(device=checked.device, precision=checked.precision, block_size=checked.block_size,
                    batch_size=batch, grad_accum=accumulation, compile=compiled, tf32=tf32_supported(),
-                   preprocessing_workers=cfg.preprocessing_workers or available_cpus(),
+                   preprocessing_workers=tokenizing_workers(cfg.preprocessing_workers),
                    dataloader_workers=GPU_LOADER_WORKERS if cuda else 0, world_size=world_size, why=why,
                    model_config=checked.model_config)
 

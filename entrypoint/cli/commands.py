@@ -87,6 +87,7 @@ def prepare(preset, shard, num_shards, **params):
     import dataclasses
 
     from .. import data
+    from ..cpus import tokenizing_workers
     from ..model import load_tokenizer
     from ..platforms import shard_default
     from ..preemption import StopRequest
@@ -106,16 +107,17 @@ def prepare(preset, shard, num_shards, **params):
         from ..preflight import check_model_dir
 
         check_model_dir(Path(cfg.model), "--model", weights=False)
-    plan = preflight(cfg, trains=False)
+    checked = preflight(cfg, trains=False)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
-    stats = data.prepare_shard(cfg, tokenizer, plan.block_size, shard, num_shards, stop=stop)
+    stats = data.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop,
+                               workers=tokenizing_workers(cfg.preprocessing_workers))
     if stats is None:
         click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
                    "every shard is written")
         return
     click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
-               f"{plan.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
+               f"{checked.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
