@@ -18,7 +18,7 @@ import time
 
 from bench.fault_lab import STEPS, Lab, Outcome, expect, fault, read_json, status_of
 
-# ---- the existing faults: preemption, damaged checkpoints, storage -------------------------------------------
+# The existing faults: preemption, damaged checkpoints, storage.
 
 @fault("SIGTERM at a random step", codes=(7, 0), published=True, exact=True)
 def sigterm_at_a_random_step(lab: Lab) -> Outcome:
@@ -26,9 +26,7 @@ def sigterm_at_a_random_step(lab: Lab) -> Outcome:
     # Neither an evaluation step nor the one before: a signal landing in an evaluation has its own case below.
     steps = [s for s in range(2, STEPS) if s % 8 not in (0, 7)]
     step = random.Random(int(os.environ.get("PREEMPT_SEED", "0"))).choice(steps)
-    job = lab.start(out)
-    job.wait_for(rf"train step {step}/")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, rf"train step {step}/")
     first, log = job.finish()
     expect(status_of(out) == ("preempted", 7) and not (out / "model").exists(), "not recorded as preempted", log)
     second, log = lab.train(out)
@@ -54,9 +52,7 @@ def sigkill_mid_save(lab: Lab) -> Outcome:
 @fault("torn newest checkpoint", codes=(7, 0), published=True, exact=True)
 def torn_checkpoint(lab: Lab) -> Outcome:
     out = lab.fresh("torn") / "out"
-    job = lab.start(out)
-    job.wait_for(r"train step 12/")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, r"train step 12/")
     first, _ = job.finish()
     newest = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     weights = newest / "model.safetensors"
@@ -95,7 +91,7 @@ def rerun_after_success(lab: Lab) -> Outcome:
     return lab.outcome(out, [first, second], log, note="second run: done already")
 
 
-# ---- one writer --------------------------------------------------------------------------------------------
+# One writer.
 
 @fault("second run on the same output", codes=(9,), published=False)
 def two_writers(lab: Lab) -> Outcome:
@@ -150,7 +146,7 @@ def stale_lease_from_another_host(lab: Lab) -> Outcome:
     return lab.outcome(out, [code], log, note="waited for the heartbeat to go stale, then took over")
 
 
-# ---- divergence ----------------------------------------------------------------------------------------------
+# Divergence.
 
 @fault("divergence (--learning-rate 1.0)", codes=(8,), published=False)
 def diverges(lab: Lab) -> Outcome:
@@ -186,14 +182,12 @@ def nan_loss(lab: Lab) -> Outcome:
     return lab.outcome(root / "out", [code], log, note="stopped after 3 non-finite logging windows")
 
 
-# ---- signals outside the training loop -----------------------------------------------------------------------
+# Signals outside the training loop.
 
 @fault("SIGTERM during model loading", codes=(7,), published=False)
 def sigterm_while_loading(lab: Lab) -> Outcome:
     out = lab.fresh("loading") / "out"
-    job = lab.start(out)
-    job.wait_for(r"model: loading ")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, r"model: loading ")
     start = time.monotonic()
     code, log = job.finish(timeout=60)
     seconds = time.monotonic() - start
@@ -206,9 +200,7 @@ def sigterm_while_loading(lab: Lab) -> Outcome:
 def sigterm_during_evaluation(lab: Lab) -> Outcome:
     out = lab.fresh("eval") / "out"
     big_eval = {"FINETUNE_VALID_FILE": "train.txt", "FINETUNE_SAVE_STEPS": "4"}  # evaluating ~5,800 blocks
-    job = lab.start(out, **big_eval)
-    job.wait_for(r"eval: evaluating at step 8")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, r"eval: evaluating at step 8", **big_eval)
     start = time.monotonic()
     first, log = job.finish()
     seconds = time.monotonic() - start
@@ -222,16 +214,14 @@ def sigterm_during_evaluation(lab: Lab) -> Outcome:
 @fault("SIGTERM while publishing", codes=(7,), published=False)
 def sigterm_while_publishing(lab: Lab) -> Outcome:
     out = lab.fresh("publish") / "out"
-    job = lab.start(out)
-    job.wait_for(r"publish: writing the model")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, r"publish: writing the model")
     code, log = job.finish()
     expect("while publishing the model" in log, "not stopped while publishing", log)
     expect(not list(out.glob(".model.*")), "a staging folder was left behind", log)
     return lab.outcome(out, [code], log, note="no model/, no staging folder left")
 
 
-# ---- configuration -------------------------------------------------------------------------------------------
+# Configuration.
 
 @fault("misspelt variable FINETUNE_LEARNIN_RATE", codes=(2,), published=False)
 def misspelt_variable(lab: Lab) -> Outcome:
@@ -241,14 +231,12 @@ def misspelt_variable(lab: Lab) -> Outcome:
     return lab.outcome(out, [code], log)
 
 
-# ---- run identity and whole-run results -------------------------------------------------------------------
+# Run identity and whole-run results.
 
 @fault("options changed between SIGTERM and rerun", codes=(7, 2), published=False)
 def changed_options_on_resume(lab: Lab) -> Outcome:
     out = lab.fresh("changed") / "out"
-    job = lab.start(out)
-    job.wait_for(r"train step 10/")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, r"train step 10/")
     first, _ = job.finish()
     second, log = lab.train(out, FINETUNE_LEARNING_RATE="0.01")
     expect(re.search(r"--learning-rate \S+ -> 0\.01", log) is not None and "--no-resume" in log
@@ -272,9 +260,7 @@ def overwrite_retrains(lab: Lab) -> Outcome:
 @fault("SIGTERM during the last step", codes=(7, 0), published=True, exact=True)
 def sigterm_during_the_last_step(lab: Lab) -> Outcome:
     out = lab.fresh("last-step") / "out"
-    job = lab.start(out)
-    job.wait_for(rf"train step {STEPS - 1}/")
-    job.proc.send_signal(signal.SIGTERM)
+    job = lab.sigterm_at(out, rf"train step {STEPS - 1}/")
     first, _ = job.finish()
     second, log = lab.train(out)
     expect("publishing it without training" in log, "the finished checkpoint was trained further", log)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -80,6 +81,13 @@ class Lab:
 
     def start(self, out: Path, *args: str, **extra: str) -> Job:
         return Job(self.env(out, **extra), *args)
+
+    def sigterm_at(self, out: Path, pattern: str, **extra: str) -> Job:
+        """A training run sent SIGTERM as soon as its log matches `pattern`; the caller collects its end."""
+        job = self.start(out, **extra)
+        job.wait_for(pattern)
+        job.proc.send_signal(signal.SIGTERM)
+        return job
 
     @cached_property
     def reference(self) -> dict:

@@ -124,7 +124,7 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # ---- taking a lease -----------------------------------------------------------------------------
+    # Taking a lease.
 
     def _take(self, directory: Path, label: str) -> None:
         path = directory / LEASE
@@ -234,7 +234,7 @@ class Lease:
             with contextlib.suppress(OSError):
                 grave.unlink()
 
-    # ---- keeping it ----------------------------------------------------------------------------------
+    # Keeping it.
 
     def _beat(self) -> None:
         while not self._done.wait(HEARTBEAT_SECONDS):

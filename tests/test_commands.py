@@ -108,7 +108,7 @@ def run_case(place: Place, command: str, build: Callable[[Place], list[str]], co
     return result
 
 
-# ---- generate ---------------------------------------------------------------------------------------------------
+# Generate.
 
 def _checkpoint(p: Place) -> list[str]:
     """What a Trainer checkpoint holds: weights and config, no tokenizer."""
@@ -186,7 +186,7 @@ def test_generate_into_a_closed_pipe_stops_quietly(place):
     assert "Traceback" not in stderr and "error:" not in stderr
 
 
-# ---- init-model -------------------------------------------------------------------------------------------------
+# Init-model.
 
 def _init(p: Place, corpus: Path, out: Path | None = None, *extra: str) -> list[str]:
     return ["--corpus", str(corpus), "--output-dir", str(out or p.path("new-model")), "--vocab-size", "512",
@@ -254,7 +254,7 @@ def test_init_model_rewrites_a_model_directory_whole(tmp_path, corpus_dir):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging folder left beside it
 
 
-# ---- corpus -----------------------------------------------------------------------------------------------------
+# Corpus.
 
 CORPUS = [
     ("output_is_a_file", lambda p: ["--output-dir", str(p.file("a-file"))], ExitCode.OUTPUT, "is a file"),
@@ -282,7 +282,7 @@ def test_corpus_too_small_for_a_validation_document_writes_no_empty_valid_file(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"]  # train then holds a split out itself
 
 
-# ---- prepare and doctor (the train configuration) ---------------------------------------------------------------
+# Prepare and doctor (the train configuration)
 
 def _train_env(p: Place, **extra: str) -> dict[str, str]:
     return {"FINETUNE_MODEL": str(p.model), "FINETUNE_DATA_DIR": str(p.corpus), "FINETUNE_OUTPUT_DIR":
@@ -325,7 +325,7 @@ def test_doctor_bad_input_fails_cleanly(place, build, code, says):
     assert any(line.startswith("FAIL") and says in line for line in result.stdout.splitlines()), result.stdout
 
 
-# ---- config -----------------------------------------------------------------------------------------------------
+# Config.
 
 def _preset(p: Place, text: str) -> list[str]:
     return ["--preset", str(p.file("preset.yaml", text.encode()))]

@@ -69,7 +69,7 @@ def flat(row_ids: list[list[int]]) -> list[int]:
     return [t for row in row_ids for t in row]
 
 
-# ---- every format, end to end --------------------------------------------------------------------
+# Every format, end to end.
 
 
 @pytest.mark.parametrize("name", ["train.txt", "train.jsonl", "train.json", "train.csv", "train.parquet",
@@ -99,7 +99,7 @@ def test_every_format_becomes_one_eos_terminated_row_per_document(tokenizer, tmp
     assert sorted(row_documents(tokenizer, rows(train) + rows(valid))) == sorted(DOCS)
 
 
-# ---- held-out split when there is no validation file ---------------------------------------------
+# Held-out split when there is no validation file.
 
 
 def held_out(tokenizer, tmp_path: Path, run: str, **options) -> tuple[list[str], list[str], data.DataStats]:
@@ -133,7 +133,7 @@ def test_too_few_documents_to_hold_out_is_a_data_error(tokenizer, tmp_path):
         prepare(tokenizer, tmp_path / "data", tmp_path / "out")
 
 
-# ---- packing ------------------------------------------------------------------------------------
+# Packing.
 
 
 @pytest.mark.parametrize("block_size", [8, BLOCK, 29])
@@ -174,7 +174,7 @@ def test_packed_collator_labels_are_the_inputs_which_the_model_shifts(tokenizer,
     assert torch.allclose(out.loss, manual, atol=1e-5)
 
 
-# ---- without packing ----------------------------------------------------------------------------
+# Without packing.
 
 
 def test_without_packing_each_document_is_one_row_ending_in_eos(tokenizer, split_dir, tmp_path):
@@ -233,7 +233,7 @@ def test_padded_batch_loss_counts_real_tokens_only(tokenizer, tiny_model, split_
     assert torch.allclose(out.loss, manual, atol=1e-5)
 
 
-# ---- cache --------------------------------------------------------------------------------------
+# Cache.
 
 
 def test_second_prepare_with_the_same_inputs_is_a_cache_hit(tokenizer, split_dir, tmp_path, caplog):
@@ -312,7 +312,7 @@ def test_cache_dir_holds_complete_builds_that_any_output_dir_reuses(tokenizer, s
     assert data.prepare(other_output, tokenizer, BLOCK)[2].cache_hit
 
 
-# ---- text too short -----------------------------------------------------------------------------
+# Text too short.
 
 
 @pytest.mark.parametrize("short", ["train", "valid"])

@@ -111,8 +111,7 @@ def config_map(objects: list[dict]) -> dict[str, str]:
     return cm["data"]
 
 
-# ---- Pod Security Standards, "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards)
-
+# Pod Security Standards, "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards)
 RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                            "persistentVolumeClaim", "projected", "secret"}
 SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
@@ -178,8 +177,7 @@ def restricted_violations(pod_spec: dict) -> list[str]:
     return problems
 
 
-# ---- podFailurePolicy, evaluated as the Job controller does: the first matching rule decides
-
+# PodFailurePolicy, evaluated as the Job controller does: the first matching rule decides.
 def policy_action(rules: list[dict], exit_code: int, conditions: tuple[str, ...] = ()) -> str:
     """What a Job does with a pod that failed with `exit_code` and has these True pod conditions:
     Ignore, FailJob, FailIndex or Count (no rule matched, or a Count rule)."""
@@ -199,7 +197,6 @@ def policy_action(rules: list[dict], exit_code: int, conditions: tuple[str, ...]
 JOB_EFFECT = {"FailJob": "fails the Job at once", "Count": "retried (counts against backoffLimit)"}
 
 
-# ---- tests -----------------------------------------------------------------------------------------
 
 def test_overlays_are_the_shipped_set():
     # Guards the parametrized tests below against silently running over nothing.
@@ -582,7 +579,7 @@ def test_prepare_is_an_indexed_job_with_one_shard_per_pod():
     assert params["shard"] is None, "the shard must come from each pod's own completion index"
 
 
-# ---- Kubeflow Trainer v2 (trainjob), JobSet (jobset) and the Kueue component ---------------------------------
+# Kubeflow Trainer v2 (trainjob), JobSet (jobset) and the Kueue component.
 
 def dropped_fields(rendered, parsed, path: str = "") -> list[str]:
     """Paths of `rendered` that the model's round trip `parsed` lost or changed: unknown fields, wrong types.

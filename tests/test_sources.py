@@ -81,7 +81,7 @@ def data_error(cfg: TrainConfig) -> str:
     return message
 
 
-# ---- formats -------------------------------------------------------------------------------------
+# Formats.
 
 
 @pytest.mark.parametrize("valid_name", ["valid.txt", "validation.txt"])
@@ -182,7 +182,7 @@ def test_saved_dataset_dict_uses_its_train_and_validation_splits(tmp_path):
         assert read(cfg) == (DOCS[:10], DOCS[10:])
 
 
-# ---- how .txt divides into documents -------------------------------------------------------------
+# How .txt divides into documents.
 
 
 def test_txt_is_one_document_per_line_and_skips_blank_lines(tmp_path):
@@ -209,7 +209,7 @@ def test_txt_split_file_makes_one_document_per_file(tmp_path):
     assert train == list(texts.values())
 
 
-# ---- discovery and fingerprints ------------------------------------------------------------------
+# Discovery and fingerprints.
 
 
 def test_train_named_file_wins_over_other_files(tmp_path):
@@ -237,7 +237,7 @@ def test_fingerprint_depends_on_bytes_not_names_or_times(tmp_path):
     assert fingerprint(Source(files=(b,))) != before
 
 
-# ---- bad data: a DataError whose one line names the file and the fix ----------------------------
+# Bad data: a DataError whose one line names the file and the fix.
 
 
 def test_missing_data_dir(tmp_path):

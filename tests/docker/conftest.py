@@ -69,7 +69,7 @@ def container_name(engine):
     docker("rm", "-f", name, timeout=60)
 
 
-# ---- pytest-docker: compose.yaml, with compose v1 or v2, and no `up` (the services are batch jobs) ----------
+# Pytest-docker: compose.yaml, with compose v1 or v2, and no `up` (the services are batch jobs)
 
 @pytest.fixture(scope="session")
 def docker_compose_command(engine) -> str:
