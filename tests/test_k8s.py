@@ -197,7 +197,6 @@ def policy_action(rules: list[dict], exit_code: int, conditions: tuple[str, ...]
 JOB_EFFECT = {"FailJob": "fails the Job at once", "Count": "retried (counts against backoffLimit)"}
 
 
-
 def test_overlays_are_the_shipped_set():
     # Guards the parametrized tests below against silently running over nothing.
     assert OVERLAYS == ["cpu-smoke", "jobset", "multi-gpu", "multi-node", "prepare", "pytorchjob", "single-gpu",
