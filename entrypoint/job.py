@@ -39,10 +39,16 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
     NVIDIA_VISIBLE_DEVICES from it)."""
     stop = StopRequest().install()  # first: a signal at any point from here on exits PREEMPTED, never half-done
     checked = preflight(cfg, environ=environ)
-    if not dist.is_main:
-        return _run(cfg, sources, dist, checked, stop, None)
-    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
-        return _run(cfg, sources, dist, checked, stop, lease)
+    try:
+        if not dist.is_main:
+            return _run(cfg, sources, dist, checked, stop, None)
+        with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
+            return _run(cfg, sources, dist, checked, stop, lease)
+    finally:
+        # Each rank closes its own connections (not a collective): rank 0 may still be publishing when another rank
+        # is done, and a rank leaving with its gloo threads running at interpreter exit could abort (SIGABRT).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked, stop: StopRequest,
