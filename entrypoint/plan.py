@@ -79,8 +79,10 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
     unprobed and says so, since probing takes the GPU for seconds."""
     cuda = checked.device != "cpu"
     batch, accumulation, batch_why = batch_and_accumulation(cfg, checked, probe)
-    compiled, compile_why = should_compile(cfg, checked, estimated_rows(cfg, checked.block_size),
-                                           batch * accumulation * world_size)
+    # Only --compile auto on a GPU, for a run sized in epochs, needs the epoch's length (a glob and a stat per file).
+    epoch_rows = estimated_rows(cfg, checked.block_size) if cfg.compile == "auto" and cuda and not cfg.max_steps \
+        else 0
+    compiled, compile_why = should_compile(cfg, checked, epoch_rows, batch * accumulation * world_size)
     why = {"compile": compile_why, **({"batch": batch_why} if batch_why else {})}
     return RunPlan(device=checked.device, precision=checked.precision, block_size=checked.block_size,
                    batch_size=batch, grad_accum=accumulation, compile=compiled, tf32=tf32_supported(),

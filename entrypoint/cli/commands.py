@@ -87,11 +87,10 @@ def prepare(preset, shard, num_shards, **params):
     import dataclasses
 
     from .. import data
-    from ..cpus import tokenizing_workers
     from ..model import load_tokenizer
     from ..platforms import shard_default
     from ..preemption import StopRequest
-    from ..preflight import preflight
+    from ..preflight import check_model_dir, preflight
 
     cfg, sources = resolve(TrainConfig, params, preset)
     # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.
@@ -104,14 +103,11 @@ def prepare(preset, shard, num_shards, **params):
     setup_logs(cfg)
     log_config(cfg, sources)
     if Path(cfg.model).is_dir():  # a local model without tokenizer files would tokenize everything to nothing
-        from ..preflight import check_model_dir
-
         check_model_dir(Path(cfg.model), "--model", weights=False)
     checked = preflight(cfg, trains=False)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
-    stats = data.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop,
-                               workers=tokenizing_workers(cfg.preprocessing_workers))
+    stats = data.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop)
     if stats is None:
         click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
                    "every shard is written")
