@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from . import formats, fsutil, shards
 from .config import TrainConfig
 from .cpus import tokenizing_workers
@@ -32,6 +30,7 @@ from .datacache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_bu
 from .errors import DataError, OutputError
 from .logs import WorkProgress
 from .sources import Source, discover, read_documents, record_format
+from .textfiles import TextFiles, text_files
 from .tokendataset import TokenDataset
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
         jobs, fmt = _read_jobs(cfg, train_src, valid_src, scratch)
-        ranges = [_share(len(docs), shard, num_shards) for docs, _, _ in jobs]
+        ranges = [shards.share(docs, shard, num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
         _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop, workers)
@@ -141,16 +140,26 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
 def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: Path) -> tuple[list, str]:
     """The documents to tokenize as (documents, split, hold-out) jobs, and their record format (formats.py),
     which the validation data must share."""
-    train_docs = read_documents(train_src, cfg, scratch)
-    fmt = record_format(train_docs)
+    train_docs = _documents(train_src, cfg, scratch)
+    fmt = _format(train_docs)
     jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
     if valid_src:
-        valid_docs = read_documents(valid_src, cfg, scratch)
-        if record_format(valid_docs) != fmt:
+        valid_docs = _documents(valid_src, cfg, scratch)
+        if _format(valid_docs) != fmt:
             raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
-                            f"{FORMAT_NAMES[record_format(valid_docs)]}; give both in one format.")
+                            f"{FORMAT_NAMES[_format(valid_docs)]}; give both in one format.")
         jobs.append((valid_docs, "valid", None))
     return jobs, fmt
+
+
+def _documents(source: Source, cfg: TrainConfig, scratch: Path):
+    """`.txt` files split by line or paragraph as TextFiles (read as they are tokenized), anything else through
+    `datasets`' loaders (a memory-mapped Arrow copy in `scratch`)."""
+    return text_files(source, cfg.txt_split) or read_documents(source, cfg, scratch)
+
+
+def _format(docs) -> str:
+    return formats.TEXT if isinstance(docs, TextFiles) else record_format(docs)
 
 
 def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, ranges: list, fmt: str, staging: Path,
@@ -159,7 +168,7 @@ def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, range
     dtype = shards.token_dtype(len(tokenizer))
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
-    total = sum(_text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
+    total = sum(shards.text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
     log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
     writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
     try:
@@ -182,26 +191,6 @@ def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, range
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
-
-
-def _share(count: int, shard: int, num_shards: int) -> tuple[int, int]:
-    return count * shard // num_shards, count * (shard + 1) // num_shards
-
-
-def _text_bytes(docs, lo: int, hi: int) -> int:
-    """UTF-8 bytes of documents [lo, hi), from the string arrays' offsets (no per-document array); for records,
-    the Arrow bytes of their rows."""
-    import pyarrow as pa
-
-    if "text" not in docs.column_names:
-        return docs.data.table.slice(lo, hi - lo).nbytes
-    total = 0
-    for chunk in docs.data.table.column("text").slice(lo, hi - lo).chunks:
-        if len(chunk):
-            kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=kind)
-            total += int(offsets[chunk.offset + len(chunk)]) - int(offsets[chunk.offset])
-    return total
 
 
 def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, key: str, dtype: str,

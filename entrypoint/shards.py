@@ -8,8 +8,8 @@ written in the same pieces as the tokens; plain text has no mask (every token is
 
 A cache is an ordered list of shards; a split's token stream is their concatenation, so packed blocks may
 straddle two shards and a sharded build yields exactly the rows of a single-process one. Memory stays bounded:
-documents are read in spans from the memory-mapped Arrow table, tokenized by forked workers and appended to the
-files as results arrive.
+documents are read in spans (from `.txt` files directly, textfiles.py, or from the memory-mapped Arrow table of
+`datasets`' loaders), tokenized by forked workers and appended to the files as results arrive.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats
+from . import formats, textfiles
 from . import split as splitting
 
 SPLITS = ("train", "valid")
@@ -42,7 +42,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class Job:
     """One source's documents and what to do with them; forked workers inherit it (never pickled)."""
 
-    docs: object  # a datasets.Dataset with a `text` column, memory-mapped
+    docs: object  # textfiles.TextFiles, or a memory-mapped datasets.Dataset (sources.read_documents)
     backend: object  # a tokenizers.Tokenizer without truncation or padding
     eos: int
     dtype: np.dtype
@@ -55,6 +55,31 @@ class Job:
 
 
 _JOB: Job | None = None
+
+
+def share(docs, shard: int, num_shards: int) -> tuple[int, int]:
+    """Shard `shard` of `num_shards`: equal runs of documents, or of bytes for TextFiles (whose pieces begin
+    within it). The shards' documents, in shard order, are all the documents in order."""
+    count = docs.nbytes if isinstance(docs, textfiles.TextFiles) else len(docs)
+    return count * shard // num_shards, count * (shard + 1) // num_shards
+
+
+def text_bytes(docs, lo: int, hi: int) -> int:
+    """Input bytes of `share` [lo, hi), for progress: of TextFiles, the range itself; of text documents, their
+    UTF-8 bytes from the string arrays' offsets (no per-document array); of records, the Arrow bytes of their rows."""
+    import pyarrow as pa
+
+    if isinstance(docs, textfiles.TextFiles):
+        return hi - lo
+    if "text" not in docs.column_names:
+        return docs.data.table.slice(lo, hi - lo).nbytes
+    total = 0
+    for chunk in docs.data.table.column("text").slice(lo, hi - lo).chunks:
+        if len(chunk):
+            kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=kind)
+            total += int(offsets[chunk.offset + len(chunk)]) - int(offsets[chunk.offset])
+    return total
 
 
 def spans(docs, start: int, end: int, workers: int):
@@ -91,8 +116,17 @@ def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
     if job.fmt != formats.TEXT:
         return _tokenize_records(job, first, last)
     column = job.docs.data.table.column("text").slice(first, last - first)
-    nbytes = int(pc.sum(pc.binary_length(column)).as_py() or 0)
-    texts = column.to_pylist()
+    return _tokenize_texts(job, first, column.to_pylist()), int(pc.sum(pc.binary_length(column)).as_py() or 0)
+
+
+def tokenize_piece(piece: tuple[int, bytes]) -> tuple[dict, int]:
+    """tokenize_span for a piece of `.txt` files (textfiles.TextFiles.pieces): (index of its first document, text)."""
+    first, text = piece
+    return _tokenize_texts(_JOB, first, textfiles.documents(text, _JOB.docs.mode)), len(text)
+
+
+def _tokenize_texts(job: Job, first: int, texts: list[str]) -> dict:
+    """Documents numbered from `first`, whitespace-only ones skipped, as {split: (tokens, lengths, None)}."""
     keep = np.fromiter((i for i, t in enumerate(texts) if t and t.strip()), dtype=np.int64)
     ids = [e.ids for e in job.backend.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -107,7 +141,7 @@ def tokenize_span(span: tuple[int, int]) -> tuple[dict, int]:
     missing = flat[ends - 1] != job.eos if len(lengths) else np.zeros(0, bool)
     tokens = np.insert(flat, ends[missing], job.eos)
     lengths += missing
-    return _route(job, first + keep, tokens, lengths, None), nbytes
+    return _route(job, first + keep, tokens, lengths, None)
 
 
 def _tokenize_records(job: Job, first: int, last: int) -> tuple[dict, int]:
@@ -140,7 +174,8 @@ def _quiet_worker() -> None:
 
 
 def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
-    """Yield tokenize_span's results for documents [start, end), in order, from `workers` forked processes.
+    """Yield tokenize_span's results for documents [start, end) (for TextFiles, the pieces that begin in bytes
+    [start, end)), in order, from `workers` forked processes.
 
     Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). At most
     two tasks per worker are in flight, so results cannot pile up in memory when this process falls behind.
@@ -149,10 +184,13 @@ def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
     global _JOB
     _JOB = job
     try:
-        work = spans(job.docs, start, end, workers)
-        if workers > 1 and job.docs.data.nbytes >= PARALLEL_MIN_BYTES:
+        if isinstance(job.docs, textfiles.TextFiles):
+            work, task, nbytes = job.docs.pieces(start, end), tokenize_piece, job.docs.nbytes
+        else:
+            work, task, nbytes = spans(job.docs, start, end, workers), tokenize_span, job.docs.data.nbytes
+        if workers > 1 and nbytes >= PARALLEL_MIN_BYTES:
             with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-                pending = collections.deque(pool.apply_async(tokenize_span, (span,))
+                pending = collections.deque(pool.apply_async(task, (span,))
                                             for span in itertools.islice(work, 2 * workers))
                 while pending:
                     while not pending[0].ready():
@@ -160,11 +198,11 @@ def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
                         if stop is not None:
                             stop.raise_if_requested(STOPPED)
                     result = pending.popleft().get()
-                    pending.extend(pool.apply_async(tokenize_span, (span,)) for span in itertools.islice(work, 1))
+                    pending.extend(pool.apply_async(task, (span,)) for span in itertools.islice(work, 1))
                     yield result
         else:
             for span in work:
-                yield tokenize_span(span)
+                yield task(span)
                 if stop is not None:
                     stop.raise_if_requested(STOPPED)
     finally:
