@@ -17,8 +17,8 @@ BENCH_ARGS ?= --size tiny --max-steps 2 --valid-lines 128 --repeats 3
 BENCH_DIR ?= .bench
 # make faults: e.g. FAULTS_ARGS='--only lease --workdir .faults' to run some cases and keep their files.
 FAULTS_ARGS ?=
-# make bench-prepare-scale: corpus sizes (K, M, G) and tokenizing processes; the full run takes about half an hour
-# on 2 free cores and needs about 12 GB of free disk under BENCH_DIR.
+# make bench-prepare-scale: corpus sizes (K, M, G) and tokenizing processes; the full run takes about 15 minutes
+# on 2 free cores and needs about 7 GB of free disk under BENCH_DIR.
 SCALE_SIZES ?= 256M,1G,4G
 SCALE_WORKERS ?= 2
 

@@ -2,7 +2,9 @@
 BPE, cold and then again on unchanged data (a cache hit).
 
 The corpus is the stdlib docstring corpus repeated to about --tokens tokens (one paragraph a line). Phases are
-timed too: reading the text into documents, and tokenizing (`shards.tokenize`, in memory).
+timed too: reading the text into documents through the `datasets` loader (the path formats other than `.txt`
+take; `.txt` is read straight from the file since entrypoint/textfiles.py), and tokenizing (`shards.tokenize`,
+in memory).
 
     python -m bench.prepare --tokens 30000000 --json .bench/prepare.json
 """

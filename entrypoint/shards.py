@@ -217,7 +217,7 @@ def tokenize(docs, tokenizer, workers: int) -> tuple[np.ndarray, np.ndarray]:
     tests and benchmarks; preparation streams the same results to disk)."""
     job = Job(docs, backend(tokenizer), tokenizer.eos_token_id, np.dtype(np.int32),
               bos=formats.convention(tokenizer).bos_id)
-    parts = [result["train"] for result, _ in tokenized(job, 0, len(docs), workers)]
+    parts = [result["train"] for result, _ in tokenized(job, *share(docs, 0, 1), workers)]
     if not parts:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
