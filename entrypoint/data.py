@@ -115,6 +115,7 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
     # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
     scratch, staging = cfg.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
+    built = False
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
@@ -129,12 +130,16 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
             if not (target / name).is_dir():
                 raise
             # An identical shard is already there (a retried pod, a racing builder): keep that one.
+        built = True
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+        if not built:  # nor an empty cache folder; one holding another builder's shards stays
+            with contextlib.suppress(OSError):
+                target.rmdir()
 
 
 def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: Path) -> tuple[list, str]:
