@@ -17,7 +17,7 @@ class ExitCode(IntEnum):
     DATA = 3  # data missing, unreadable, not UTF-8, empty, wrong field
     OUTPUT = 4  # output or checkpoint dir unwritable, disk full, I/O error while saving
     MODEL = 5  # model or tokenizer cannot be loaded (including missing while HF_HUB_OFFLINE=1)
-    OOM = 6  # out of memory on the accelerator
+    OOM = 6  # out of memory on the accelerator, or a data-preparation worker killed at the pod's memory limit
     PREEMPTED = 7  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume
     DIVERGED = 8  # the loss went non-finite, or the final model is worse than the untrained one: not published
     BUSY = 9  # another live run holds the output or checkpoint directory (its lease): nothing was touched
@@ -33,7 +33,7 @@ DESCRIPTIONS = {
     ExitCode.DATA: "training data missing, unreadable or invalid",
     ExitCode.OUTPUT: "output or checkpoint directory unwritable, disk full or I/O error",
     ExitCode.MODEL: "model or tokenizer could not be loaded",
-    ExitCode.OOM: "out of accelerator memory",
+    ExitCode.OOM: "out of accelerator memory, or a tokenizing process killed at the memory limit",
     ExitCode.PREEMPTED: "stopped by a signal after a checkpoint was saved; rerun to resume",
     ExitCode.DIVERGED: "training diverged; the model was not published",
     ExitCode.BUSY: "another run is using the output or checkpoint directory",

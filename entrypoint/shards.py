@@ -14,18 +14,16 @@ documents are read in spans (from `.txt` files directly, textfiles.py, or from t
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import functools
 import itertools
 import json
-import multiprocessing
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import formats, textfiles
+from . import forkpool, formats, textfiles
 from . import split as splitting
 
 SPLITS = ("train", "valid")
@@ -167,44 +165,30 @@ def _route(job: Job, indices: np.ndarray, tokens: np.ndarray, lengths: np.ndarra
             "valid": (tokens[by_token], lengths[held], None if mask is None else mask[by_token])}
 
 
-def _quiet_worker() -> None:
-    # Workers inherit the parent's signal handlers; the parent alone decides to stop, then terminates them.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def tokenized(job: Job, start: int, end: int, workers: int, stop=None):
     """Yield tokenize_span's results for documents [start, end) (for TextFiles, the pieces that begin in bytes
-    [start, end)), in order, from `workers` forked processes.
+    [start, end)), in order, from `workers` forked processes (forkpool.ordered).
 
-    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). At most
-    two tasks per worker are in flight, so results cannot pile up in memory when this process falls behind.
-    `stop` (a StopRequest) is checked twice a second while waiting; the pool is terminated when the consumer
-    stops early (an error, a signal)."""
+    Processes, not the tokenizer's own thread pool: encode_batch used one core here (bench/prepare.py). Each
+    worker reads its own pieces from the files (or its spans from the inherited Arrow table), so no text passes
+    between processes. `stop` (a StopRequest) is checked twice a second while waiting; the workers are killed
+    when the consumer stops early (an error, a signal)."""
     global _JOB
     _JOB = job
     try:
         if isinstance(job.docs, textfiles.TextFiles):
-            work, task, nbytes = job.docs.pieces(start, end), tokenize_piece, job.docs.nbytes
+            task, nbytes, work = tokenize_piece, job.docs.nbytes, functools.partial(job.docs.pieces, start, end)
         else:
-            work, task, nbytes = spans(job.docs, start, end, workers), tokenize_span, job.docs.data.nbytes
+            task, nbytes = tokenize_span, job.docs.data.nbytes
+            work = functools.partial(spans, job.docs, start, end, workers)
+        check = None if stop is None else (lambda: stop.raise_if_requested(STOPPED))
         if workers > 1 and nbytes >= PARALLEL_MIN_BYTES:
-            with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-                pending = collections.deque(pool.apply_async(task, (span,))
-                                            for span in itertools.islice(work, 2 * workers))
-                while pending:
-                    while not pending[0].ready():
-                        pending[0].wait(0.5)
-                        if stop is not None:
-                            stop.raise_if_requested(STOPPED)
-                    result = pending.popleft().get()
-                    pending.extend(pool.apply_async(task, (span,)) for span in itertools.islice(work, 1))
-                    yield result
+            yield from forkpool.ordered(work, task, workers, check, what="tokenizing")
         else:
-            for span in work:
+            for span in work():
                 yield task(span)
-                if stop is not None:
-                    stop.raise_if_requested(STOPPED)
+                if check is not None:
+                    check()
     finally:
         _JOB = None
 

@@ -1,7 +1,8 @@
 """Plain `.txt` files read straight into tokenizing tasks, without a `datasets` copy of the corpus.
 
 Split by line (the default) or by paragraph, the files are cut at document boundaries into pieces of about
-`piece_bytes`, read once in order by the preparing process and handed to the tokenizing workers as bytes. What
+`piece_bytes`. Every tokenizing worker reads the files in order and tokenizes its own share of the pieces
+(forkpool.ordered), so no text passes between processes; reading and cutting cost about 1% of tokenizing. What
 this saves: the text loader's Arrow copy, which took 48 s on one core for 4 GB of text before any tokenizing
 began, and as many bytes again on the cache volume.
 
@@ -76,7 +77,7 @@ def documents(piece: bytes, mode: str) -> list[str]:
 
 
 def count_documents(piece: bytes, mode: str) -> int:
-    """len(documents(piece, mode)) without decoding: the reading process numbers pieces before they are tokenized."""
+    """len(documents(piece, mode)) without decoding: every piece is numbered, tokenized or not."""
     if mode == "paragraph":
         return sum(1 for p in piece.split(b"\n\n") if p)
     return piece.count(b"\n") + (not piece.endswith(b"\n"))
