@@ -3,9 +3,8 @@
 Split by line (the default) or by paragraph, the files are cut at document boundaries into pieces of about
 `piece_bytes`. Every tokenizing worker reads the files in order and tokenizes its own share of the pieces
 (forkpool.ordered), so no text passes between processes; cutting runs at about 1 GB/s, some 300 times a core's
-tokenizing speed. What
-this saves: the text loader's Arrow copy, which took 48 s on one core for 4 GB of text before any tokenizing
-began, and as many bytes again on the cache volume.
+tokenizing speed. What this saves: the text loader's Arrow copy, which took 48 s on one core for 4 GB of text
+before any tokenizing began, and as many bytes again on the cache volume.
 
 The documents and their numbering are exactly those of `datasets`' text loader (sources.read_documents), which
 still reads `.gz` files and `--txt-split file`; tests/test_textfiles.py compares the two:
