@@ -189,22 +189,31 @@ bench-prepare-scale: install ## Preparation at 256 MB, 1 GB and 4 GB of text: to
 # machine (no .venv there) or with .venv here, where no CUDA means dry mode: tiny shapes on the CPU.
 GPU_CHECK_DIR ?= .gpu-check
 GPU_WHEELS ?= .gpu-wheels
+GPU_ASSETS ?= .gpu-assets
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 # The GPU machine's Python (3.12, x86-64 manylinux) and the packages it lacks, at the versions constraints.txt pins.
 GPU_WHEEL_PYTHON ?= 3.12
 GPU_WHEEL_PACKAGES ?= datasets dill multiprocess transformers regex
+# Tools the check uses where present, pinned here since the project itself does not depend on them: py-spy dumps
+# the stacks of a stage killed at its budget.
+GPU_WHEEL_TOOLS ?= py-spy==0.4.2
 
 .PHONY: gpu-check
-gpu-check: ## The GPU tests and benchmark (under 8 min on an H100) into GPU_CHECK_DIR; dry mode without CUDA.
-	GPU_CHECK_DIR=$(GPU_CHECK_DIR) GPU_WHEELS=$(GPU_WHEELS) PYTHON=$(GPU_PYTHON) scripts/gpu-check.sh
+gpu-check: ## The GPU benchmark and tests (a 7-minute plan, printed first) into GPU_CHECK_DIR; dry mode without CUDA.
+	GPU_CHECK_DIR=$(GPU_CHECK_DIR) GPU_WHEELS=$(GPU_WHEELS) GPU_ASSETS=$(GPU_ASSETS) PYTHON=$(GPU_PYTHON) \
+		scripts/gpu-check.sh
+
+.PHONY: gpu-assets
+gpu-assets: install ## Build the GPU check's tokenizer, model config and corpus into GPU_ASSETS (5 MB), for carrying.
+	$(VENV)/bin/python -m bench.assets --workdir $(BENCH_DIR) --carry $(GPU_ASSETS)
 
 .PHONY: gpu-wheels
 gpu-wheels: ## Download the wheels a GPU machine's system Python lacks into GPU_WHEELS (about 15 MB), for carrying.
 	rm -rf $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
-		$(foreach p,$(GPU_WHEEL_PACKAGES),$(shell grep -i '^$(p)==' constraints.txt))
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(GPU_WHEELS) \
+		$(foreach p,$(GPU_WHEEL_PACKAGES),$(shell grep -i '^$(p)==' constraints.txt)) $(GPU_WHEEL_TOOLS)
 	@du -sh $(GPU_WHEELS)
 
 .PHONY: bench-resume

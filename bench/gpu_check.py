@@ -1,18 +1,22 @@
-"""`make gpu-check`: the GPU path proven in one command, sized for a short GPU window (under 8 minutes on one
-H100/H200, compile included). Writes gpu-check.json and gpu-check.md into --out after every stage, so a run cut
-short still leaves what it measured.
+"""`make gpu-check`: the GPU path proven and measured in one command, sized for a short GPU window. It prints a
+plan first, each stage with its time budget (the budgets sum to at most 7 minutes, stages.WINDOW_SECONDS), then
+runs the stages one after another; a stage past its budget is killed with every process it started (stages.py)
+and the next one starts on time. gpu-check.json and gpu-check.md are rewritten into --out after every stage, so a
+run cut short still leaves a table of what it measured.
 
 Stages, in order of value:
 1. environment: Python, torch and its CUDA version, the NVIDIA driver, the GPU, the library versions in use;
-2. the GPU tests: `pytest -m gpu tests/test_gpu.py` (bf16, fp16 with its loss scaler, fused AdamW, --compile
-   on/auto, --batch-size auto's probe, torchrun with NCCL, SIGTERM -> exit 7 -> resume, generate);
-3. the benchmark: GPT-2 124M's shape (random weights, 50,257-token vocabulary), the tutorial recipe against
-   `finetune train` at equal optimizer steps, ours at block 1,024 in bf16 with compile off/on and micro-batch
-   16/32/8 (32 sequences an optimizer step): useful tokens/s, MFU (the job's own, from its step time, and this
-   benchmark's, from the training loop's time, through the same mfu.mfu_from), peak memory, step-time
-   spread, compile time.
-A run that would not finish inside --budget is skipped and listed as such. Without CUDA (or with --dry) every
-stage runs on the CPU on tiny shapes and the report says so: `make test` runs that, so this script cannot rot.
+2. assets: GPT-2 124M's shape (random weights, 50,257-token BPE) and the stdlib corpus, from what
+   `make gpu-assets` carried (only the weights are drawn there) or built from scratch (a larger budget);
+3. the benchmark at block 1,024 in bf16, 32 sequences an optimizer step: the tutorial recipe, then ours at
+   micro-batch 16 with compile off; then compile on twice, sharing one inductor cache: a short cold run whose
+   wall and compile time are the warm-up, and a full run on the warm cache whose median step is the steady
+   step time;
+4. the GPU tests: `pytest -m gpu tests/test_gpu.py` (bf16, fp16 with its loss scaler, fused AdamW, --compile
+   on/auto, --batch-size auto's probe, torchrun with NCCL, SIGTERM -> exit 7 -> resume, generate).
+Without CUDA (or with --dry / GPU_CHECK_DRY=1) the same plan is printed and every stage runs on the CPU on tiny
+shapes, with each budget stretched (DRY_FACTOR) and compile left off; the report says so. tests/test_gpu_check.py
+runs that, so this script cannot rot.
 
     python -m bench.gpu_check --out .gpu-check          # scripts/gpu-check.sh adds the carried wheels first
 """
@@ -21,42 +25,61 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import assets
-from .compare import REPO, run_side
+from . import stages
+from .compare import REPO
 from .gpu_report import SEQUENCES_PER_STEP, markdown, write
+from .stages import Stage
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "pyarrow", "click", "pytest")
-# (tokens a block, micro-batches, compile settings, optimizer steps, seconds a run may take at most)
-GPU_PLAN = {"block": 1024, "micro_batches": (16, 32, 8), "compile": ("off", "on"), "steps": 50, "run_limit": 150}
-DRY_PLAN = {"block": 128, "micro_batches": (8,), "compile": ("off",), "steps": 1, "run_limit": 900}
-PER_TEST_SECONDS = 240  # pytest-timeout per GPU test; the compile and torchrun tests take well under a minute there
-# A run is started only if this many seconds of the budget are left (compiling GPT-2 takes about a minute).
-MIN_SECONDS = {"off": 30, "on": 90}
+# The benchmark's shape: block, micro-batch, optimizer steps of a full run and of the compile warm-up, precision.
+GPU_SHAPE = {"block": 1024, "micro_batch": 16, "steps": 50, "warmup_steps": 4, "precision": "bf16"}
+DRY_SHAPE = {"block": 128, "micro_batch": 8, "steps": 1, "warmup_steps": 1, "precision": "fp32"}
+DRY_FACTOR = 10  # a loaded 2-core CPU starting torch ten times: dry mode's limits are the budgets x this
+PER_TEST_SECONDS = 60  # pytest-timeout per GPU test: the one compile is the longest, about 30 s expected
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / ".gpu-check", help="Where gpu-check.json/.md go.")
     parser.add_argument("--workdir", type=Path, help="Corpus, models and runs [default: a temporary folder].")
+    parser.add_argument("--assets", type=Path, default=REPO / ".gpu-assets", help="What make gpu-assets wrote; "
+                        "without it the assets stage trains the tokenizer itself (a larger budget).")
     parser.add_argument("--dry", action="store_true", help="Tiny shapes on the CPU even where CUDA is present "
                         "[default: dry exactly when there is no CUDA, or GPU_CHECK_DRY=1].")
-    parser.add_argument("--budget", type=float, default=450.0, help="Seconds for everything; runs that would "
-                        "not fit are skipped and listed.")
-    parser.add_argument("--tests-limit", type=float, default=210.0, help="Seconds the GPU tests may take of the "
-                        "budget (about 150 on an H100: eight short runs, one compile, the memory probe).")
-    parser.add_argument("--skip-tests", action="store_true", help="Only the benchmark.")
-    parser.add_argument("--skip-bench", action="store_true", help="Only the tests.")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="Run only these stages (the plan still shows "
+                        "all of them).")
     return parser.parse_args(argv)
+
+
+def plan(carried: bool) -> list[Stage]:
+    """The stages and their budgets in seconds, as on a GPU (dry mode shows the same): 420 in all whether or not the
+    assets were carried (building them takes 40 s more, taken from the tests). commands() adds the commands."""
+    steps, warm, mb = GPU_SHAPE["steps"], GPU_SHAPE["warmup_steps"], GPU_SHAPE["micro_batch"]
+    return [
+        Stage("environment", 5, "GPU, NVIDIA driver, torch's CUDA, library versions"),
+        Stage("assets", 20 if carried else 60, "draw GPT-2 124M's random weights on the carried tokenizer and corpus"
+              if carried else "train the 50,257-token BPE and build the corpus (nothing carried: make gpu-assets)"),
+        Stage("tutorial", 45, f"the tutorial recipe, {steps} steps of 4 x 8 x 512, fp16"),
+        Stage("ours", 45, f"finetune train, micro-batch {mb}, block {GPU_SHAPE['block']}, compile off, {steps} steps"),
+        Stage("compile-warmup", 120, f"the same, compile on, {warm} steps, cold cache: the warm-up"),
+        Stage("compiled", 60, f"the same, compile on, {steps} steps, warm cache: the steady step"),
+        Stage("tests", 125 if carried else 85, f"pytest -m gpu tests/test_gpu.py, {PER_TEST_SECONDS} s a test at most"),
+    ]
+
+
+DRY_NOTE = (f"gpu-check: dry mode runs these stages on the CPU: block {DRY_SHAPE['block']}, micro-batch "
+            f"{DRY_SHAPE['micro_batch']}, {DRY_SHAPE['steps']} step a run, fp32, compile off, each stage stopped at "
+            f"{DRY_FACTOR}x its budget")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,31 +88,34 @@ def main(argv: list[str] | None = None) -> int:
 
     dry = args.dry or os.environ.get("GPU_CHECK_DRY") == "1" or not torch.cuda.is_available()
     start = time.monotonic()
-    if dry:  # a busy CPU's time says nothing about a GPU window: dry mode has no budget, only generous limits
-        args.budget, args.tests_limit = 3600.0, 3600.0
-    deadline = start + args.budget
+    carried = (args.assets / "data" / "valid.txt").is_file()
+    steps = plan(carried)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"mode": "dry" if dry else "gpu", "ok": False, "budget_seconds": args.budget,
-              "environment": environment(), "tests": None, "bench": None, "skipped_for_time": []}
+    report = {"mode": "dry" if dry else "gpu", "ok": False, "plan": [[s.name, s.budget, s.what] for s in steps],
+              "environment": environment(), "stages": [], "tests": None,
+              "bench": {"runs": [], "shape": DRY_SHAPE if dry else GPU_SHAPE}}
     env = report["environment"]
     say(f"gpu-check: {'DRY MODE: tiny shapes on the CPU, no GPU figure' if dry else 'GPU mode'}; "
         f"GPU {env['gpu'] or 'none'}, NVIDIA driver {env['driver'] or 'none'}, torch {env['versions']['torch']} "
         f"(CUDA {env['cuda'] or 'none'}), python {env['python']}")
+    say(stages.plan_table(steps) + (f"\n{DRY_NOTE}" if dry else ""))
+    report["stages"].append({"name": "environment", "budget": 5, "seconds": time.monotonic() - start, "exit": 0})
     write(args.out, report, start)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         workdir = (args.workdir or Path(scratch)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        if not args.skip_tests:
-            report["tests"] = run_tests(args.out, dry, deadline, workdir, args.tests_limit)
+        # The compiled runs share one inductor cache: the warm-up fills it, the steady run reads it.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor-cache"))
+        for stage in commands(steps[1:], args, dry, workdir):
+            if args.only and stage.name not in args.only:
+                continue
+            say(f"gpu-check: {stage.name}: {stage.budget:.0f} s budget: {' '.join(stage.command[1:])}")
+            outcome = stages.run(stage, args.out / "stages.log", REPO, stage.budget * (DRY_FACTOR if dry else 1))
+            record(report, stage, outcome, args.out, workdir)
             write(args.out, report, start)
-        if not args.skip_bench:
-            report["bench"] = {"runs": [], "plan": DRY_PLAN if dry else GPU_PLAN}
-            for _ in run_bench(workdir, dry, deadline, report):
-                write(args.out, report, start)
-    tests_ok = report["tests"] is None or report["tests"]["exit_code"] == 0
-    bench_ok = report["bench"] is None or all(r["ok"] for r in report["bench"]["runs"])
-    report["ok"] = tests_ok and bench_ok
+    runs = report["bench"]["runs"]
+    report["ok"] = all(s["exit"] == 0 for s in report["stages"]) and all(r["ok"] for r in runs)
     write(args.out, report, start)
     say(f"gpu-check: {'passed' if report['ok'] else 'FAILED'} in {time.monotonic() - start:.0f} s; "
         f"{args.out / 'gpu-check.json'} and gpu-check.md")
@@ -99,6 +125,80 @@ def main(argv: list[str] | None = None) -> int:
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def commands(steps: list[Stage], args: argparse.Namespace, dry: bool, workdir: Path) -> list[Stage]:
+    """The plan's stages with their commands. Rows read the assets' paths from the assets stage's JSON."""
+    python, shape = sys.executable, DRY_SHAPE if dry else GPU_SHAPE
+    found = workdir / "assets.json"
+    assets = [python, "-m", "bench.assets", "--workdir", str(workdir), "--json", str(found)]
+    assets += ["--dry"] if dry else ["--carried", str(args.assets.resolve())]
+    ours = ["--block-size", str(shape["block"]), "--batch-size", str(shape["micro_batch"]),
+            "--grad-accum", str(SEQUENCES_PER_STEP // shape["micro_batch"]), "--report-to", "none",
+            "--precision", shape["precision"], "--logging-steps", "10"]
+    compiled = "off" if dry else "on"
+    junit = args.out / "gpu-tests.xml"
+    tests = [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
+             f"--junitxml={junit}", f"--basetemp={workdir / 'pytest'}",
+             f"--timeout={PER_TEST_SECONDS * (DRY_FACTOR if dry else 1)}"]
+    by_name = {
+        "assets": assets,
+        "tutorial": row(workdir, "tutorial", shape["steps"], []),
+        "ours": row(workdir, "ours", shape["steps"], [*ours, "--compile", "off"]),
+        "compile-warmup": row(workdir, "compile-warmup", shape["warmup_steps"], [*ours, "--compile", compiled]),
+        "compiled": row(workdir, "compiled", shape["steps"], [*ours, "--compile", compiled]),
+        "tests": tests,
+    }
+    env = {"GPU_CHECK_DRY": "1"} if dry else {}
+    return [Stage(s.name, s.budget, s.what, by_name[s.name], env) for s in steps]
+
+
+def row(workdir: Path, name: str, steps: int, ours_args: list[str]) -> list[str]:
+    """A benchmark row's command: one bench.gpu_row process on the paths the assets stage wrote."""
+    side = "tutorial" if name == "tutorial" else "ours"
+    runs = workdir / "runs"
+    return [sys.executable, "-m", "bench.gpu_row", "--side", side, "--assets", str(workdir / "assets.json"),
+            "--steps", str(steps), "--out", str(runs / name), "--json", str(runs / f"{name}.json"), "--", *ours_args]
+
+
+def record(report: dict, stage: Stage, outcome: stages.Outcome, out: Path, workdir: Path) -> None:
+    """Adds a stage's outcome to the report: its time and exit, a benchmark row, or the tests' cases."""
+    entry = {"name": stage.name, "budget": stage.budget, "seconds": outcome.seconds,
+             "exit": 124 if outcome.timed_out else outcome.exit_code}
+    if entry["exit"] != 0:
+        entry["log_tail"] = outcome.log_tail[-3000:]
+        entry["stacks"] = outcome.stacks[-6000:]
+    report["stages"].append(entry)
+    verdict = f"killed at its {stage.budget:.0f} s budget" if outcome.timed_out else f"exit {outcome.exit_code}"
+    say(f"gpu-check: {stage.name}: {verdict} after {outcome.seconds:.0f} s")
+    if entry["exit"] != 0:
+        say(outcome.log_tail[-2000:])
+    if stage.name == "tests":
+        report["tests"] = test_cases(out / "gpu-tests.xml", outcome, entry["exit"])
+    elif stage.name != "assets":
+        report["bench"]["runs"].append(bench_row(stage.name, workdir / "runs" / f"{stage.name}.json", report, entry))
+
+
+def bench_row(name: str, metrics_file: Path, report: dict, entry: dict) -> dict:
+    row = {"name": name, "side": "tutorial" if name == "tutorial" else "ours", "ok": False,
+           "seconds": entry["seconds"], "budget": entry["budget"]}
+    if entry["exit"] != 0 or not metrics_file.is_file():
+        row["error"] = ("killed at its budget" if entry["exit"] == 124 else
+                        (entry.get("log_tail") or "no metrics").strip().splitlines()[-1][:200])
+        return row
+    row.update(ok=True, **summary(json.loads(metrics_file.read_text())))
+    tutorial = next((r for r in report["bench"]["runs"] if r["side"] == "tutorial" and r["ok"]), None)
+    if tutorial and row["side"] == "ours" and tutorial["useful_tokens_per_second"]:
+        row["vs_tutorial"] = row["useful_tokens_per_second"] / tutorial["useful_tokens_per_second"]
+    return row
+
+
+def test_cases(junit: Path, outcome: stages.Outcome, code: int) -> dict:
+    """Per-test outcomes from the JUnit XML, or from pytest -v's lines when a killed run never wrote it."""
+    cases = junit_cases(junit) if junit.is_file() and not outcome.timed_out else verbose_cases(outcome.log_tail)
+    counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")}
+    return {"exit_code": code, "seconds": outcome.seconds, **counts, "cases": cases,
+            "log_tail": outcome.log_tail[-3000:] if code else ""}
 
 
 def environment() -> dict:
@@ -131,34 +231,6 @@ def environment() -> dict:
     }
 
 
-def run_tests(out: Path, dry: bool, deadline: float, workdir: Path, limit: float) -> dict:
-    """pytest -m gpu in a fresh process, for at most `limit` seconds; per-test outcomes from its JUnit XML."""
-    junit = out / "gpu-tests.xml"
-    env = {**os.environ, **({"GPU_CHECK_DRY": "1"} if dry else {})}
-    # -v prints one line per test as it ends, so a run cut short still tells which tests passed; a test that
-    # hangs fails alone after --timeout seconds.
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", f"--basetemp={workdir / 'pytest'}"]
-    command += [] if dry else [f"--timeout={PER_TEST_SECONDS}"]
-    say(f"gpu-check: tests: {' '.join(command[1:])}")
-    began = time.monotonic()
-    try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=max(30.0, min(limit, deadline - time.monotonic())))
-        code, tail = done.returncode, (done.stdout + done.stderr)[-4000:]
-    except subprocess.TimeoutExpired as exc:
-        partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        code, tail = 124, f"{partial[-3000:]}\npytest passed its time limit ({exc.timeout:.0f} s)"
-        junit.unlink(missing_ok=True)
-    seconds = time.monotonic() - began
-    cases = junit_cases(junit) if junit.is_file() else verbose_cases(tail)
-    counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")}
-    say(f"gpu-check: tests: exit {code} in {seconds:.0f} s: {counts}")
-    if code != 0:
-        say(tail)
-    return {"exit_code": code, "seconds": seconds, **counts, "cases": cases, "log_tail": tail if code else ""}
-
-
 def verbose_cases(log: str) -> list[dict]:
     """Outcomes from pytest -v lines ('tests/test_gpu.py::name PASSED'), for a run that never wrote its XML."""
     return [{"name": name, "outcome": {"PASSED": "passed", "SKIPPED": "skipped"}.get(word, "failed"),
@@ -179,66 +251,6 @@ def junit_cases(path: Path) -> list[dict]:
     return cases
 
 
-def bench_assets(workdir: Path, dry: bool) -> tuple[Path, Path, Path]:
-    """(model, train file, validation file): GPT-2 124M's shape on a GPU; a tiny GPT-2 with a 512-token BPE on
-    the CPU (its context still 512, the tutorial's padding length)."""
-    from entrypoint.config import InitModelConfig
-    from entrypoint.corpus import build
-    from entrypoint.modelinit import init_model
-
-    if not dry:
-        data = assets.corpus(workdir)
-        return assets.model(workdir, "gpt2"), data / "train.txt", data / "valid.txt"
-    data = workdir / "dry-data"
-    if not (data / "valid.txt").is_file():
-        build(data, max_documents=1500)
-    valid = data / "valid-32-lines.txt"
-    valid.write_text("".join((data / "valid.txt").read_text().splitlines(keepends=True)[:32]))
-    model = workdir / "dry-model"
-    if not (model / "config.json").is_file():
-        init_model(InitModelConfig(output_dir=model, corpus=data / "train.txt", size="tiny", vocab_size=512,
-                                   context=512))
-    return model, data / "train.txt", valid
-
-
-def run_bench(workdir: Path, dry: bool, deadline: float, report: dict):
-    """Runs the tutorial, then ours per (micro-batch, compile); yields after each so the report is rewritten."""
-    plan = DRY_PLAN if dry else GPU_PLAN
-    say("gpu-check: bench: building the corpus and the model")
-    model, train_file, valid_file = bench_assets(workdir, dry)
-    budget = ["--max-steps", str(plan["steps"])]
-    # Compiled runs share one inductor cache, so kernels one micro-batch compiled need not be built again.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor-cache"))
-    runs = [("tutorial", None, None)] + [("ours", mb, c) for mb in plan["micro_batches"] for c in plan["compile"]]
-    tutorial_tps = None
-    for side, micro_batch, compiled in runs:
-        name = "tutorial recipe" if side == "tutorial" else f"ours, micro-batch {micro_batch}, compile {compiled}"
-        left = deadline - time.monotonic()
-        if left < MIN_SECONDS[compiled or "off"]:
-            report["skipped_for_time"].append(name)
-            say(f"gpu-check: bench: skipped {name}: {left:.0f} s of the budget left")
-            continue
-        ours_args = [] if side == "tutorial" else [
-            "--block-size", str(plan["block"]), "--batch-size", str(micro_batch),
-            "--grad-accum", str(SEQUENCES_PER_STEP // micro_batch), "--compile", compiled, "--report-to", "none",
-            "--precision", "fp32" if dry else "bf16", "--logging-steps", "10"]
-        out = workdir / "runs" / name.replace(", ", "-").replace(" ", "-")
-        row = {"name": name, "side": side, "micro_batch": micro_batch, "compile": compiled, "ok": False}
-        say(f"gpu-check: bench: {name}")
-        try:
-            metrics = run_side(side, model, train_file, valid_file, budget, ours_args, out,
-                               timeout=min(plan["run_limit"], left))
-            row.update(ok=True, **summary(metrics))
-            tutorial_tps = row["useful_tokens_per_second"] if side == "tutorial" else tutorial_tps
-            if tutorial_tps:
-                row["vs_tutorial"] = row["useful_tokens_per_second"] / tutorial_tps
-        except SystemExit as exc:
-            row["error"] = str(exc)
-            say(str(exc))
-        report["bench"]["runs"].append(row)
-        yield row
-
-
 def summary(metrics: dict) -> dict:
     """What the report keeps of one run's metrics.json, plus this benchmark's own MFU: the useful tokens over the
     training loop's time (evaluations excluded), through the same formula the job uses."""
@@ -254,7 +266,7 @@ def summary(metrics: dict) -> dict:
     row["mfu_bench"] = metrics.get("mfu")
     if flops:
         row["mfu_bench"] = mfu.mfu_from(flops, metrics["device"], metrics["precision"],
-                                               metrics["useful_tokens_per_second"] / world)
+                                        metrics["useful_tokens_per_second"] / world)
     if row["step_seconds"] and row["step_seconds_p90"]:
         row["step_spread"] = row["step_seconds_p90"] / row["step_seconds"]
     return row

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # make gpu-check: the GPU tests and the GPU benchmark in one command (bench/gpu_check.py), with the system Python of
 # a GPU machine that cannot download anything. Wheels carried in GPU_WHEELS (make gpu-wheels fills it) are
-# installed into a temporary target put first on PYTHONPATH, but only where that Python lacks `datasets`: a
-# machine with the project's own environment uses it as it is.
+# installed into a temporary target put first on PYTHONPATH (its bin/, where py-spy lands, first on PATH), but only
+# where that Python lacks `datasets`: a machine with the project's own environment uses it as it is. The model's
+# tokenizer and the corpus come from GPU_ASSETS (make gpu-assets fills it); without them they are built there.
 #
 #   GPU_CHECK_DIR=.gpu-check scripts/gpu-check.sh [bench/gpu_check.py options]
-#   PYTHON=python3 (default), GPU_WHEELS=.gpu-wheels (default), GPU_CHECK_DRY=1 forces dry mode on a GPU machine.
+#   PYTHON=python3 (default), GPU_WHEELS=.gpu-wheels, GPU_ASSETS=.gpu-assets (defaults), GPU_CHECK_DRY=1 forces
+#   dry mode on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${GPU_CHECK_DIR:-.gpu-check}
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
+ASSETS=${GPU_ASSETS:-.gpu-assets}
 
 if ! "$PYTHON" -c 'import datasets' 2>/dev/null; then
     if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -26,8 +29,8 @@ if ! "$PYTHON" -c 'import datasets' 2>/dev/null; then
             "make gpu-wheels GPU_WHEEL_PYTHON=X.Y" >&2
         exit 2
     fi
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" GPU_CHECK_SITE="$site"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" GPU_CHECK_SITE="$site" PATH="$site/bin:$PATH"
     echo "gpu-check: installed $(ls "$WHEELS"/*.whl | wc -l) carried wheels from $WHEELS/ into $site" >&2
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-"$PYTHON" -m bench.gpu_check --out "$OUT" "$@"
+"$PYTHON" -m bench.gpu_check --out "$OUT" --assets "$ASSETS" "$@"
