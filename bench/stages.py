@@ -85,7 +85,7 @@ def run(stage: Stage, log: Path, cwd: Path, limit: float | None = None) -> Outco
         sink.write(f"=== {stage.name}: {verdict} in {seconds:.1f} s\n{stacks}")
     with log.open("rb") as source:
         source.seek(start)
-        tail = source.read().decode(errors="replace")[-4000:]
+        tail = source.read().decode(errors="replace")[-20000:]
     return Outcome(stage.name, stage.budget, seconds, code, tail, stacks)
 
 
