@@ -65,7 +65,8 @@ def stage_table(report: dict) -> list[str]:
 
 def bench_table(bench: dict) -> list[str]:
     shape = bench["shape"]
-    lines = [f"## Benchmark: {shape['steps']} optimizer steps a run ({shape['warmup_steps']} for the compile "
+    steps = f"{shape['steps']} optimizer step{'s' * (shape['steps'] != 1)}"
+    lines = [f"## Benchmark: {steps} a run ({shape['warmup_steps']} for the compile "
              f"warm-up), {SEQUENCES_PER_STEP} sequences a step, ours at block {shape['block']} and micro-batch "
              f"{shape['micro_batch']}, the tutorial at 512", "",
              "| run | useful tokens/s | x tutorial | MFU (job) | MFU (bench) | peak MiB | step ms (median) | "
