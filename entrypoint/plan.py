@@ -144,9 +144,8 @@ def largest_fitting_batch(model, precision: str, block_size: int, limit: int, ch
     was_training = model.training
     model.train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    # AdamW's two fp32 moments (trainable weights only: LoRA freezes the rest) are allocated at the first
-    # optimizer step; hold their room during the probe.
-    optimizer_state = torch.empty(2 * sum(p.numel() for p in model.parameters() if p.requires_grad), device=device)
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    held = torch.empty(held_bytes(model, world_size), dtype=torch.uint8, device=device)
     total = torch.cuda.get_device_properties(device).total_memory
     batch = 1 << (limit.bit_length() - 1)
     try:
@@ -154,9 +153,21 @@ def largest_fitting_batch(model, precision: str, block_size: int, limit: int, ch
             batch //= 2
     finally:
         model.train(was_training)
-        del optimizer_state
+        del held
         torch.cuda.empty_cache()
     return batch
+
+
+def held_bytes(model, world_size: int) -> int:
+    """Memory training will hold that a forward and backward of the bare model do not: AdamW's two fp32 moments
+    (trainable weights only: LoRA freezes the rest), allocated at the first optimizer step, and with several
+    processes DDP's gradient buckets. DDP's bucket_cap_mb (25 MiB by default) sizes each bucket, not their sum:
+    the buckets together hold a copy of every trainable gradient, in the gradient's dtype, because Trainer leaves
+    gradient_as_bucket_view at its default (False)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moments = 2 * 4 * sum(p.numel() for p in trainable)
+    buckets = sum(p.numel() * p.element_size() for p in trainable) if world_size > 1 else 0
+    return moments + buckets
 
 
 def agree_on_smallest(batch: int) -> int:
@@ -174,18 +185,32 @@ def agree_on_smallest(batch: int) -> int:
 
 
 def _fits(model, device, dtype, batch: int, block_size: int, total: int) -> bool:
+    """Whether a training step of `batch` rows fits, measured as the caching allocator's peak reserved memory (what
+    the GPU really gives up, fragmentation included) against MEMORY_HEADROOM of the GPU."""
     torch.cuda.reset_peak_memory_stats(device)
     try:
         ids = torch.zeros((batch, block_size), dtype=torch.long, device=device)
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return torch.cuda.max_memory_allocated(device) <= MEMORY_HEADROOM * total
-    except torch.OutOfMemoryError:
+        return torch.cuda.max_memory_reserved(device) <= MEMORY_HEADROOM * total
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
         return False
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+
+
+# What CUDA libraries say when they cannot allocate: the caching allocator raises torch.OutOfMemoryError, but
+# cuBLAS and cuDNN report a failed workspace allocation as a plain RuntimeError.
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a GPU allocation failure (so a smaller batch may fit) rather than a bug."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(s.lower() in str(exc).lower() for s in OUT_OF_MEMORY)
 
 
 def estimated_rows(cfg: TrainConfig, block_size: int) -> int:

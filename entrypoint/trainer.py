@@ -14,6 +14,7 @@ from transformers.trainer_utils import TrainOutput
 
 from . import checkpoints, fsutil, identity
 from .errors import OutputError
+from .guard import OverflowSteps
 from .logs import ProgressLog, event
 
 
@@ -75,6 +76,7 @@ class FinetuneTrainer(Trainer):
         self.counter = counter
         self.run = run or {}
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
+        self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
         if self.args.torch_compile:
             name_the_loss(self.model)
 
