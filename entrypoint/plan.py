@@ -9,6 +9,8 @@ data need not be read first), torch.compile, TF32, the tokenizing and loading wo
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +24,8 @@ from .preflight import Checked
 from .sources import discover
 
 # `--compile auto` compiles when the run is long enough to repay it. Assumed, not measured here (no GPU):
-# compiling GPT-2 124M takes about a minute, and compiled steps are at least 15% faster on a GPU.
+# compiling GPT-2 124M takes about a minute, and compiled steps are at least 15% faster on a GPU. A compile time
+# measured by an earlier run of the same model on the same GPU (its metrics.json) replaces the minute.
 COMPILE_SECONDS = 60.0
 COMPILE_SAVES = 0.15
 ASSUMED_MFU = 0.3  # to estimate, before training, how long the run will take on a GPU from its peak
@@ -224,20 +227,38 @@ def estimated_rows(cfg: TrainConfig, block_size: int) -> int:
 def should_compile(cfg: TrainConfig, checked: Checked, train_rows: int, sequences_per_step: int) -> tuple[bool, str]:
     """Whether to torch.compile the model for --compile on|off|auto, and why.
 
-    auto compiles on a CUDA GPU of known peak when the run's estimated duration times COMPILE_SAVES exceeds
-    COMPILE_SECONDS; never on CPU, where inductor's C++ build is slow and needs a compiler in the image.
+    auto compiles on a CUDA GPU of known peak when the run's estimated duration times COMPILE_SAVES exceeds the
+    compile time: measured, when an earlier compiled run into --output-dir had the same GPU and FLOPs per token
+    (architecture, adapters, block size), else COMPILE_SECONDS; never on CPU, where inductor's C++ build is slow
+    and needs a compiler in the image.
     """
     if cfg.compile != "auto":
         return cfg.compile == "on", f"--compile {cfg.compile}"
     peak = mfu.peak_flops(checked.device, checked.precision) if checked.device != "cpu" else None
     if not peak:
         return False, "auto: not on a CUDA GPU with a known peak"
+    per_token = flops_per_token(checked.model_config, checked.block_size)
     rows = cfg.max_steps * sequences_per_step if cfg.max_steps else cfg.epochs * train_rows
-    seconds = rows * checked.block_size * flops_per_token(checked.model_config, checked.block_size) / \
-        (peak * ASSUMED_MFU)
-    compiled = seconds * COMPILE_SAVES > COMPILE_SECONDS
+    seconds = rows * checked.block_size * per_token / (peak * ASSUMED_MFU)
+    measured = measured_compile_seconds(cfg, checked.device, per_token)
+    compiling = COMPILE_SECONDS if measured is None else measured
+    compiled = seconds * COMPILE_SAVES > compiling
     return compiled, (f"auto: about {seconds / 60:.0f} min of training {'repays' if compiled else 'would not repay'} "
-                      f"about {COMPILE_SECONDS:.0f} s of compiling")
+                      f"about {compiling:.0f} s of compiling"
+                      f"{' (assumed)' if measured is None else ' (measured by the last run here)'}")
+
+
+def measured_compile_seconds(cfg: TrainConfig, device: str, per_token: float) -> float | None:
+    """The compile time the last compiled run into --output-dir measured (metrics.json), if it ran on the same GPU
+    model with the same FLOPs per token; None otherwise."""
+    try:
+        earlier = json.loads((cfg.output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or earlier.get("device") != device or earlier.get("compile_seconds") is None:
+        return None
+    same_model = math.isclose(earlier.get("flops_per_token") or 0.0, per_token, rel_tol=1e-9)
+    return float(earlier["compile_seconds"]) if same_model else None
 
 
 def flops_per_token(model_config, block_size: int) -> float:
