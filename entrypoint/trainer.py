@@ -176,9 +176,9 @@ class FinetuneTrainer(Trainer):
 
 
 def name_the_loss(model) -> None:
-    """Name the causal-LM loss on every transformers model inside `model` that has none: transformers then logs a
-    warning from inside the forward, which dynamo cannot trace, and the graph breaks between the logits and the
-    loss (a second compiled frame, recompiled on its own when a batch's shape changes)."""
+    """Name the causal-LM loss on every transformers model inside `model` that names none. Unnamed, transformers
+    logs a warning from inside the forward, which dynamo cannot trace: the graph breaks between the logits and the
+    loss, into frames that each recompile when a batch's shape changes."""
     from transformers import PreTrainedModel
 
     for module in model.modules():
