@@ -117,11 +117,23 @@ def test_compiled_training_does_not_recompile_at_an_epochs_end_or_an_evaluation(
 def test_fp16_steps_the_scaler_skipped_are_not_divergence_and_do_not_move_the_schedule(tmp_path, tiny_model,
                                                                                        corpus_dir):
     """The fused AdamW takes the scaler's found-inf flag into its own step, so accelerate never sees a skip. On CPU
-    accelerate makes no scaler for fp16, so the test gives the Trainer a real CPU GradScaler whose first scale
-    (2^127) overflows fp32: the first steps overflow until the scaler has halved it enough."""
+    accelerate makes no scaler for fp16, so the test gives the Trainer a real CPU GradScaler and unscales the
+    gradients before clipping as accelerate does for fp16 on a GPU; steps 2 to 4 overflow (an infinite gradient,
+    as an fp16 overflow leaves), and the scaler finds it, skips the step and halves its scale."""
     trainer = trainer_for(tmp_path, tiny_model, corpus_dir, max_steps=8, warmup_steps=0, lr_scheduler="linear")
     trainer.args.optim = "adamw_torch_fused"
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    accelerator = trainer.accelerator
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    overflowing, steps = {2, 3, 4}, iter(range(1, 100))
+
+    def unscale_gradients(optimizer=None):  # accelerate's fp16 branch, which it takes only with native AMP
+        overflow = next(steps) in overflowing
+        for wrapped in accelerator._optimizers:
+            if overflow:
+                wrapped.optimizer.param_groups[0]["params"][0].grad.view(-1)[0] = math.inf
+            accelerator.scaler.unscale_(wrapped.optimizer)
+
+    accelerator.unscale_gradients = unscale_gradients
     from entrypoint.guard import DivergenceGuard
 
     guard = DivergenceGuard()
@@ -129,7 +141,7 @@ def test_fp16_steps_the_scaler_skipped_are_not_divergence_and_do_not_move_the_sc
     trainer.train()
     assert trainer.optimizer.optimizer.defaults["fused"]
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    skipped = sum(not math.isfinite(n) for n in norms)
-    assert skipped >= 3, norms  # three bad windows in a row: what stopped fp16 runs with exit 8
-    assert guard.problem is None and trainer.state.global_step == 8
-    assert trainer.lr_scheduler.scheduler.last_epoch == 8 - skipped
+    assert [not math.isfinite(n) for n in norms] == [i in overflowing for i in range(1, 9)], norms
+    assert guard.problem is None and trainer.state.global_step == 8  # three bad windows in a row were exit 8
+    assert trainer.lr_scheduler.last_epoch == 8 - 3
+    assert accelerator.scaler.get_scale() == 2.0**10 / 2**3
