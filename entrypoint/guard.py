@@ -5,7 +5,8 @@ During training it reads what Trainer logs every --logging-steps: `loss` (the wi
 nan/inf filter is turned off so a non-finite loss shows) and `grad_norm` (the last step's norm before
 clipping). A window is bad when the loss is not finite, or the gradient norm is not finite on a step the
 optimizer really took. fp16's loss scaler skips a step whose gradients overflowed and lowers its scale: that
-is routine, not divergence. BAD_WINDOWS bad windows in a row stop the run, without saving the state.
+is routine, not divergence (OverflowSteps makes such a step known with the fused optimizer too). BAD_WINDOWS bad
+windows in a row stop the run, without saving the state.
 
 At the end, the final evaluation must be finite and within TOLERANCE of the evaluation at step 0.
 """
@@ -26,6 +27,40 @@ BAD_WINDOWS = 3
 TOLERANCE = 0.05
 ADVICE = ("lower --learning-rate (e.g. by 10x), add --warmup-steps, or use --precision bf16 instead of fp16 "
           "where the GPU has it")
+
+
+class OverflowSteps(TrainerCallback):
+    """Tells accelerate, and so Trainer and this guard, which fp16 steps the loss scaler skipped.
+
+    accelerate learns of a skipped step by patching the optimizer's `step` and seeing it not called. A fused
+    optimizer (adamw_torch_fused, what GPUs train with) takes the scaler's found-inf flag into its kernel instead:
+    its `step` is always called and skips the update itself, so accelerate reports no step as skipped, Trainer
+    advances the learning-rate schedule on every overflow and the guard counts the overflow's infinite gradient
+    norm as divergence. The scaler halves its scale exactly when it skips a step (and only ever grows it
+    otherwise), so a lower scale after the step is a skipped step. Reading the scale waits for the GPU once per
+    optimizer step, only when a scaler is on (fp16): the unfused path waits as much for its own check."""
+
+    def __init__(self):
+        self.scale: float | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = _scaler(optimizer)
+        if scaler is not None and self.scale is None:
+            self.scale = scaler.get_scale()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = _scaler(optimizer)
+        if scaler is None or self.scale is None:
+            return
+        scale = scaler.get_scale()
+        # accelerate's own flag, which step_was_skipped (and Accelerator.optimizer_step_was_skipped) reads.
+        optimizer._is_overflow = scale < self.scale
+        self.scale = scale
+
+
+def _scaler(optimizer):
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 class DivergenceGuard(TrainerCallback):

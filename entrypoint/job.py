@@ -254,6 +254,10 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         disable_tqdm=quiet,
         dataloader_num_workers=plan.dataloader_workers,
         dataloader_pin_memory=plan.cuda,
+        # Loader processes live for the whole run: without this they are forked again every epoch and evaluation.
+        dataloader_persistent_workers=plan.dataloader_workers > 0,
+        # Pinned batches go to the GPU without the host waiting for each copy.
+        accelerator_config={"non_blocking": plan.cuda},
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # GPT-2 uses every parameter; the search costs a pass per step
         train_sampling_strategy="random" if cfg.packing else "group_by_length",  # less padding per batch

@@ -9,6 +9,8 @@ data need not be read first), torch.compile, TF32, the tokenizing and loading wo
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +24,8 @@ from .preflight import Checked
 from .sources import discover
 
 # `--compile auto` compiles when the run is long enough to repay it. Assumed, not measured here (no GPU):
-# compiling GPT-2 124M takes about a minute, and compiled steps are at least 15% faster on a GPU.
+# compiling GPT-2 124M takes about a minute, and compiled steps are at least 15% faster on a GPU. A compile time
+# measured by an earlier run of the same model on the same GPU (its metrics.json) replaces the minute.
 COMPILE_SECONDS = 60.0
 COMPILE_SAVES = 0.15
 ASSUMED_MFU = 0.3  # to estimate, before training, how long the run will take on a GPU from its peak
@@ -144,9 +147,8 @@ def largest_fitting_batch(model, precision: str, block_size: int, limit: int, ch
     was_training = model.training
     model.train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    # AdamW's two fp32 moments (trainable weights only: LoRA freezes the rest) are allocated at the first
-    # optimizer step; hold their room during the probe.
-    optimizer_state = torch.empty(2 * sum(p.numel() for p in model.parameters() if p.requires_grad), device=device)
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    held = torch.empty(held_bytes(model, world_size), dtype=torch.uint8, device=device)
     total = torch.cuda.get_device_properties(device).total_memory
     batch = 1 << (limit.bit_length() - 1)
     try:
@@ -154,9 +156,21 @@ def largest_fitting_batch(model, precision: str, block_size: int, limit: int, ch
             batch //= 2
     finally:
         model.train(was_training)
-        del optimizer_state
+        del held
         torch.cuda.empty_cache()
     return batch
+
+
+def held_bytes(model, world_size: int) -> int:
+    """Memory training will hold that a forward and backward of the bare model do not: AdamW's two fp32 moments
+    (trainable weights only: LoRA freezes the rest), allocated at the first optimizer step, and with several
+    processes DDP's gradient buckets. DDP's bucket_cap_mb (25 MiB by default) sizes each bucket, not their sum:
+    the buckets together hold a copy of every trainable gradient, in the gradient's dtype, because Trainer leaves
+    gradient_as_bucket_view at its default (False)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moments = 2 * 4 * sum(p.numel() for p in trainable)
+    buckets = sum(p.numel() * p.element_size() for p in trainable) if world_size > 1 else 0
+    return moments + buckets
 
 
 def agree_on_smallest(batch: int) -> int:
@@ -174,18 +188,32 @@ def agree_on_smallest(batch: int) -> int:
 
 
 def _fits(model, device, dtype, batch: int, block_size: int, total: int) -> bool:
+    """Whether a training step of `batch` rows fits, measured as the caching allocator's peak reserved memory (what
+    the GPU really gives up, fragmentation included) against MEMORY_HEADROOM of the GPU."""
     torch.cuda.reset_peak_memory_stats(device)
     try:
         ids = torch.zeros((batch, block_size), dtype=torch.long, device=device)
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return torch.cuda.max_memory_allocated(device) <= MEMORY_HEADROOM * total
-    except torch.OutOfMemoryError:
+        return torch.cuda.max_memory_reserved(device) <= MEMORY_HEADROOM * total
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
         return False
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+
+
+# What CUDA libraries say when they cannot allocate: the caching allocator raises torch.OutOfMemoryError, but
+# cuBLAS and cuDNN report a failed workspace allocation as a plain RuntimeError.
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a GPU allocation failure (so a smaller batch may fit) rather than a bug."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(s.lower() in str(exc).lower() for s in OUT_OF_MEMORY)
 
 
 def estimated_rows(cfg: TrainConfig, block_size: int) -> int:
@@ -199,20 +227,38 @@ def estimated_rows(cfg: TrainConfig, block_size: int) -> int:
 def should_compile(cfg: TrainConfig, checked: Checked, train_rows: int, sequences_per_step: int) -> tuple[bool, str]:
     """Whether to torch.compile the model for --compile on|off|auto, and why.
 
-    auto compiles on a CUDA GPU of known peak when the run's estimated duration times COMPILE_SAVES exceeds
-    COMPILE_SECONDS; never on CPU, where inductor's C++ build is slow and needs a compiler in the image.
+    auto compiles on a CUDA GPU of known peak when the run's estimated duration times COMPILE_SAVES exceeds the
+    compile time: measured, when an earlier compiled run into --output-dir had the same GPU and FLOPs per token
+    (architecture, adapters, block size), else COMPILE_SECONDS; never on CPU, where inductor's C++ build is slow
+    and needs a compiler in the image.
     """
     if cfg.compile != "auto":
         return cfg.compile == "on", f"--compile {cfg.compile}"
     peak = mfu.peak_flops(checked.device, checked.precision) if checked.device != "cpu" else None
     if not peak:
         return False, "auto: not on a CUDA GPU with a known peak"
+    per_token = flops_per_token(checked.model_config, checked.block_size)
     rows = cfg.max_steps * sequences_per_step if cfg.max_steps else cfg.epochs * train_rows
-    seconds = rows * checked.block_size * flops_per_token(checked.model_config, checked.block_size) / \
-        (peak * ASSUMED_MFU)
-    compiled = seconds * COMPILE_SAVES > COMPILE_SECONDS
+    seconds = rows * checked.block_size * per_token / (peak * ASSUMED_MFU)
+    measured = measured_compile_seconds(cfg, checked.device, per_token)
+    compiling = COMPILE_SECONDS if measured is None else measured
+    compiled = seconds * COMPILE_SAVES > compiling
     return compiled, (f"auto: about {seconds / 60:.0f} min of training {'repays' if compiled else 'would not repay'} "
-                      f"about {COMPILE_SECONDS:.0f} s of compiling")
+                      f"about {compiling:.0f} s of compiling"
+                      f"{' (assumed)' if measured is None else ' (measured by the last run here)'}")
+
+
+def measured_compile_seconds(cfg: TrainConfig, device: str, per_token: float) -> float | None:
+    """The compile time the last compiled run into --output-dir measured (metrics.json), if it ran on the same GPU
+    model with the same FLOPs per token; None otherwise."""
+    try:
+        earlier = json.loads((cfg.output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or earlier.get("device") != device or earlier.get("compile_seconds") is None:
+        return None
+    same_model = math.isclose(earlier.get("flops_per_token") or 0.0, per_token, rel_tol=1e-9)
+    return float(earlier["compile_seconds"]) if same_model else None
 
 
 def flops_per_token(model_config, block_size: int) -> float:

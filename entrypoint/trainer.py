@@ -14,28 +14,36 @@ from transformers.trainer_utils import TrainOutput
 
 from . import checkpoints, fsutil, identity
 from .errors import OutputError
+from .guard import OverflowSteps
 from .logs import ProgressLog, event
 
 
 class TokenCounter:
     """Real (non-padding) tokens, tokens that carried loss (targets) and all positions the training loop consumed,
-    kept on the device so counting costs no synchronisation; read only when a log line is printed. `before` holds
-    the whole run's totals (every process) at the checkpoint this process resumed from."""
+    counted without a synchronisation per micro-batch; read only when a log line is printed. Sums that need the
+    batch's values (padding, targets) stay on the device; counts a shape gives (positions, and real tokens of
+    packed rows, which have no padding) stay Python integers, so no micro-batch creates a device tensor from a
+    Python number (a host-to-device copy each). `before` holds the whole run's totals (every process) at the
+    checkpoint this process resumed from."""
 
     def __init__(self):
-        self.real = self.positions = self.targets = None
+        self.real = self.targets = None  # device tensors, summed as batches come
+        self.unpadded = self.positions = 0  # Python integers from shapes
         self.before = {"train_tokens": 0, "train_positions": 0, "train_seconds": 0.0, "target_tokens": 0}
 
     def add(self, inputs: dict) -> None:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
-        self.real = real if self.real is None else self.real + real
+        if mask is None:
+            self.unpadded += ids.numel()
+        else:
+            real = mask.sum()
+            self.real = real if self.real is None else self.real + real
         targets = targets_in(inputs["labels"])
         self.targets = targets if self.targets is None else self.targets + targets
-        self.positions = ids.numel() + (self.positions or 0)
+        self.positions += ids.numel()
 
     def tokens(self) -> int:
-        return int(self.real.item()) if self.real is not None else 0
+        return self.unpadded + (int(self.real.item()) if self.real is not None else 0)
 
     def totals(self, accelerator, session_seconds: float) -> dict:
         """Whole-run totals: `before` plus this session's counts summed over every process. A collective, so every
@@ -44,8 +52,8 @@ class TokenCounter:
         zero = torch.zeros((), dtype=torch.long, device=device)
         real = self.real.to(device) if self.real is not None else zero
         targets = self.targets.to(device) if self.targets is not None else zero
-        counts = torch.stack([real.long(), torch.tensor(self.positions or 0, dtype=torch.long, device=device),
-                              targets.long()])
+        shapes = torch.tensor([self.unpadded, self.positions, 0], dtype=torch.long, device=device)
+        counts = torch.stack([real.long(), zero, targets.long()]) + shapes
         real, positions, targets = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
         return {"train_tokens": self.before["train_tokens"] + real,
                 "train_positions": self.before["train_positions"] + positions,
@@ -68,6 +76,9 @@ class FinetuneTrainer(Trainer):
         self.counter = counter
         self.run = run or {}
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
+        self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
+        if self.args.torch_compile:
+            name_the_loss(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -82,6 +93,19 @@ class FinetuneTrainer(Trainer):
             return result
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _prepare_inputs(self, inputs):
+        """Trainer's, plus, when compiled, the batch dimension marked dynamic (and the length too for padded rows,
+        whose width varies by batch): the last batch of an epoch, smaller than the rest, then reuses the compiled
+        graph instead of compiling every frame again (docs/performance.md counts the recompiles)."""
+        inputs = super()._prepare_inputs(inputs)
+        if self.args.torch_compile:
+            dims = (0, 1) if "attention_mask" in inputs else (0,)
+            for value in inputs.values():
+                for dim in dims:
+                    if isinstance(value, torch.Tensor) and value.dim() > dim:
+                        torch._dynamo.maybe_mark_dynamic(value, dim)
+        return inputs
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -149,6 +173,17 @@ class FinetuneTrainer(Trainer):
         if self.args.load_best_model_at_end and best and Path(best).is_dir():
             self._load_best_model()
         return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
+
+
+def name_the_loss(model) -> None:
+    """Name the causal-LM loss on every transformers model inside `model` that names none. Unnamed, transformers
+    logs a warning from inside the forward, which dynamo cannot trace: the graph breaks between the logits and the
+    loss, into frames that each recompile when a batch's shape changes."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and getattr(module, "loss_type", None) is None:
+            module.loss_type = "ForCausalLM"
 
 
 def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:

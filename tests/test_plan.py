@@ -4,7 +4,8 @@ decision, and the plan decided before data through the real CLI (`config`, `doct
 from __future__ import annotations
 
 import pytest
-from transformers import GPT2Config
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from entrypoint import plan as planning
 from entrypoint.config import TrainConfig
@@ -74,3 +75,47 @@ def test_config_shows_why_there_is_no_plan_when_the_model_is_unreachable(tmp_pat
 def test_the_compile_estimate_reads_file_sizes_only(tmp_path):
     (tmp_path / "train.txt").write_bytes(b"x" * 4 * 1024 * 100)  # about 102,400 tokens at 4 bytes a token
     assert planning.estimated_rows(TrainConfig(data_dir=tmp_path), 1024) == 100
+
+
+@pytest.mark.parametrize(("error", "oom"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x768 and 512x768)"), False),
+])
+def test_the_batch_probe_takes_library_allocation_failures_for_a_full_gpu_and_nothing_else(error, oom):
+    assert planning.out_of_memory(error) is oom
+
+
+def test_the_batch_probe_holds_room_for_adamw_and_for_ddps_gradient_buckets():
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    params = sum(p.numel() for p in model.parameters())  # GPT-2 124M: 124,439,808 with the tied embedding
+    assert params == 124_439_808
+    adamw = 2 * 4 * params  # two fp32 moments
+    assert planning.held_bytes(model, world_size=1) == adamw
+    # Several processes: the buckets (25 MiB each by default) together copy every fp32 gradient: 498 MB more.
+    assert planning.held_bytes(model, world_size=2) == adamw + 4 * params
+    for p in model.transformer.h.parameters():
+        p.requires_grad_(False)  # frozen weights have no moments and no gradients to reduce
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert planning.held_bytes(model, world_size=4) == 12 * trainable
+
+
+def test_compile_auto_weighs_the_compile_time_an_earlier_run_here_measured(tmp_path):
+    """About 17 minutes of GPT-2 training on an H100 saves about 2.5 minutes compiled: that repays the assumed
+    minute of compiling, not the ten minutes the last run into this output directory measured on the same GPU."""
+    import json
+
+    cfg = TrainConfig(compile="auto", epochs=1, output_dir=tmp_path)
+    checked = plan(H100, "bf16")
+    compiled, why = planning.should_compile(cfg, checked, train_rows=337_000, sequences_per_step=32)
+    assert compiled and "about 60 s of compiling (assumed)" in why
+    per_token = planning.flops_per_token(checked.model_config, 1024)
+    earlier = {"device": H100, "compile_seconds": 600.0, "flops_per_token": per_token}
+    (tmp_path / "metrics.json").write_text(json.dumps(earlier))
+    compiled, why = planning.should_compile(cfg, checked, train_rows=337_000, sequences_per_step=32)
+    assert not compiled and "about 600 s of compiling (measured by the last run here)" in why
+    (tmp_path / "metrics.json").write_text(json.dumps({**earlier, "device": "NVIDIA A100-SXM4-80GB"}))
+    assert planning.should_compile(cfg, checked, train_rows=337_000, sequences_per_step=32)[0]  # another GPU
