@@ -145,7 +145,9 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
         model_config, block_size = model_and_block_size(cfg)
     except FinetuneError as exc:
         problems.append(exc)
-    toolchain = find(environ or {}) if trains and cfg.compile != "off" else None
+    # auto never compiles on CPU (plan.should_compile), so only `on`, or auto on a GPU, looks for a compiler.
+    compiles = cfg.compile == "on" or (cfg.compile == "auto" and device != "cpu")
+    toolchain = find(environ or {}) if trains and compiles else None
     if toolchain and cfg.compile == "on":
         problems += [ConfigError(p) for p in toolchain.problems(device != "cpu", "--compile on")]
     if problems:
