@@ -55,9 +55,13 @@ def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = N
     report("shared memory", _shm)
     if not failures:  # the plan needs the device, the data and the model that the checks above proved usable
         plans = []
-        report("plan", lambda: (plans.append(decide(cfg, resolved(cfg, environ), world_size, probe=False))
-                                or plans[0].line(), False))
-        if plans:
+
+        def plan():
+            plans.append(decide(cfg, resolved(cfg, environ), world_size, probe=False))
+            return plans[0].line(), False
+
+        report("plan", plan)
+        if plans:  # the compiler a compiled run needs, after the plan that says whether it compiles
             report("compile", lambda: _compile(cfg, plans[0], environ))
     if failures:
         echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")

@@ -24,7 +24,7 @@ MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for
 @dataclass(frozen=True)
 class Checked:
     """What preflight resolved: the device, the precision and the block size to train with, the model's config
-    (plan.py decides the rest), and what torch.compile would build with (unless --compile off)."""
+    (plan.py decides the rest), and what torch.compile would build with (when the run may compile)."""
 
     device: str
     precision: str
