@@ -23,6 +23,7 @@ from .preflight import (
     resolved,
 )
 from .sources import discover, fingerprint
+from .toolchain import find
 
 SHM_MIN = 1 << 30  # bytes; DataLoader workers pass batches through /dev/shm and Docker's default is 64 MiB
 
@@ -53,7 +54,15 @@ def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = N
         report("export", lambda: (probe(cfg.export_to), False))
     report("shared memory", _shm)
     if not failures:  # the plan needs the device, the data and the model that the checks above proved usable
-        report("plan", lambda: (decide(cfg, resolved(cfg, environ), world_size, probe=False).line(), False))
+        plans = []
+
+        def plan():
+            plans.append(decide(cfg, resolved(cfg, environ), world_size, probe=False))
+            return plans[0].line(), False
+
+        report("plan", plan)
+        if plans:  # the compiler a compiled run needs, after the plan that says whether it compiles
+            report("compile", lambda: _compile(cfg, plans[0], environ))
     if failures:
         echo(f"doctor: {sum(len(f.problems) for f in failures)} blocking problem(s)")
         raise type(failures[0])(*[p for f in failures for p in f.problems]) from None
@@ -130,6 +139,18 @@ def _check_local_model(path: Path) -> None:
         except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
             raise ModelLoadError(f"--model {path}: model.safetensors is unreadable ({str(exc)[:120]}); copy the "
                                  "model again or publish it again with finetune train.") from None
+
+
+def _compile(cfg, plan, environ):
+    """What a compiled run builds its kernels with, or the one line per missing piece (as train's preflight)."""
+    if not plan.compile:
+        return f"off ({plan.why['compile']}), nothing to build", False
+    toolchain = find(environ)
+    asked = "--compile on" if cfg.compile == "on" else "--compile auto, which compiles this run,"
+    problems = toolchain.problems(plan.cuda, asked)
+    if problems:
+        raise ConfigError(*problems)
+    return toolchain.describe(plan.cuda), False
 
 
 def _shm():

@@ -24,7 +24,7 @@ from .model import attention_for, load_model, load_tokenizer, save_published
 from .options import as_dict
 from .plan import RunPlan, decide
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
-from .preflight import Checked, preflight
+from .preflight import Checked, check_compile, preflight
 from .trainer import FinetuneTrainer, TokenCounter
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     with stop.interruptible("while planning the run"):
         plan = decide(cfg, checked, dist.world_size)
     plan.log()
+    check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop,

@@ -16,19 +16,21 @@ from .errors import ConfigError, DataError, FinetuneError, ModelLoadError, Outpu
 from .options import check_values
 from .outputs import check_writable
 from .sources import discover
+from .toolchain import Toolchain, find
 
 MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for little fine-tuning gain
 
 
 @dataclass(frozen=True)
 class Checked:
-    """What preflight resolved: the device, the precision and the block size to train with, and the model's
-    config (plan.py decides the rest)."""
+    """What preflight resolved: the device, the precision and the block size to train with, the model's config
+    (plan.py decides the rest), and what torch.compile would build with (when the run may compile)."""
 
     device: str
     precision: str
     block_size: int
     model_config: object
+    toolchain: Toolchain | None = None
 
 
 def device_and_precision(requested: str, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -143,10 +145,25 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
         model_config, block_size = model_and_block_size(cfg)
     except FinetuneError as exc:
         problems.append(exc)
+    # auto never compiles on CPU (plan.should_compile), so only `on`, or auto on a GPU, looks for a compiler.
+    compiles = cfg.compile == "on" or (cfg.compile == "auto" and device != "cpu")
+    toolchain = find(environ or {}) if trains and compiles else None
+    if toolchain and cfg.compile == "on":
+        problems += [ConfigError(p) for p in toolchain.problems(device != "cpu", "--compile on")]
     if problems:
         problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
         raise type(problems[0])(*[p for e in problems for p in e.problems])
-    return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config)
+    return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config,
+                   toolchain=toolchain)
+
+
+def check_compile(plan, checked: Checked) -> None:
+    """Raise a ConfigError when `--compile auto` chose to compile (`plan`, from plan.decide) and this machine
+    cannot build the kernels; preflight has already checked `--compile on` the same way."""
+    if plan.compile and checked.toolchain:
+        problems = checked.toolchain.problems(plan.cuda, "--compile auto, which compiles this run,")
+        if problems:
+            raise ConfigError(*problems)
 
 
 def resolved(cfg: TrainConfig, environ: Mapping[str, str]) -> Checked:

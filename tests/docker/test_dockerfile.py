@@ -29,3 +29,12 @@ def test_compose_train_service_reserves_gpus_and_mounts_data_read_only():
     for service in services.values():
         assert "${DATA_DIR:-./data}:/data:ro" in service["volumes"]
         assert service["read_only"] is True
+        assert service["tmpfs"] == ["/tmp:exec"]  # torch.compile loads its kernels from /tmp
+
+
+def test_cuda_flavours_default_to_expandable_segments_and_the_cpu_image_does_not():
+    # Set in the `cuda` stage, which only the CUDA flavours build on (the CPU image starts from Debian).
+    stages = (REPO / "Dockerfile").read_text().split("\nFROM ")
+    cuda = next(stage for stage in stages if stage.startswith("cuda-${CUDA_FLAVOUR} AS cuda\n"))
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in cuda
+    assert sum("PYTORCH_CUDA_ALLOC_CONF" in stage for stage in stages) == 1

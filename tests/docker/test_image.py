@@ -18,6 +18,8 @@ pytestmark = pytest.mark.docker
 # A locked-down run: no writable root filesystem but /tmp, no network, all capabilities dropped.
 LOCKED_DOWN = ("--read-only", "--tmpfs", "/tmp", "--network", "none", "--cap-drop", "ALL",
                "--security-opt", "no-new-privileges")
+# The same for torch.compile, which loads the kernels it builds from /tmp: Docker mounts a tmpfs noexec by default.
+LOCKED_DOWN_COMPILING = tuple("/tmp:exec" if arg == "/tmp" else arg for arg in LOCKED_DOWN)
 
 
 def mounts(assets: dict[str, Path], output: Path) -> list[str]:
@@ -133,3 +135,46 @@ def test_baked_model_trains_with_no_model_flag_and_no_network(engine, cpu_image,
     assert result.returncode == 0, output_of(result)
     assert "model=/models/baked" in result.stdout + result.stderr
     assert_published(output_dir)
+
+
+def test_image_compiles_and_loads_a_python_extension_as_an_arbitrary_uid(cpu_image):
+    # What torch.compile needs, shown without torch: g++ and gcc run, and a C file that includes Python.h builds
+    # into a module that imports from the exec tmpfs.
+    script = """
+set -e
+g++ --version >/dev/null
+include=$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')
+printf '%s\\n' '#include <Python.h>' \\
+  'static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "probe", NULL, -1, NULL};' \\
+  'PyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&m); }' > /tmp/probe.c
+gcc -shared -fPIC -I"$include" -o /tmp/probe.so /tmp/probe.c
+cd /tmp && python3 -c 'import probe; print("imported", probe.__name__)'
+"""
+    result = docker("run", "--rm", *LOCKED_DOWN_COMPILING, "--user", "12345:0", "--entrypoint", "sh", cpu_image,
+                    "-c", script)
+    assert result.returncode == 0, output_of(result)
+    assert result.stdout.strip() == "imported probe"
+
+
+def test_trains_with_compile_on_read_only_as_an_arbitrary_uid(cpu_image, container_assets, output_dir):
+    # inductor builds C++ kernels with the image's g++ into TORCHINDUCTOR_CACHE_DIR (/tmp) and loads them.
+    result = docker("run", "--rm", *LOCKED_DOWN_COMPILING, "--user", "12345:0", "-e", "FINETUNE_COMPILE=on",
+                    *mounts(container_assets, output_dir), cpu_image, "train", "--preset", "smoke",
+                    "--model", "/model", "--max-steps", "4", "--eval-steps", "4", "--save-steps", "4")
+    assert result.returncode == 0, output_of(result)
+    log = result.stdout + result.stderr
+    assert "compile: on (--compile on)" in log and "compile: first step took" in log, log
+    assert_published(output_dir)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (output_dir / "model" / name).stat().st_size > 0, name
+    assert (output_dir / "model" / "COMPLETE").stat().st_uid == 12345
+
+
+def test_compile_on_with_a_noexec_tmp_exits_2_in_one_line(cpu_image, container_assets, output_dir):
+    result = docker("run", "--rm", *LOCKED_DOWN, "--user", "12345:0", "-e", "FINETUNE_COMPILE=on",
+                    *mounts(container_assets, output_dir), cpu_image, "train", "--preset", "smoke", "--model", "/model")
+    assert result.returncode == 2, output_of(result)
+    assert "Traceback" not in result.stderr
+    assert ("error: --compile on loads the kernels it builds from /tmp/.cache/torchinductor, which is on a noexec "
+            "mount; mount it with exec (docker run --tmpfs /tmp:exec)") in result.stderr, output_of(result)
+    assert "model: loading" not in result.stderr
