@@ -4,6 +4,13 @@ accumulation unchanged."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,6 +22,7 @@ from entrypoint import model as model_mod
 from entrypoint.collate import PaddingCollator
 from entrypoint.config import TrainConfig
 from tests.archs import ARCHITECTURES, save_tiny_model
+from tests.helpers import REPO, clean_env
 
 VOCAB = 97
 
@@ -123,3 +131,23 @@ def test_training_with_gradient_accumulation_gives_the_weights_of_transformers_l
     start = dict(model_mod.load_model(TrainConfig(model=str(tiny_model))).named_parameters())
     assert max((chunked[name] - default[name]).abs().max() for name in default) < 1e-6
     assert max((chunked[name] - start[name]).abs().max() for name in start) > 1e-3  # the steps did train
+
+
+def test_the_loss_benchmark_measures_a_lower_peak_for_the_chunked_loss(tmp_path):
+    """bench/loss.py on 512 tokens: both sides' peak memory, in their own processes."""
+    report = tmp_path / "loss.json"
+    command = [sys.executable, "-m", "bench.loss", "--batch-size", "1", "--block-size", "512", "--width", "64",
+               "--json", str(report)]  # a narrow embedding: its gradient (the same on both sides) stays small
+    process = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        if shutil.which("py-spy"):  # where the benchmark hung, before it is killed
+            subprocess.run(["py-spy", "dump", "--subprocesses", "--pid", str(process.pid)], timeout=60)
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, err[-3000:]
+    result = json.loads(report.read_text())
+    assert result["peak_ratio"] < 0.8 and result["loss_difference"] < 1e-5
+    assert "chunked vs" in out and result["default"]["peak_bytes"] > result["logits_bytes"]
