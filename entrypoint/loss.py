@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-CHUNK_ELEMENTS = 1 << 24  # logits upcast at a time: 64 MB of fp32, 334 rows of GPT-2's 50,257-token vocabulary
+CHUNK_ELEMENTS = 1 << 24  # logits upcast at a time: 64 MB of fp32, 333 rows of GPT-2's 50,257-token vocabulary
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

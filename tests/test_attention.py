@@ -229,3 +229,11 @@ def test_only_gelu_new_is_replaced():
     assert model_mod.fast_gelu(GPT2Config()) == {"activation_function": "gelu_pytorch_tanh"}
     assert model_mod.fast_gelu(GPT2Config(activation_function="relu")) == {}
     assert model_mod.fast_gelu(LlamaConfig()) == {}
+
+
+def test_sliding_window_models_keep_sdpa_and_its_mask():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    assert model_mod.has_local_attention(MistralConfig())  # 4,096-token window by default
+    assert not any(model_mod.has_local_attention(c()) for c in (GPT2Config, LlamaConfig, Qwen2Config))
+    assert model_mod.has_local_attention(Qwen2Config(use_sliding_window=True, sliding_window=64))
