@@ -237,3 +237,19 @@ def test_sliding_window_models_keep_sdpa_and_its_mask():
     assert model_mod.has_local_attention(MistralConfig())  # 4,096-token window by default
     assert not any(model_mod.has_local_attention(c()) for c in (GPT2Config, LlamaConfig, Qwen2Config))
     assert model_mod.has_local_attention(Qwen2Config(use_sliding_window=True, sliding_window=64))
+
+
+def test_the_job_gives_a_flash_attention_model_the_collator_with_document_spans(tiny_model, tokenizer, tmp_path):
+    from entrypoint.job import build_trainer
+    from entrypoint.plan import RunPlan
+
+    cfg = TrainConfig(model=str(tiny_model), output_dir=tmp_path, report_to="none")
+    plan = RunPlan(device="cpu", precision="fp32", block_size=32, batch_size=2, grad_accum=1, compile=False,
+                   tf32=False, preprocessing_workers=1, dataloader_workers=0, world_size=1)
+    model = load(tiny_model, isolated=True)
+    collators = []
+    for name in ("sdpa", "flash_attention_2"):
+        model.config._attn_implementation = name
+        trainer, _ = build_trainer(cfg, plan, model, tokenizer, [], [], fresh=True)
+        collators.append(trainer.data_collator)
+    assert [c.varlen for c in collators] == [False, True]
