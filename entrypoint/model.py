@@ -3,6 +3,10 @@
 With `--lora-rank N` only low-rank adapters on the target modules train: checkpoints hold the adapter and its
 optimizer state, and publishing merges the adapter into the base weights, so `model/` is an ordinary model that
 plain transformers loads, with the adapter itself beside it in `model/adapter/`.
+
+The model is loaded the way a GPU runs it fastest with the same results: causal SDPA with no mask tensor for text
+(attention_for, causal_sdpa), PyTorch's one-kernel tanh GELU for `gelu_new` (fast_gelu) and the chunked loss
+(loss.py). tests/test_attention.py and tests/test_loss.py prove each on CPU.
 """
 
 from __future__ import annotations
