@@ -9,14 +9,34 @@ import torch
 
 class PackedCollator:
     """Full blocks: labels are the inputs (the model shifts them), or the cache's labels (-100 where no loss) for
-    records; position ids for isolated documents. No attention mask: SDPA's causal kernel runs without a mask
-    tensor, and transformers builds the block-diagonal mask from restarted position ids only when there is none."""
+    records; position ids for isolated documents. No attention mask: the causal kernel runs without a mask tensor
+    (model.causal_sdpa), and for isolated documents transformers builds SDPA's block-diagonal mask from the
+    restarted position ids only when there is none.
+
+    `varlen` (flash-attention) adds each document's span, varlen_spans: transformers derives spans from position
+    ids only for a batch of one row, so at batch > 1 its flash path would attend across documents."""
+
+    def __init__(self, varlen: bool = False):
+        self.varlen = varlen
 
     def __call__(self, rows):
         batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
                  for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
         batch.setdefault("labels", batch["input_ids"].clone())
+        if self.varlen and "position_ids" in batch:
+            batch.update(varlen_spans(batch["position_ids"]))
         return batch
+
+
+def varlen_spans(position_ids: torch.Tensor) -> dict:
+    """flash-attention's variable-length arguments for rows whose position ids restart at 0 at every document
+    (and every row): the documents' boundaries in the B x T tokens read as one stream, which is how transformers'
+    flash path flattens the batch when it is given them. The longest span is bounded by the row length, a
+    constant, so a compiled step does not see a new integer every batch (an upper bound only costs idle blocks)."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().view(-1)
+    bounds = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
+    longest = position_ids.shape[-1]
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 class PaddingCollator:

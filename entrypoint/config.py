@@ -78,6 +78,8 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log loss, learning rate and throughput every N steps.", min=1)
     seed: int = opt(42, "Random seed for initialisation, data order and the validation split.", min=0, max=SEED_MAX)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    tanh_gelu: bool = opt(True, "Run gelu_new (GPT-2, GPT-Neo, GPT-J) as PyTorch's tanh GELU: the same function "
+                          "within about 1e-6, one kernel instead of a chain of pointwise ones.")
     lora_rank: int = opt(0, "LoRA rank; 0 trains every weight (full fine-tuning). The published model is merged; "
                          "the adapter is kept in model/adapter/.", min=0)
     lora_alpha: float | None = opt(None, "LoRA scaling numerator (the update is scaled by alpha / rank) "

@@ -38,6 +38,7 @@ MAY_CHANGE = {
     "logging_steps": "logging cadence",
     "gradient_checkpointing": "recomputes activations instead of storing them: the same math, less memory",
     "compile": "the same math, compiled (last-bit rounding may differ)",
+    "tanh_gelu": "the same activation function in one kernel (within about 1e-6 in fp32)",
     "report_to": "where metrics are reported",
     "log_format": "how log lines look",
     "tensorboard_dir": "where TensorBoard events go",

@@ -20,7 +20,7 @@ from .launch import SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty
 from .metrics import summarize
-from .model import attention_for, load_model, load_tokenizer, save_published
+from .model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from .options import as_dict
 from .plan import RunPlan, decide
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
@@ -208,7 +208,8 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, train_ds, e
         callbacks.append(tensorboard)
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    collator = PackedCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
+    collator = PackedCollator(varlen=varlen_attention(model)) if cfg.packing \
+        else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
     trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet), data_collator=collator,
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter)

@@ -3,6 +3,10 @@
 With `--lora-rank N` only low-rank adapters on the target modules train: checkpoints hold the adapter and its
 optimizer state, and publishing merges the adapter into the base weights, so `model/` is an ordinary model that
 plain transformers loads, with the adapter itself beside it in `model/adapter/`.
+
+The model is loaded the way a GPU runs it fastest with the same results: causal SDPA with no mask tensor for text
+(attention_for, causal_sdpa), PyTorch's one-kernel tanh GELU for `gelu_new` (fast_gelu) and the chunked loss
+(loss.py). tests/test_attention.py and tests/test_loss.py prove each on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import ModelLoadError
+from .loss import causal_lm_loss
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -61,16 +66,50 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
+CAUSAL = "sdpa_causal"  # transformers' SDPA under a name that has no mask builder: see causal_sdpa
+TANH_GELU = "gelu_pytorch_tanh"
+ACTIVATION_FIELDS = ("activation_function", "hidden_act", "hidden_activation")
+
+
 def attention_for(isolated: bool, precision: str) -> str:
-    """SDPA, or flash-attention's variable-length kernels for isolated documents on a GPU in half precision where
-    the flash_attn package is installed (transformers derives each document's span from the restarted position
-    ids, so no mask tensor is built). Unmeasured: no GPU with flash_attn was available to this project yet."""
+    """How attention runs. Isolated documents: flash-attention's variable-length kernels on a GPU in half precision
+    where the flash_attn package is installed (the collator hands it each document's span, collate.varlen_spans),
+    else SDPA with the block-diagonal mask transformers builds from the restarted position ids. Everything else:
+    causal SDPA with no mask at all (causal_sdpa). Unmeasured: no GPU with flash_attn was available yet."""
     import importlib.util
 
-    if isolated and precision in ("bf16", "fp16") and torch.cuda.is_available() \
+    if not isolated:
+        return CAUSAL
+    if precision in ("bf16", "fp16") and torch.cuda.is_available() \
             and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with `is_causal=True` and no mask tensor, the call the flash kernel needs.
+
+    transformers builds a B x 1 x T x T mask whenever it cannot prove it redundant: under torch.compile always
+    (its packed-sequence check on the position ids returns a tensor while tracing), and in eager mode for every
+    padded batch. Neither is needed here: packed rows that do not isolate documents are plainly causal, and the
+    padding collator pads on the right, so a real token never sees a pad token before it (pad positions carry no
+    loss). Registered under a name with no mask function, transformers' mask creation returns None at once."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def has_local_attention(config) -> bool:
+    """Sliding-window or chunked layers need the mask transformers builds; causal_sdpa would drop their window."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) \
+        or bool(getattr(config, "attention_chunk_size", None)) or any(t != "full_attention" for t in layer_types)
+
+
+def fast_gelu(config) -> dict[str, str]:
+    """The config fields naming `gelu_new` (GPT-2, GPT-Neo, GPT-J, CodeGen), set to PyTorch's tanh GELU: the same
+    function within about 1e-6 in fp32, as one kernel instead of a pow/tanh chain that autocast runs in fp32."""
+    return {name: TANH_GELU for name in ACTIVATION_FIELDS if getattr(config, name, None) == "gelu_new"}
 
 
 def load_model(cfg: TrainConfig, attention: str = "sdpa"):
@@ -89,19 +128,38 @@ def load_model(cfg: TrainConfig, attention: str = "sdpa"):
     # Training never reads a KV cache. With one, transformers also skips the block-diagonal mask it builds from
     # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
     model.config.use_cache = False
+    if getattr(model, "loss_type", None) in (None, "ForCausalLM"):  # models whose loss is ForCausalLMLoss
+        model.loss_function = causal_lm_loss  # the same loss, without a full fp32 copy of the logits (loss.py)
     if cfg.lora_rank:
         model = add_lora(model, cfg)
     return model
 
 
 def _from_pretrained(auto, cfg: TrainConfig, attention: str):
-    kwargs = {"dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
+    from transformers import AttentionInterface, AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+    if cfg.tanh_gelu and (faster := fast_gelu(config)):
+        config.update(faster)
+        log.info("model: %s GELU as %s (--no-tanh-gelu keeps gelu_new)", ", ".join(faster), TANH_GELU)
+    if attention == CAUSAL:
+        if has_local_attention(config):
+            attention = "sdpa"
+        else:
+            AttentionInterface.register(CAUSAL, causal_sdpa)
+    kwargs = {"config": config, "dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
     if attention != "sdpa":
         try:
             return auto.from_pretrained(cfg.model, attn_implementation=attention, **kwargs)
         except (ImportError, ValueError) as exc:  # the architecture or the installed flash_attn does not support it
             log.warning("model: %s unavailable (%s); using sdpa", attention, str(exc).splitlines()[0][:160])
     return auto.from_pretrained(cfg.model, attn_implementation="sdpa", **kwargs)
+
+
+def varlen_attention(model) -> bool:
+    """Whether the model runs flash-attention, whose variable-length kernel isolates documents only when the batch
+    carries each document's span (collate.PackedCollator(varlen=True))."""
+    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
 
 
 def lora_targets(model_type: str, requested: str | None) -> list[str] | str:
@@ -149,5 +207,7 @@ def save_published(model, tokenizer, directory: Path) -> None:
         (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's blank card; model/README.md says it
         model = model.merge_and_unload()
     model.config.use_cache = True  # off only for training (load_model); generation wants it
+    if model.config._attn_implementation == CAUSAL:
+        model.set_attn_implementation("sdpa")  # CAUSAL is registered in this process only
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

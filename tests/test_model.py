@@ -122,10 +122,10 @@ def test_a_model_that_needs_remote_code_is_refused_naming_the_flag(tmp_path, dat
     assert "Traceback" not in result.stderr
 
 
-def test_attention_is_sdpa_unless_isolated_half_precision_on_a_gpu_with_flash_attn():
-    from entrypoint.model import attention_for
+def test_attention_is_causal_sdpa_for_text_and_sdpa_or_flash_for_isolated_documents():
+    from entrypoint.model import CAUSAL, attention_for
 
-    assert attention_for(isolated=False, precision="bf16") == "sdpa"
+    assert attention_for(isolated=False, precision="bf16") == CAUSAL
     assert attention_for(isolated=True, precision="fp32") == "sdpa"
     if not torch.cuda.is_available():
         assert attention_for(isolated=True, precision="bf16") == "sdpa"
