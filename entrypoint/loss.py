@@ -51,10 +51,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None
 
 
-@torch.compiler.disable  # a Python loop over a shape-dependent count of rows: a graph break, not a recompile per shape
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over rows of `logits` (any leading shape) whose target is not IGNORE."""
-    return _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Summed cross-entropy over rows of `logits` (any leading shape) whose target is not IGNORE.
+
+    Under torch.compile it is the plain cross-entropy, traced into the model's graph: the chunk loop runs over a
+    count of rows that depends on the batch, which would break the graph there and give the frames after the break
+    a recompile at every new batch shape (an epoch's short last batch); inductor fuses the fp32 upcast into the
+    log-sum-exp reduction instead of writing the upcast logits out."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    return _ChunkedCrossEntropy.apply(logits, targets)
 
 
 def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE,
