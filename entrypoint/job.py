@@ -22,7 +22,7 @@ from .logs import ProgressLog, event, is_tty
 from .metrics import summarize
 from .model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from .options import as_dict
-from .plan import RunPlan, decide
+from .plan import RunPlan, decide, out_of_memory
 from .preemption import StopEvaluation, StopOnSignal, StopRequest
 from .preflight import Checked, check_compile, preflight
 from .trainer import FinetuneTrainer, TokenCounter
@@ -111,7 +111,9 @@ def train(cfg: TrainConfig, plan: RunPlan, trainer, progress: ProgressLog, resum
             raise Preempted(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of "
                             f"{trainer.state.max_steps}; {saved} is complete; rerun the same command to resume.")
         final = final_evaluation(trainer, progress)
-    except torch.OutOfMemoryError:
+    except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuBLAS/cuDNN workspace that could not be allocated
+        if not out_of_memory(exc):
+            raise
         raise OutOfMemory(f"out of GPU memory at --batch-size {cfg.batch_size}, --block-size {plan.block_size}; "
                           "lower --batch-size (raise --grad-accum to keep the effective batch) or add "
                           "--gradient-checkpointing.") from None
