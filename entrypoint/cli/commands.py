@@ -19,6 +19,7 @@ from .running import (
     EXIT_CODES_HELP,
     RESOLVED_OUTPUT_DIR,
     handled,
+    leave,
     log_config,
     setup_logs,
     this_process,
@@ -66,7 +67,7 @@ def train(preset, **params):
             # The agent forwards SIGTERM to the workers (or stops them when one fails), then SIGKILLs any left
             # after this many seconds: a step and a checkpoint save, ending inside the Job's grace period.
             os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-            sys.exit(run_torchrun(args))  # a worker's failure is raised as the run's (launch.WorkerFailed)
+            leave(run_torchrun(args))  # a worker's failure is raised as the run's (launch.WorkerFailed)
     metrics = run(cfg, sources, dist, os.environ)
     if metrics and dist.is_main:
         from ..logs import event

@@ -47,7 +47,7 @@ def handled(output_dir_of=None):
                 traceback.print_exc()
                 fail(ExitCode.INTERNAL, [f"internal error (a bug, please report it with the traceback above): "
                                          f"{sys.exc_info()[1]!r}"], output_dir_of, kwargs)
-            if _in_worker():
+            if _leaves_at_once():
                 leave(ExitCode.OK)
             return result
 
@@ -72,7 +72,7 @@ def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs) -> None:
     if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
         state = "preempted" if code == ExitCode.PREEMPTED else "failed"
         outputs.write_status(output_dir, state, int(code), message)
-    if _in_worker():
+    if "LOCAL_RANK" in os.environ:
         from ..launch import record_failure
 
         record_failure(int(code), message, failed_at)
@@ -91,8 +91,10 @@ def leave(code: int) -> None:
     test_two_processes_stop_together_on_sigterm_and_resume), until the agent's SIGKILL. So a worker never destroys
     its process group (job.run leaves it alone) and never frees DDP: after its last write (status, error file, logs)
     there is nothing left to do, and the kernel closes its sockets, which ends any peer's collective at once.
-    A process that was not launched by torchrun has no process group and exits normally."""
-    if not _in_worker():
+    The launcher leaves the same way once torchrun has returned: its interpreter's final garbage collection (torch
+    and transformers imported) took 7-10 s under load, between its workers' exit and its own. Any other process
+    exits normally."""
+    if not _leaves_at_once():
         sys.exit(int(code))
     logging.shutdown()  # flushes every handler
     for stream in (sys.stdout, sys.stderr):
@@ -101,8 +103,11 @@ def leave(code: int) -> None:
     os._exit(int(code))
 
 
-def _in_worker() -> bool:
-    return "LOCAL_RANK" in os.environ
+def _leaves_at_once() -> bool:
+    """A torchrun worker, or the launcher that started torchrun in this process."""
+    from ..launch import LAUNCHER_PID
+
+    return "LOCAL_RANK" in os.environ or os.environ.get(LAUNCHER_PID) == str(os.getpid())
 
 
 def _platform() -> str | None:
