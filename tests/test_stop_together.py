@@ -48,13 +48,14 @@ def test_the_launcher_reports_the_rank_that_failed_first():
 @pytest.mark.slow
 def test_killing_the_launcher_kills_its_workers(soak):
     out = soak.fresh("launcher-killed")
-    job = Job(soak.env(out))
+    endless = {"FINETUNE_MAX_STEPS": "100000", "FINETUNE_SAVE_STEPS": "1000", "FINETUNE_EVAL_STEPS": "1000"}
+    job = Job(soak.env(out, **endless))
     try:
         job.wait_for(r"train step 2/")
         workers = list(worker_pids(job.proc.pid).values())
         job.proc.kill()  # SIGKILL: nothing of the launcher runs
         job.proc.wait()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
             if time.monotonic() > deadline:
                 pytest.fail(f"workers outlived the launcher:\n{stacks(workers[0])}")
