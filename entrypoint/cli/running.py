@@ -62,21 +62,23 @@ def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs) -> None:
     from ..lease import held_by_another
 
     failed_at = time.time()
-    for line in lines:
-        click.echo(f"error: {line}", err=True)
-    message = " | ".join(lines)
-    outputs.write_termination_message(message, _platform())
-    ctx = click.get_current_context(silent=True)
-    output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
-    # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
-    if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
-        state = "preempted" if code == ExitCode.PREEMPTED else "failed"
-        outputs.write_status(output_dir, state, int(code), message)
-    if "LOCAL_RANK" in os.environ:
-        from ..launch import record_failure
+    try:
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        message = " | ".join(lines)
+        outputs.write_termination_message(message, _platform())
+        ctx = click.get_current_context(silent=True)
+        output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
+        # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
+        if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
+            state = "preempted" if code == ExitCode.PREEMPTED else "failed"
+            outputs.write_status(output_dir, state, int(code), message)
+        if "LOCAL_RANK" in os.environ:
+            from ..launch import record_failure
 
-        record_failure(int(code), message, failed_at)
-    leave(code)
+            record_failure(int(code), message, failed_at)
+    finally:  # even when reporting fails (a full disk): a worker must still leave at once
+        leave(code)
 
 
 def leave(code: int) -> None:
