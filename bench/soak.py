@@ -184,7 +184,7 @@ def stacks(pid: int) -> str:
         return "(no py-spy on PATH or in PY_SPY: no stacks)"
     with contextlib.suppress(psutil.Error):
         pids = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
-        dumps = [subprocess.run([spy, "dump", "--pid", str(p)], capture_output=True, text=True, timeout=60)
+        dumps = [subprocess.run([spy, "dump", "--native", "--pid", str(p)], capture_output=True, text=True, timeout=60)
                  for p in pids]
         return "\n".join(f"--- pid {p}\n{d.stdout}{d.stderr}" for p, d in zip(pids, dumps, strict=True))
     return f"(pid {pid} is gone)"
