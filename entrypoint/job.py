@@ -41,7 +41,8 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
     checked = preflight(cfg, environ=environ)
     # No destroy_process_group, on any path: with DDP still alive it would leave the process group's last reference
     # to DDP's Reducer, whose deallocation can deadlock in gloo's destructor. A torchrun worker leaves with os._exit
-    # after its last write instead (cli.running.leave explains the mechanism); the kernel closes its connections.
+    # after its last write instead (cli.running.leave explains the mechanism); the kernel closes its connections, and
+    # no interpreter finalization runs, where gloo's threads could abort the process (SIGABRT).
     if not dist.is_main:
         return _run(cfg, sources, dist, checked, stop, None)
     with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
