@@ -90,9 +90,10 @@ def leave(code: int) -> None:
     one, and a stop unwinds with the Trainer (and so DDP) kept alive by the exception's traceback until the except
     clause ends, after `destroy_process_group` has dropped Python's own reference. The Reducer's deallocation then
     joins a thread that waits for the GIL its caller holds: a hang until the agent's SIGKILL (1 stop in 15 under CPU
-    load in bench/soak.py, and once in CI in test_two_processes_stop_together_on_sigterm_and_resume). So a worker never destroys
-    its process group (job.run leaves it alone) and never frees DDP: after its last write (status, error file, logs)
-    there is nothing left to do, and the kernel closes its sockets, which ends any peer's collective at once.
+    load in bench/soak.py, and once in CI in test_two_processes_stop_together_on_sigterm_and_resume). So a worker
+    never destroys its process group (job.run leaves it alone) and never frees DDP: after its last write (status,
+    error file, logs) there is nothing left to do, and the kernel closes its sockets, which ends any peer's
+    collective at once.
     The launcher leaves the same way once torchrun has returned: its interpreter's final garbage collection (torch
     and transformers imported) took 7-10 s under load, between its workers' exit and its own. Any other process
     exits normally."""
