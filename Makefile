@@ -72,6 +72,14 @@ test: install ## Run the test suite (Docker tests skip with a reason when no eng
 faults: install ## Run every fault case (signals, kills, torn checkpoints, full disk, two writers, divergence...) and print the table.
 	$(VENV)/bin/python -m bench.faults $(FAULTS_ARGS)
 
+SOAK_RUNS ?= 50
+SOAK_LOAD ?= 1
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: install ## Two-process runs SIGTERMed at random moments under CPU load, then one rank failed: exit codes, seconds to exit, exact resume.
+	$(VENV)/bin/python -m bench.soak --runs $(SOAK_RUNS) --load $(SOAK_LOAD) $(SOAK_ARGS)
+
 .PHONY: lint
 lint: install ## Lint Python (ruff) and the Dockerfile (hadolint).
 	$(VENV)/bin/ruff check entrypoint tests bench

@@ -16,7 +16,7 @@ from . import checkpoints, data, export, formats, guard, identity, metrics, mfu,
 from .collate import PackedCollator, PaddingCollator
 from .config import TrainConfig
 from .errors import ConfigError, Diverged, OutOfMemory, Preempted
-from .launch import SINGLE_PROCESS, Dist
+from .launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
 from .lease import Lease
 from .logs import ProgressLog, event, is_tty
 from .metrics import summarize
@@ -39,16 +39,14 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
     NVIDIA_VISIBLE_DEVICES from it)."""
     stop = StopRequest().install()  # first: a signal at any point from here on exits PREEMPTED, never half-done
     checked = preflight(cfg, environ=environ)
-    try:
-        if not dist.is_main:
-            return _run(cfg, sources, dist, checked, stop, None)
-        with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
-            return _run(cfg, sources, dist, checked, stop, lease)
-    finally:
-        # Each rank closes its own connections (not a collective): rank 0 may still be publishing when another rank
-        # is done, and a rank leaving with its gloo threads running at interpreter exit could abort (SIGABRT).
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # No destroy_process_group, on any path: with DDP still alive it would leave the process group's last reference
+    # to DDP's Reducer, whose deallocation can deadlock in gloo's destructor. A torchrun worker leaves with os._exit
+    # after its last write instead (cli.running.leave explains the mechanism); the kernel closes its connections, and
+    # no interpreter finalization runs, where gloo's threads could abort the process (SIGABRT).
+    if not dist.is_main:
+        return _run(cfg, sources, dist, checked, stop, None)
+    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
+        return _run(cfg, sources, dist, checked, stop, lease)
 
 
 def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked, stop: StopRequest,
@@ -264,6 +262,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         accelerator_config={"non_blocking": plan.cuda},
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # GPT-2 uses every parameter; the search costs a pass per step
+        ddp_timeout=COLLECTIVE_TIMEOUT_S,  # a lost peer is given up on inside the pod's grace period, not 30 min
         train_sampling_strategy="random" if cfg.packing else "group_by_length",  # less padding per batch
         torch_compile=plan.compile,
         tf32=True if plan.tf32 else None,

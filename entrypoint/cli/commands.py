@@ -19,6 +19,7 @@ from .running import (
     EXIT_CODES_HELP,
     RESOLVED_OUTPUT_DIR,
     handled,
+    leave,
     log_config,
     setup_logs,
     this_process,
@@ -46,7 +47,10 @@ def train(preset, **params):
 
     With --nproc-per-node > 1 or --nnodes > 1 it re-launches itself under torchrun with the same arguments."""
     from ..job import run
+    from ..launch import die_with_launcher
 
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: it must not outlive the launcher
+        die_with_launcher()
     cfg, sources = resolve(TrainConfig, params, preset)
     click.get_current_context().meta[RESOLVED_OUTPUT_DIR] = cfg.output_dir
     dist = this_process()
@@ -54,16 +58,16 @@ def train(preset, **params):
     if dist.is_main:
         log_config(cfg, sources)
     if "LOCAL_RANK" not in os.environ and (cfg.nproc_per_node, cfg.nnodes) != ("1", "1"):
-        from ..launch import run_torchrun, torchrun_arguments
+        from ..launch import SHUTDOWN_TIMEOUT_S, run_torchrun, torchrun_arguments
         from ..preflight import preflight
 
         preflight(cfg, environ=os.environ)  # one clean error here rather than one per worker
         args = torchrun_arguments(cfg, sys.argv[1:])
         if args:
-            # The agent forwards SIGTERM to the workers, then kills them after this many seconds: long enough
-            # for a checkpoint save; the kubelet's own grace period still bounds it.
-            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
-            sys.exit(run_torchrun(args))
+            # The agent forwards SIGTERM to the workers (or stops them when one fails), then SIGKILLs any left
+            # after this many seconds: a step and a checkpoint save, ending inside the Job's grace period.
+            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+            leave(run_torchrun(args))  # a worker's failure is raised as the run's (launch.WorkerFailed)
     metrics = run(cfg, sources, dist, os.environ)
     if metrics and dist.is_main:
         from ..logs import event

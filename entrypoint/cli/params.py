@@ -15,8 +15,9 @@ from click.core import ParameterSource
 from .. import options as schema
 from ..errors import ConfigError
 
-# FINETUNE_* variables that are settings but not options of a command: --preset's, and where presets live.
-SETTINGS = {"FINETUNE_PRESET", "FINETUNE_PRESET_DIR"}
+# FINETUNE_* variables that are settings but not options of a command: --preset's, and where presets live; the
+# launcher's pid, which it sets for its workers (launch.die_with_launcher).
+SETTINGS = {"FINETUNE_PRESET", "FINETUNE_PRESET_DIR", "FINETUNE_LAUNCHER_PID"}
 
 
 def schema_options(config_class: type):

@@ -4,10 +4,12 @@ are reported to status.json and the termination log; logging set-up and this pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -26,41 +28,89 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in
 def handled(output_dir_of=None):
     """Run a command body: a FinetuneError becomes one line per problem and its exit code (no traceback);
     anything else is a bug, printed with its traceback, exit 1. Failures are also written to status.json
-    and /dev/termination-log."""
+    and /dev/termination-log. A torchrun worker then leaves at once (`leave`)."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            from .. import outputs
-            from ..lease import held_by_another
-
+            # Each failure is reported inside its except clause: the traceback, and through it DDP, stays alive
+            # until `leave` (see there why nothing of it may be freed before).
             try:
                 check_environment(click.get_current_context().find_root().command)
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except FinetuneError as exc:
-                code, lines = exc.code, exc.problems
+                fail(exc.code, exc.problems, output_dir_of, kwargs)
             except KeyboardInterrupt:  # a signal before training installed its own handler: nothing to save
-                code, lines = ExitCode.PREEMPTED, ["interrupted before training started; rerun the same command."]
+                fail(ExitCode.PREEMPTED, ["interrupted before training started; rerun the same command."],
+                     output_dir_of, kwargs)
             except Exception:
-                code = ExitCode.INTERNAL
                 traceback.print_exc()
-                lines = [f"internal error (a bug, please report it with the traceback above): "
-                         f"{sys.exc_info()[1]!r}"]
-            for line in lines:
-                click.echo(f"error: {line}", err=True)
-            message = " | ".join(lines)
-            outputs.write_termination_message(message, _platform())
-            ctx = click.get_current_context(silent=True)
-            output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
-            # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
-            if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
-                state = "preempted" if code == ExitCode.PREEMPTED else "failed"
-                outputs.write_status(output_dir, state, int(code), message)
-            sys.exit(int(code))
+                fail(ExitCode.INTERNAL, [f"internal error (a bug, please report it with the traceback above): "
+                                         f"{sys.exc_info()[1]!r}"], output_dir_of, kwargs)
+            if _leaves_at_once():
+                leave(ExitCode.OK)
+            return result
 
         return wrapper
 
     return decorate
+
+
+def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs) -> None:
+    """Report a failure (stderr, termination log, status.json) and exit with its code; never returns."""
+    from .. import outputs
+    from ..lease import held_by_another
+
+    failed_at = time.time()
+    try:
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        message = " | ".join(lines)
+        outputs.write_termination_message(message, _platform())
+        ctx = click.get_current_context(silent=True)
+        output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
+        # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
+        if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
+            state = "preempted" if code == ExitCode.PREEMPTED else "failed"
+            outputs.write_status(output_dir, state, int(code), message)
+        if "LOCAL_RANK" in os.environ:
+            from ..launch import record_failure
+
+            record_failure(int(code), message, failed_at)
+    finally:  # even when reporting fails (a full disk): a worker must still leave at once
+        leave(code)
+
+
+def leave(code: int) -> None:
+    """Exit with `code`. A torchrun worker leaves with os._exit once its logs are flushed, running no destructor.
+
+    Why: ProcessGroupGloo's destructor waits for its worker threads to end, and a worker thread that has just run a
+    collective still holds that work, whose tensors were handed over by Python; dropping them takes the GIL. Python
+    frees the process group's last reference with the GIL held whenever that reference is C++'s: DDP's Reducer holds
+    one, and a stop unwinds with the Trainer (and so DDP) kept alive by the exception's traceback until the except
+    clause ends, after `destroy_process_group` has dropped Python's own reference. The Reducer's deallocation then
+    joins a thread that waits for the GIL its caller holds: a hang until the agent's SIGKILL (1 stop in 15 under CPU
+    load in bench/soak.py, and once in CI in test_two_processes_stop_together_on_sigterm_and_resume). So a worker
+    never destroys its process group (job.run leaves it alone) and never frees DDP: after its last write (status,
+    error file, logs) there is nothing left to do, and the kernel closes its sockets, which ends any peer's
+    collective at once.
+    The launcher leaves the same way once torchrun has returned: its interpreter's final garbage collection (torch
+    and transformers imported) took 7-10 s under load, between its workers' exit and its own. Any other process
+    exits normally."""
+    if not _leaves_at_once():
+        sys.exit(int(code))
+    logging.shutdown()  # flushes every handler
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))
+
+
+def _leaves_at_once() -> bool:
+    """A torchrun worker, or the launcher that started torchrun in this process."""
+    from ..launch import LAUNCHER_PID
+
+    return "LOCAL_RANK" in os.environ or os.environ.get(LAUNCHER_PID) == str(os.getpid())
 
 
 def _platform() -> str | None:
