@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.fault_lab import Lab, read_json
 from bench.faults import prepare_lab
+from bench.stages import py_spy
 from entrypoint.errors import ExitCode
 from tests.helpers import REPO, Job, clean_env
 
@@ -179,7 +180,7 @@ def stacks(pid: int) -> str:
     """py-spy dumps of a process and its descendants (the stacks of a hang), or why there are none."""
     import psutil
 
-    spy = shutil.which("py-spy") or os.environ.get("PY_SPY")
+    spy = py_spy() or os.environ.get("PY_SPY")
     if not spy:
         return "(no py-spy on PATH or in PY_SPY: no stacks)"
     with contextlib.suppress(psutil.Error):

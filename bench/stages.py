@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,15 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def py_spy() -> str | None:
+    """The py-spy command: on PATH, or beside this interpreter (a virtualenv's bin/ that is not on PATH)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def dump_stacks(tree: list[psutil.Process]) -> str:
     """`py-spy dump` of the tree's Python processes, deepest first (the worker that hangs is usually a leaf)."""
-    spy = shutil.which("py-spy")
+    spy = py_spy()
     pythons = [p for p in reversed(tree) if _is_python(p)][:DUMPED]
     if not spy:
         return f"(py-spy is not on PATH: no stack dump of {len(pythons)} Python process(es))\n"

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
 from . import checkpoints, data, export, formats, guard, identity, metrics, mfu, outputs

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from bench.stages import py_spy
 from entrypoint import loss as loss_mod
 from entrypoint import model as model_mod
 from entrypoint.collate import PaddingCollator
@@ -143,8 +143,8 @@ def test_the_loss_benchmark_measures_a_lower_peak_for_the_chunked_loss(tmp_path)
     try:
         out, err = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        if shutil.which("py-spy"):  # where the benchmark hung, before it is killed
-            subprocess.run(["py-spy", "dump", "--subprocesses", "--pid", str(process.pid)], timeout=60)
+        if spy := py_spy():  # where the benchmark hung, before it is killed
+            subprocess.run([spy, "dump", "--subprocesses", "--pid", str(process.pid)], timeout=60)
         os.killpg(process.pid, signal.SIGKILL)
         raise
     assert process.returncode == 0, err[-3000:]
