@@ -128,11 +128,17 @@ def load_model(cfg: TrainConfig, attention: str = "sdpa"):
     # Training never reads a KV cache. With one, transformers also skips the block-diagonal mask it builds from
     # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
     model.config.use_cache = False
-    if getattr(model, "loss_type", None) in (None, "ForCausalLM"):  # models whose loss is ForCausalLMLoss
-        model.loss_function = causal_lm_loss  # the same loss, without a full fp32 copy of the logits (loss.py)
+    use_chunked_loss(model)
     if cfg.lora_rank:
         model = add_lora(model, cfg)
     return model
+
+
+def use_chunked_loss(model) -> None:
+    """Models whose loss is transformers' ForCausalLMLoss compute the same loss without a full fp32 copy of the
+    logits (loss.py)."""
+    if getattr(model, "loss_type", None) in (None, "ForCausalLM"):
+        model.loss_function = causal_lm_loss
 
 
 def _from_pretrained(auto, cfg: TrainConfig, attention: str):

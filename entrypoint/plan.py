@@ -9,6 +9,7 @@ data need not be read first), torch.compile, TF32, the tokenizing and loading wo
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -124,11 +125,17 @@ def model_from_config(cfg: TrainConfig, model_config):
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
-    from .model import add_lora
+    from .model import add_lora, fast_gelu, use_chunked_loss
 
+    # The GELU and the loss training runs; attention stays plain SDPA, whose mask (isolated documents) costs the
+    # most, so the batch found fits whichever attention the data gets.
+    if cfg.tanh_gelu and (faster := fast_gelu(model_config)):
+        model_config = copy.deepcopy(model_config)
+        model_config.update(faster)
     with torch.device(PartialState().device):
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
+    use_chunked_loss(model)
     return add_lora(model, cfg) if cfg.lora_rank else model
 
 

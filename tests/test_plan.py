@@ -119,3 +119,14 @@ def test_compile_auto_weighs_the_compile_time_an_earlier_run_here_measured(tmp_p
     assert not compiled and "about 600 s of compiling (measured by the last run here)" in why
     (tmp_path / "metrics.json").write_text(json.dumps({**earlier, "device": "NVIDIA A100-SXM4-80GB"}))
     assert planning.should_compile(cfg, checked, train_rows=337_000, sequences_per_step=32)[0]  # another GPU
+
+
+def test_the_batch_probe_measures_the_gelu_and_loss_training_runs():
+    from entrypoint.loss import causal_lm_loss
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    probed = planning.model_from_config(TrainConfig(), config)
+    assert probed.config.activation_function == "gelu_pytorch_tanh" and probed.loss_function is causal_lm_loss
+    assert config.activation_function == "gelu_new"  # the checked configuration itself is left as it was
+    kept = planning.model_from_config(TrainConfig(tanh_gelu=False), config)
+    assert kept.config.activation_function == "gelu_new"
