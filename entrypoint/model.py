@@ -142,12 +142,21 @@ def use_chunked_loss(model) -> None:
 
 
 def _from_pretrained(auto, cfg: TrainConfig, attention: str):
-    from transformers import AttentionInterface, AutoConfig
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
-    if cfg.tanh_gelu and (faster := fast_gelu(config)):
+    faster = fast_gelu(config) if cfg.tanh_gelu else {}
+    if faster:
         config.update(faster)
         log.info("model: %s GELU as %s (--no-tanh-gelu keeps gelu_new)", ", ".join(faster), TANH_GELU)
+    model = _load(auto, cfg, config, attention)
+    model.replaced_gelu = list(faster)  # save_published names gelu_new again, as the base model did
+    return model
+
+
+def _load(auto, cfg: TrainConfig, config, attention: str):
+    from transformers import AttentionInterface
+
     if attention == CAUSAL:
         if has_local_attention(config):
             attention = "sdpa"
@@ -215,5 +224,7 @@ def save_published(model, tokenizer, directory: Path) -> None:
     model.config.use_cache = True  # off only for training (load_model); generation wants it
     if model.config._attn_implementation == CAUSAL:
         model.set_attn_implementation("sdpa")  # CAUSAL is registered in this process only
+    for name in getattr(model, "replaced_gelu", ()):  # the base model's own name for the same function
+        setattr(model.config, name, "gelu_new")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

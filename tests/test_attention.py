@@ -98,7 +98,9 @@ def test_the_published_model_names_plain_sdpa(tiny_model, tokenizer, tmp_path):
     model_mod.save_published(load(tiny_model), tokenizer, tmp_path / "model")
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config._attn_implementation == "sdpa"
+    published = AutoModelForCausalLM.from_pretrained(tmp_path / "model").config
+    assert published._attn_implementation == "sdpa"
+    assert published.activation_function == "gelu_new"  # as the base model names it; trained as the tanh GELU
 
 
 # Isolated documents at batch > 1
