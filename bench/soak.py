@@ -56,6 +56,18 @@ if os.environ.get("SOAK_FAULT") and os.environ.get("RANK") == os.environ.get("SO
         return _step(self, *args, **kwargs)
 
     FinetuneTrainer.training_step = training_step
+if os.environ.get("SOAK_HOLD_RANK") == os.environ.get("RANK", "-"):
+    import signal
+    import sys
+    import time
+    from entrypoint import job
+
+    def build_trainer(*args, **kwargs):  # this rank never reaches the process group; a signal ends it at once
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+        print("soak: holding rank", os.environ["RANK"], "before the process group", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+    job.build_trainer = build_trainer
 '''
 
 
@@ -137,6 +149,8 @@ class Soak:
             dump = stacks(job.proc.pid)
             kill_tree(job.proc.pid)
             (out.parent / "hung.txt").write_text(dump + "\n" + "".join(job.lines))
+            print(f"--- {case} hung; stacks and log (the work folder is removed at the end):\n{dump}\n"
+                  + "".join(job.lines[-40:]), flush=True)
             return Result(case, None, time.monotonic() - start, None, expected, f"{note}; hung: {out.parent}")
         seconds = time.monotonic() - start
         (out.parent / "log.txt").write_text(log)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
-        environ: Mapping[str, str] | None = None) -> dict:
+        environ: Mapping[str, str] | None = None, blocked_exit: Callable[[str], None] | None = None) -> dict:
     """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures.
 
     In a multi-process run every rank calls this; only rank 0 holds the output's lease and writes status,
     metrics and the model. `environ` is the process's environment, which the CLI passes (the driver check reads
-    NVIDIA_VISIBLE_DEVICES from it)."""
-    stop = StopRequest().install()  # first: a signal at any point from here on exits PREEMPTED, never half-done
+    NVIDIA_VISIBLE_DEVICES from it). `blocked_exit` reports a stop and leaves the process, from another thread, for
+    a rank signalled while it waits on its peers before training (StopRequest.begin_peer_wait)."""
+    # First: a signal at any point from here on exits PREEMPTED, never half-done.
+    stop = StopRequest(blocked_exit if dist.world_size > 1 else None).install()
     checked = preflight(cfg, environ=environ)
     # No destroy_process_group, on any path: with DDP still alive it would leave the process group's last reference
     # to DDP's Reducer, whose deallocation can deadlock in gloo's destructor. A torchrun worker leaves with os._exit
@@ -58,14 +60,17 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     if dist.is_main:
         outputs.write_status(cfg.output_dir, "running")
         outputs.write_config(cfg.output_dir, as_dict(cfg), sources)
+    stop.begin_peer_wait()  # the GPU batch probe agrees on a size across ranks
     with stop.interruptible("while planning the run"):
         plan = decide(cfg, checked, dist.world_size)
+    stop.end_peer_wait()
     plan.log()
     check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, stats = data.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop,
                                             workers=plan.preprocessing_workers)
+    stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -29,14 +33,51 @@ class StopRequest:
     """Records the first SIGTERM/SIGINT instead of dying, so training can stop at a step boundary. Where there is
     nothing to save (loading, publishing), `interruptible` makes a signal stop the work at once."""
 
-    def __init__(self):
+    def __init__(self, blocked_exit: Callable[[str], None] | None = None):
         self.signal_name: str | None = None
         self._interruptible = False
+        self.blocked_exit = blocked_exit
+        self._peer_wait = False
 
     def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        if self.blocked_exit is not None:
+            self._watch_for_blocked_stops()
         return self
+
+    def begin_peer_wait(self) -> None:
+        """From here until training starts (StopOnSignal.on_train_begin), this rank may wait on the other ranks
+        inside torch.distributed (process group start-up, barriers) with nothing to save."""
+        self._peer_wait = True
+
+    def end_peer_wait(self) -> None:
+        self._peer_wait = False
+
+    def _watch_for_blocked_stops(self) -> None:
+        """A rank waiting in torch.distributed's C++ for a peer that has already stopped (the process group's
+        start-up waits up to the collective timeout, 240 s) never returns to the interpreter, so Python's signal
+        handler cannot run there. The kernel's signal still reaches a wake-up socket, written by the C-level
+        handler: this thread reads it, and if the rank is still waiting on its peers BLOCKED_STOP_S later, it
+        reports the stop and leaves (`blocked_exit`, exit PREEMPTED). Nothing needs saving before training starts.
+        Measured: 1 SIGTERM before the first step in 50 (bench/soak.py) waited out the soak's 120 s without it."""
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup = (reader, writer)  # kept open for the life of the process
+        threading.Thread(target=self._watch, args=(reader,), name="stop-watch", daemon=True).start()
+
+    def _watch(self, reader: socket.socket) -> None:
+        while received := reader.recv(16):
+            if not any(n in (signal.SIGTERM, signal.SIGINT) for n in received) or not self._peer_wait:
+                continue
+            time.sleep(BLOCKED_STOP_S)
+            if self._peer_wait:
+                name = self.signal_name or signal.Signals(received[-1]).name
+                log.warning("preemption: %s received %d s ago while waiting for the other processes to start "
+                            "training; leaving now (nothing needs saving)", name, BLOCKED_STOP_S)
+                self.blocked_exit(f"stopped by {name} before training started; nothing needed saving; rerun the "
+                                  "same command.")
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -70,6 +111,11 @@ class StopRequest:
                             "rerun the same command.") from None
         finally:
             self._interruptible = False
+
+
+# Seconds a rank signalled before training starts may stay waiting on its peers before it leaves on its own: long
+# enough for a rank that is not blocked to reach its next stop check, short against the 60 s stop bound.
+BLOCKED_STOP_S = 10
 
 
 class StopEvaluation(TrainerCallback):
@@ -113,6 +159,9 @@ class StopOnSignal(TrainerCallback):
     def __init__(self, stop: StopRequest):
         self.stop = stop
         self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.end_peer_wait()  # from here a stop is agreed at a step's end (_agreed)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._agreed(args, state):

@@ -4,6 +4,8 @@ exactly. `make soak` runs many more, under load."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -78,3 +80,25 @@ def test_sigterm_during_a_save_stops_both_processes_promptly_and_resumes_exactly
 
     result = soak.sigterm("during a checkpoint save", random.Random(0))
     assert result.ok(BOUND), result
+
+
+@pytest.mark.slow
+def test_a_rank_waiting_for_a_peer_that_already_stopped_leaves_within_seconds(soak):
+    """Rank 0 never joins the process group and leaves at once on SIGTERM; rank 1 is then blocked in the group's
+    start-up in C++, where Python's signal handler cannot run, for up to the collective timeout (240 s). Its
+    stop watch reads the signal from the wake-up socket and leaves 10 s later, exit PREEMPTED."""
+    out = soak.fresh("peer-gone")
+    job = Job(soak.env(out, SOAK_HOLD_RANK="0"))
+    try:
+        job.wait_for(r"soak: holding rank 0")
+        time.sleep(8)  # rank 1 loads the tiny model (under a second here) and blocks in the group's start-up
+        start = time.monotonic()
+        job.proc.send_signal(signal.SIGTERM)
+        code, log = job.finish(timeout=BOUND)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {BOUND:.0f} s after SIGTERM:\n{stacks(job.proc.pid)}")
+    finally:
+        kill_tree(job.proc.pid)
+    assert code == ExitCode.PREEMPTED, log[-3000:]
+    assert time.monotonic() - start < 30, log[-3000:]
+    assert "while waiting for the other processes to start training" in log

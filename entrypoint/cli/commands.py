@@ -12,12 +12,13 @@ import click
 
 from .. import options as schema
 from ..config import GenerateConfig, InitModelConfig, TrainConfig
-from ..errors import ConfigError, FinetuneError
+from ..errors import ConfigError, ExitCode, FinetuneError
 from ..platforms import platform_defaults
 from .params import preset_option, resolve, schema_options
 from .running import (
     EXIT_CODES_HELP,
     RESOLVED_OUTPUT_DIR,
+    fail,
     handled,
     leave,
     log_config,
@@ -68,7 +69,9 @@ def train(preset, **params):
             # after this many seconds: a step and a checkpoint save, ending inside the Job's grace period.
             os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
             leave(run_torchrun(args))  # a worker's failure is raised as the run's (launch.WorkerFailed)
-    metrics = run(cfg, sources, dist, os.environ)
+    ctx = click.get_current_context()
+    metrics = run(cfg, sources, dist, os.environ,
+                  blocked_exit=lambda message: fail(ExitCode.PREEMPTED, [message], train_output_dir, params, ctx))
     if metrics and dist.is_main:
         from ..logs import event
         from ..metrics import final_line

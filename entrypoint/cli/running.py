@@ -56,8 +56,9 @@ def handled(output_dir_of=None):
     return decorate
 
 
-def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs) -> None:
-    """Report a failure (stderr, termination log, status.json) and exit with its code; never returns."""
+def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs, ctx: click.Context | None = None) -> None:
+    """Report a failure (stderr, termination log, status.json) and exit with its code; never returns. `ctx` is the
+    command's click context, for a caller on another thread (click keeps the current one per thread)."""
     from .. import outputs
     from ..lease import held_by_another
 
@@ -67,7 +68,7 @@ def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs) -> None:
             click.echo(f"error: {line}", err=True)
         message = " | ".join(lines)
         outputs.write_termination_message(message, _platform())
-        ctx = click.get_current_context(silent=True)
+        ctx = ctx or click.get_current_context(silent=True)
         output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
         # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.
         if output_dir is not None and os.environ.get("RANK", "0") == "0" and not held_by_another(output_dir):
