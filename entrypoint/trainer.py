@@ -77,8 +77,6 @@ class FinetuneTrainer(Trainer):
         self.run = run or {}
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
         self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
-        if self.args.torch_compile:
-            name_the_loss(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -173,17 +171,6 @@ class FinetuneTrainer(Trainer):
         if self.args.load_best_model_at_end and best and Path(best).is_dir():
             self._load_best_model()
         return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
-
-
-def name_the_loss(model) -> None:
-    """Name the causal-LM loss on every transformers model inside `model` that names none. Unnamed, transformers
-    logs a warning from inside the forward, which dynamo cannot trace: the graph breaks between the logits and the
-    loss, into frames that each recompile when a batch's shape changes."""
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and getattr(module, "loss_type", None) is None:
-            module.loss_type = "ForCausalLM"
 
 
 def storage_failure(directory: Path, probe_bytes: int = 1 << 16) -> str | None:
