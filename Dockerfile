@@ -28,7 +28,7 @@
 # `runtime`/`devel` flavours. Ubuntu 24.04 because its python3 is 3.12; 22.04's 3.10 is too old.
 # One stage per flavour; only the one CUDA_FLAVOUR names is pulled. NVIDIA_REQUIRE_CUDA replaces the base's own
 # (which also admits older datacenter driver branches through CUDA's minor-version compatibility): this image
-# asks for the driver its torch's CUDA version needs, the same minimum `finetune doctor` checks (entrypoint/cuda.py).
+# asks for the driver its torch's CUDA version needs, the same minimum `finetune doctor` checks (entrypoint/runtime/cuda.py).
 # The 13.0 and 12.6 tags are not pinned by digest yet: no registry was reachable where they were added; pin them
 # with `docker buildx imagetools inspect nvidia/cuda:<tag>`.
 ARG BASE_IMAGE

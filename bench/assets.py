@@ -17,9 +17,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from entrypoint.config import InitModelConfig
-from entrypoint.corpus import build
-from entrypoint.modelinit import init_model
+from entrypoint.commands.init_model import init_model
+from entrypoint.config.schema import InitModelConfig
+from entrypoint.data.corpus import build
 
 GPT2_VOCAB = 50257
 VENDORED = {"site-packages", "dist-packages", "__pycache__"}

@@ -1,6 +1,6 @@
 """The fault cases, in the order the table lists them. Each stages one fault against `finetune train` on the lab's
 tiny model and returns what the runs left (fault_lab.Outcome); @fault registers it in CASES with the outcome it must
-have. bench/faults.py runs and prints them; tests/test_faults.py asserts them.
+have. bench/faults.py runs and prints them; tests/e2e/test_faults.py asserts them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def sigterm_at_a_random_step(lab: Lab) -> Outcome:
 
 @fault("SIGKILL during a checkpoint save", codes=(-9, 0), published=True)
 def sigkill_mid_save(lab: Lab) -> Outcome:
-    from entrypoint import checkpoints
+    from entrypoint.train import checkpoints
 
     out = lab.fresh("sigkill-save") / "out"
     extra = {"FINETUNE_MODEL": str(lab.small_model), "FINETUNE_MAX_STEPS": "12", "FINETUNE_SAVE_STEPS": "2",
@@ -132,7 +132,7 @@ def stale_lease_after_sigkill(lab: Lab) -> Outcome:
 
 @fault("stale lease from another host", codes=(0,), published=True, exact=True)
 def stale_lease_from_another_host(lab: Lab) -> Outcome:
-    from entrypoint.lease import LEASE, STALE_SECONDS
+    from entrypoint.publish.lease import LEASE, STALE_SECONDS
 
     out = lab.fresh("stale-remote") / "out"
     out.mkdir()

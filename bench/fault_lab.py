@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from tests.helpers import FAST_TRAIN, Job, train_env
+from tests.support.helpers import FAST_TRAIN, Job, train_env
 
 STEPS = 16
 # A log line per step, to signal at a known one; a checkpoint and an evaluation every 8 steps.
@@ -100,8 +100,8 @@ class Lab:
     @cached_property
     def small_model(self) -> Path:
         """About 3M parameters: a checkpoint save lasts long enough to be killed in the middle."""
-        from entrypoint.config import InitModelConfig
-        from entrypoint.modelinit import init_model
+        from entrypoint.commands.init_model import init_model
+        from entrypoint.config.schema import InitModelConfig
 
         directory = self.root / "small-gpt2"
         if not (directory / "config.json").is_file():

@@ -5,7 +5,7 @@ resumed from, and the final step and eval loss against an uninterrupted referenc
 
     python -m bench.faults [--workdir DIR] [--only NAME ...]      (make faults)
 
-tests/test_faults.py runs the same registry, CASES, and asserts each case's expected outcome. A case is a small
+tests/e2e/test_faults.py runs the same registry, CASES, and asserts each case's expected outcome. A case is a small
 function in bench/fault_cases.py registered with @fault: it gets a Lab (bench/fault_lab.py: paths, the reference
 run, helpers) and returns an Outcome.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import fault_cases  # noqa: F401  (importing it registers every case in CASES, in table order)
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
-from tests.helpers import clean_env
+from tests.support.helpers import clean_env
 
 __all__ = ["CASES", "Case", "Lab", "Outcome", "Skip", "main", "run_case", "verdict"]
 
@@ -79,9 +79,9 @@ def _code(code: int) -> str:
 
 def prepare_lab(root: Path) -> Lab:
     """A corpus and a tiny model under `root` (made once), as tests/conftest.py makes them."""
-    from entrypoint.config import InitModelConfig
-    from entrypoint.corpus import build
-    from entrypoint.modelinit import init_model
+    from entrypoint.commands.init_model import init_model
+    from entrypoint.config.schema import InitModelConfig
+    from entrypoint.data.corpus import build
 
     data, model = root / "corpus", root / "tiny-gpt2"
     if not (data / "train.txt").is_file():

@@ -12,10 +12,11 @@ Stages, in order of value:
    micro-batch 16 with compile off; then compile on twice, sharing one inductor cache: a short cold run whose
    wall and compile time are the warm-up, and a full run on the warm cache whose median step is the steady
    step time;
-4. the GPU tests: `pytest -m gpu tests/test_gpu.py` (bf16, fp16 with its loss scaler, fused AdamW, --compile
+4. the GPU tests: `pytest -m gpu tests/train/test_gpu.py` (bf16, fp16 with its loss scaler, fused AdamW, --compile
    on/auto, --batch-size auto's probe, torchrun with NCCL, SIGTERM -> exit 7 -> resume, generate).
 Without CUDA (or with --dry / GPU_CHECK_DRY=1) the same plan is printed and every stage runs on the CPU on tiny
-shapes, with each budget stretched (DRY_FACTOR) and compile left off; the report says so. tests/test_gpu_check.py
+shapes, with each budget stretched (DRY_FACTOR) and compile left off; the report says so.
+tests/project/test_gpu_check.py
 runs that, so this script cannot rot.
 
     python -m bench.gpu_check --out .gpu-check          # scripts/gpu-check.sh adds the carried wheels first
@@ -47,7 +48,7 @@ GPU_SHAPE = {"block": 1024, "micro_batch": 16, "steps": 50, "warmup_steps": 4, "
 DRY_SHAPE = {"block": 128, "micro_batch": 8, "steps": 1, "warmup_steps": 1, "precision": "fp32"}
 DRY_FACTOR = 10  # a loaded 2-core CPU starting torch ten times: dry mode's limits are the budgets x this
 PER_TEST_SECONDS = 100  # pytest-timeout per GPU test: the one compile is the longest, about 30-60 s expected
-XDIST_WORKERS = 3  # tests/test_gpu.py's three classes run side by side on a GPU machine (pytest-xdist is there)
+XDIST_WORKERS = 3  # tests/train/test_gpu.py's three classes run side by side on a GPU machine (pytest-xdist is there)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,7 +76,8 @@ def plan(carried: bool) -> list[Stage]:
         Stage("ours", 45, f"finetune train, micro-batch {mb}, block {GPU_SHAPE['block']}, compile off, {steps} steps"),
         Stage("compile-warmup", 120, f"the same, compile on, {warm} steps, cold cache: the warm-up"),
         Stage("compiled", 60, f"the same, compile on, {steps} steps, warm cache: the steady step"),
-        Stage("tests", 125 if carried else 85, f"pytest -m gpu tests/test_gpu.py, {PER_TEST_SECONDS} s a test at most"),
+        Stage("tests", 125 if carried else 85,
+              f"pytest -m gpu tests/train/test_gpu.py, {PER_TEST_SECONDS} s a test at most"),
     ]
 
 
@@ -140,7 +142,7 @@ def commands(steps: list[Stage], args: argparse.Namespace, dry: bool, workdir: P
             "--precision", shape["precision"], "--logging-steps", "10"]
     compiled = "off" if dry else "on"
     junit = args.out / "gpu-tests.xml"
-    tests = [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
+    tests = [python, "-m", "pytest", "-m", "gpu", "tests/train/test_gpu.py", "-v", "-p", "no:cacheprovider",
              f"--junitxml={junit}", f"--basetemp={workdir / 'pytest'}",
              f"--timeout={PER_TEST_SECONDS * (DRY_FACTOR if dry else 1)}"]
     if not dry and importlib.util.find_spec("xdist"):  # each test is mostly a process starting: 3 at once
@@ -208,7 +210,7 @@ def test_cases(junit: Path, outcome: stages.Outcome, code: int) -> dict:
 def environment() -> dict:
     import torch
 
-    from entrypoint import cuda
+    from entrypoint.runtime import cuda
 
     versions = {}
     for name in PACKAGES:
@@ -236,8 +238,8 @@ def environment() -> dict:
 
 
 def verbose_cases(log: str) -> list[dict]:
-    """Outcomes from pytest -v lines, for a run that never wrote its XML: 'tests/test_gpu.py::Class::name PASSED',
-    or under xdist '[gw0] [ 12%] PASSED tests/test_gpu.py::Class::name'."""
+    """Outcomes from pytest -v lines, for a run that never wrote its XML: 'tests/train/test_gpu.py::Class::name PASSED',
+    or under xdist '[gw0] [ 12%] PASSED tests/train/test_gpu.py::Class::name'."""
     words = "PASSED|FAILED|ERROR|SKIPPED"
     found = [(name, word) for name, word in re.findall(rf"::(\w+) ({words})\b", log)]
     found += [(name, word) for word, name in re.findall(rf"\b({words}) \S+::(\w+)\s*$", log, re.M)]
@@ -261,7 +263,7 @@ def junit_cases(path: Path) -> list[dict]:
 def summary(metrics: dict) -> dict:
     """What the report keeps of one run's metrics.json, plus this benchmark's own MFU: the useful tokens over the
     training loop's time (evaluations excluded), through the same formula the job uses."""
-    from entrypoint import mfu
+    from entrypoint.train import mfu
 
     keep = ("useful_tokens_per_second", "mfu", "peak_memory_mib", "step_seconds", "step_seconds_p90",
             "compile_seconds", "wall_seconds", "train_runtime", "eval_loss", "global_step", "train_tokens",

@@ -56,10 +56,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace):
     """The model in train mode, the cache's training rows and their statistics (corpus and model made once)."""
-    from entrypoint import corpus, data, sftcorpus
-    from entrypoint.config import InitModelConfig, TrainConfig
-    from entrypoint.model import load_model, load_tokenizer
-    from entrypoint.modelinit import init_model
+    from entrypoint.commands.init_model import init_model
+    from entrypoint.config.schema import InitModelConfig, TrainConfig
+    from entrypoint.data import corpus, pipeline, sftcorpus
+    from entrypoint.train.model import load_model, load_tokenizer
 
     work = args.workdir
     if not (work / "sft" / "train.jsonl").is_file():
@@ -71,13 +71,13 @@ def setup(args: argparse.Namespace):
                                    context=args.block_size))
     cfg = TrainConfig(model=str(model_dir), data_dir=work / "sft", output_dir=work / "out", cache_dir=work / "cache")
     tokenizer = load_tokenizer(cfg)
-    train, _, stats = data.prepare(cfg, tokenizer, args.block_size)
+    train, _, stats = pipeline.prepare(cfg, tokenizer, args.block_size)
     return load_model(cfg).train(), train, stats
 
 
 def timed_steps(model, train, steps: int, batch_size: int) -> dict[str, list[float]]:
     """Seconds of each timed forward and backward pass per mode, the modes alternating which goes first."""
-    from entrypoint.collate import PackedCollator
+    from entrypoint.data.collate import PackedCollator
 
     collate = PackedCollator()
     rows = [train[i % len(train)] for i in range((steps + 1) * batch_size)]

@@ -1,4 +1,4 @@
-"""Peak memory of the causal-LM loss: transformers' ForCausalLMLoss against the chunked loss (entrypoint/loss.py),
+"""Peak memory of the causal-LM loss: transformers' ForCausalLMLoss against the chunked loss (entrypoint/train/loss.py),
 on GPT-2-shaped logits, forward and backward, on CPU.
 
 Each side runs in its own fresh process (the peak resident set only grows): the hidden states and the output
@@ -71,7 +71,7 @@ def one_side(args: argparse.Namespace) -> dict:
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from entrypoint.loss import causal_lm_loss
+    from entrypoint.train.loss import causal_lm_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(args.batch_size, args.block_size, args.width, requires_grad=True)

@@ -1,9 +1,9 @@
-"""Data preparation throughput: `data.prepare` on a large corpus with a GPT-2-sized (50,257-token) byte-level
+"""Data preparation throughput: `pipeline.prepare` on a large corpus with a GPT-2-sized (50,257-token) byte-level
 BPE, cold and then again on unchanged data (a cache hit).
 
 The corpus is the stdlib docstring corpus repeated to about --tokens tokens (one paragraph a line). Phases are
 timed too: reading the text into documents through the `datasets` loader (the path formats other than `.txt`
-take; `.txt` is read straight from the file since entrypoint/textfiles.py), and tokenizing (`shards.tokenize`,
+take; `.txt` is read straight from the file since entrypoint/data/textfiles.py), and tokenizing (`shards.tokenize`,
 in memory).
 
     python -m bench.prepare --tokens 30000000 --json .bench/prepare.json
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from entrypoint.cpus import available_cpus
+from entrypoint.runtime.cpus import available_cpus
 
 from . import assets
 
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     datasets.disable_progress_bars()
 
-    from entrypoint.config import TrainConfig
-    from entrypoint.model import load_tokenizer
+    from entrypoint.config.schema import TrainConfig
+    from entrypoint.train.model import load_tokenizer
 
     workdir = args.workdir.resolve()
     model = assets.model(workdir, "tiny", assets.GPT2_VOCAB)  # only its tokenizer is used
@@ -110,10 +110,10 @@ def big_corpus(workdir: Path, model: Path, tokens: int) -> Path:
 
 
 def timed_prepare(cfg, tokenizer, block_size: int) -> dict:
-    from entrypoint import data
+    from entrypoint.data import pipeline
 
     start, cpu = time.perf_counter(), cpu_seconds()
-    _, _, stats = data.prepare(cfg, tokenizer, block_size)
+    _, _, stats = pipeline.prepare(cfg, tokenizer, block_size)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
             "train_tokens": stats.train_tokens + stats.dropped_tokens, "valid_tokens": stats.valid_tokens}
 
@@ -126,9 +126,9 @@ def cpu_seconds() -> float:
 
 def timed_phases(cfg, tokenizer, block_size: int) -> dict:
     """Reading and tokenizing the training text separately, outside the cache (a fresh raw cache too)."""
-    from entrypoint import shards
-    from entrypoint.cpus import available_cpus
-    from entrypoint.sources import discover, read_documents
+    from entrypoint.data import shards
+    from entrypoint.data.sources import discover, read_documents
+    from entrypoint.runtime.cpus import available_cpus
 
     train, _ = discover(cfg)
     raw = cfg.data_cache_dir / "phases-raw"

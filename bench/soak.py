@@ -32,7 +32,7 @@ from bench.fault_lab import Lab, read_json
 from bench.faults import prepare_lab
 from bench.stages import py_spy
 from entrypoint.errors import ExitCode
-from tests.helpers import REPO, Job, clean_env
+from tests.support.helpers import REPO, Job, clean_env
 
 MOMENTS = ("before the first step", "during a step", "during evaluation", "during a checkpoint save",
            "during publish")
@@ -44,7 +44,7 @@ import os
 if os.environ.get("SOAK_FAULT") and os.environ.get("RANK") == os.environ.get("SOAK_FAULT_RANK", "1"):
     import torch
     from entrypoint.errors import DataError
-    from entrypoint.trainer import FinetuneTrainer
+    from entrypoint.train.trainer import FinetuneTrainer
 
     _step = FinetuneTrainer.training_step
 
@@ -60,7 +60,7 @@ if os.environ.get("SOAK_HOLD_RANK") == os.environ.get("RANK", "-"):
     import signal
     import sys
     import time
-    from entrypoint import job
+    from entrypoint.train import job
 
     def build_trainer(*args, **kwargs):  # this rank never reaches the process group; a signal ends it at once
         signal.signal(signal.SIGTERM, lambda *_: os._exit(7))

@@ -100,7 +100,7 @@ def measured(trainer, result, final: dict, collator: CountingCollator, prepare_s
     """The recipe's run in the job's metric names, so bench/compare.py reads both sides alike."""
     import torch
 
-    from entrypoint import mfu
+    from entrypoint.train import mfu
 
     runtime = result.metrics["train_runtime"]
     cuda = torch.cuda.is_available()

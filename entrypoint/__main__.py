@@ -1,5 +1,5 @@
 """`python -m entrypoint` is the `finetune` command."""
 
-from .cli import main
+from entrypoint.cli import main
 
 main()

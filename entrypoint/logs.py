@@ -10,7 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-from .metrics import perplexity
+from entrypoint.train.metrics import perplexity
 
 log = logging.getLogger("finetune")
 

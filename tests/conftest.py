@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.config import InitModelConfig
-from entrypoint.corpus import build
-from entrypoint.modelinit import init_model
-from tests.helpers import FAST_TRAIN, clean_env, finetune  # noqa: F401  (re-exported for test modules)
+from entrypoint.commands.init_model import init_model
+from entrypoint.config.schema import InitModelConfig
+from entrypoint.data.corpus import build
+from tests.support.helpers import FAST_TRAIN, clean_env, finetune  # noqa: F401  (re-exported for test modules)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from entrypoint.errors import ExitCode
-from tests.helpers import FAST_TRAIN, clean_env, finetune
+from tests.support.helpers import FAST_TRAIN, clean_env, finetune
 
 
 def no_data(data: Path, model: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """The `finetune` command line: commands.py (the commands), params.py (click options generated from
 the config schema, and resolving them), running.py (errors to exit codes, logging set-up)."""
 
-from .commands import cli, main
-from .params import resolve
+from entrypoint.cli.commands import cli, main
+from entrypoint.cli.params import resolve
 
 __all__ = ["cli", "main", "resolve"]

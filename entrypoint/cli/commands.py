@@ -10,12 +10,8 @@ from pathlib import Path
 
 import click
 
-from .. import options as schema
-from ..config import GenerateConfig, InitModelConfig, TrainConfig
-from ..errors import ConfigError, ExitCode, FinetuneError
-from ..platforms import platform_defaults
-from .params import preset_option, resolve, schema_options
-from .running import (
+from entrypoint.cli.params import preset_option, resolve, schema_options
+from entrypoint.cli.running import (
     EXIT_CODES_HELP,
     RESOLVED_OUTPUT_DIR,
     fail,
@@ -26,6 +22,10 @@ from .running import (
     this_process,
     train_output_dir,
 )
+from entrypoint.config import options as schema
+from entrypoint.config.platforms import platform_defaults
+from entrypoint.config.schema import GenerateConfig, InitModelConfig, TrainConfig
+from entrypoint.errors import ConfigError, ExitCode, FinetuneError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
@@ -47,8 +47,8 @@ def train(preset, **params):
     """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model.
 
     With --nproc-per-node > 1 or --nnodes > 1 it re-launches itself under torchrun with the same arguments."""
-    from ..job import run
-    from ..launch import die_with_launcher
+    from entrypoint.runtime.launch import die_with_launcher
+    from entrypoint.train.job import run
 
     if "LOCAL_RANK" in os.environ:  # a torchrun worker: it must not outlive the launcher
         die_with_launcher()
@@ -59,8 +59,8 @@ def train(preset, **params):
     if dist.is_main:
         log_config(cfg, sources)
     if "LOCAL_RANK" not in os.environ and (cfg.nproc_per_node, cfg.nnodes) != ("1", "1"):
-        from ..launch import SHUTDOWN_TIMEOUT_S, run_torchrun, torchrun_arguments
-        from ..preflight import preflight
+        from entrypoint.runtime.launch import SHUTDOWN_TIMEOUT_S, run_torchrun, torchrun_arguments
+        from entrypoint.train.preflight import preflight
 
         preflight(cfg, environ=os.environ)  # one clean error here rather than one per worker
         args = torchrun_arguments(cfg, sys.argv[1:])
@@ -73,8 +73,8 @@ def train(preset, **params):
     metrics = run(cfg, sources, dist, os.environ,
                   blocked_exit=lambda message: fail(ExitCode.PREEMPTED, [message], train_output_dir, params, ctx))
     if metrics and dist.is_main:
-        from ..logs import event
-        from ..metrics import final_line
+        from entrypoint.logs import event
+        from entrypoint.train.metrics import final_line
 
         event(final_line(metrics, cfg.output_dir / "model"), **metrics)
 
@@ -93,11 +93,11 @@ def prepare(preset, shard, num_shards, **params):
     """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
     import dataclasses
 
-    from .. import data
-    from ..model import load_tokenizer
-    from ..platforms import shard_default
-    from ..preemption import StopRequest
-    from ..preflight import check_model_dir, preflight
+    from entrypoint.config.platforms import shard_default
+    from entrypoint.data import pipeline
+    from entrypoint.train.model import load_tokenizer
+    from entrypoint.train.preemption import StopRequest
+    from entrypoint.train.preflight import check_model_dir, preflight
 
     cfg, sources = resolve(TrainConfig, params, preset)
     # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.
@@ -114,7 +114,7 @@ def prepare(preset, shard, num_shards, **params):
     checked = preflight(cfg, trains=False)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
-    stats = data.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop)
+    stats = pipeline.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop)
     if stats is None:
         click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
                    "every shard is written")
@@ -130,7 +130,7 @@ def prepare(preset, shard, num_shards, **params):
 def doctor(preset, **params):
     """Check versions, device, precision, data, output, disk, shared memory and the model; exit non-zero on a
     blocking problem."""
-    from ..doctor import diagnose
+    from entrypoint.commands.doctor import diagnose
 
     cfg, _ = resolve(TrainConfig, params, preset)
     setup_logs(cfg)
@@ -158,7 +158,7 @@ def show_config(preset, **params):
 
 def planned_world_size(cfg: TrainConfig) -> int:
     """The processes a `train` with this configuration starts (an elastic range's largest), for doctor and config."""
-    from ..launch import processes_per_node
+    from entrypoint.runtime.launch import processes_per_node
 
     return processes_per_node(cfg.nproc_per_node) * int(cfg.nnodes.split(":")[-1])
 
@@ -166,8 +166,8 @@ def planned_world_size(cfg: TrainConfig) -> int:
 def _plan_line(cfg: TrainConfig) -> str:
     """The run plan `train` would log here, or why it cannot be made on this machine (the model is not reachable,
     no GPU...): `config` shows the configuration whatever the machine."""
-    from ..plan import decide
-    from ..preflight import resolved
+    from entrypoint.train.plan import decide
+    from entrypoint.train.preflight import resolved
 
     try:
         return decide(cfg, resolved(cfg, os.environ), planned_world_size(cfg), probe=False).line()
@@ -180,7 +180,7 @@ def _plan_line(cfg: TrainConfig) -> str:
 @handled()
 def generate(**params):
     """Sample text from a model directory (by default the published model)."""
-    from ..generate import check_inputs, sample
+    from entrypoint.commands.generate import check_inputs, sample
 
     cfg, _ = resolve(GenerateConfig, params)
     check_inputs(cfg)  # before the logging setup, which imports transformers: a typo costs no seconds
@@ -197,7 +197,7 @@ def generate(**params):
 @handled()
 def init_model(**params):
     """Create a small random GPT-2 with a byte-level BPE tokenizer trained on --corpus (no Hub needed)."""
-    from .. import modelinit
+    from entrypoint.commands import init_model as modelinit
 
     cfg, _ = resolve(InitModelConfig, params)
     files = modelinit.check_inputs(cfg)  # before the logging setup, which imports transformers
@@ -217,8 +217,8 @@ def init_model(**params):
 def corpus(output_dir, max_documents, instructions):
     """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
     tests: real prose on every machine, nothing downloaded)."""
-    from .. import corpus as plain
-    from .. import sftcorpus
+    from entrypoint.data import corpus as plain
+    from entrypoint.data import sftcorpus
 
     counts = (sftcorpus if instructions else plain).build(output_dir, max_documents)
     kind = "prompt/completion records" if instructions else "documents"

@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .. import options as schema
-from ..errors import ConfigError
+from entrypoint.config import options as schema
+from entrypoint.errors import ConfigError
 
 # FINETUNE_* variables that are settings but not options of a command: --preset's, and where presets live; the
 # launcher's pid, which it sets for its workers (launch.die_with_launcher).

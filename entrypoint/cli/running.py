@@ -15,11 +15,11 @@ from pathlib import Path
 
 import click
 
-from .. import options as schema
-from ..config import TrainConfig
-from ..errors import DESCRIPTIONS, ExitCode, FinetuneError
-from ..platforms import platform_defaults
-from .params import check_environment
+from entrypoint.cli.params import check_environment
+from entrypoint.config import options as schema
+from entrypoint.config.platforms import platform_defaults
+from entrypoint.config.schema import TrainConfig
+from entrypoint.errors import DESCRIPTIONS, ExitCode, FinetuneError
 
 log = logging.getLogger("finetune")
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
@@ -59,8 +59,8 @@ def handled(output_dir_of=None):
 def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs, ctx: click.Context | None = None) -> None:
     """Report a failure (stderr, termination log, status.json) and exit with its code; never returns. `ctx` is the
     command's click context, for a caller on another thread (click keeps the current one per thread)."""
-    from .. import outputs
-    from ..lease import held_by_another
+    from entrypoint.publish import outputs
+    from entrypoint.publish.lease import held_by_another
 
     failed_at = time.time()
     try:
@@ -75,7 +75,7 @@ def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs, ctx: click.Con
             state = "preempted" if code == ExitCode.PREEMPTED else "failed"
             outputs.write_status(output_dir, state, int(code), message)
         if "LOCAL_RANK" in os.environ:
-            from ..launch import record_failure
+            from entrypoint.runtime.launch import record_failure
 
             record_failure(int(code), message, failed_at)
     finally:  # even when reporting fails (a full disk): a worker must still leave at once
@@ -109,7 +109,7 @@ def leave(code: int) -> None:
 
 def _leaves_at_once() -> bool:
     """A torchrun worker, or the launcher that started torchrun in this process."""
-    from ..launch import LAUNCHER_PID
+    from entrypoint.runtime.launch import LAUNCHER_PID
 
     return "LOCAL_RANK" in os.environ or os.environ.get(LAUNCHER_PID) == str(os.getpid())
 
@@ -139,14 +139,14 @@ def train_output_dir(kwargs) -> Path:
 
 
 def setup_logs(cfg: TrainConfig | None = None, rank: int = 0) -> None:
-    from .. import logs
+    from entrypoint import logs
 
     logs.setup(cfg.log_format if cfg else "text", rank)
 
 
 def this_process():
     """Rank, local rank and world size from the variables torchrun sets."""
-    from ..launch import Dist
+    from entrypoint.runtime.launch import Dist
 
     env = os.environ
     return Dist(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
@@ -154,7 +154,7 @@ def this_process():
 
 
 def log_config(cfg, sources: dict[str, str]) -> None:
-    from ..logs import event
+    from entrypoint.logs import event
 
     values = schema.as_dict(cfg)
     event("config: " + ", ".join(f"{k}={v}" for k, v in values.items()), config=values,

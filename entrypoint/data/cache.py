@@ -1,0 +1,89 @@
+"""The dataset cache's keys and the pointer that lets waiting processes find a build without reading the inputs.
+
+The content key hashes the inputs' bytes, the tokenizer and every option that changes the result: only a
+builder computes it. The pre-key hashes the same options and each input's path, size, times and inode (a `stat`
+per file): once a build is complete its builder writes `ready-<pre-key>` naming the content key, and the other
+processes of a run wait for that pointer instead of reading the corpus themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from entrypoint.config.schema import TrainConfig
+from entrypoint.data.sources import Source, fingerprint
+from entrypoint.errors import DataError
+
+log = logging.getLogger("entrypoint.data")
+# 3: streamed token shards read through np.memmap, per-document hashed split
+# 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
+FORMAT_VERSION = 4
+COMPLETE = "COMPLETE"
+
+
+def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> dict:
+    """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
+    ids come from the documents' lengths when the cache is read.)"""
+    from entrypoint.data.formats import chat_template, convention
+
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
+        "eos": tokenizer.eos_token_id,
+        "block_size": block_size,
+        "packing": cfg.packing,
+        "txt_split": cfg.txt_split,
+        "text_field": cfg.text_field,
+        "bos": convention(tokenizer).bos_id,
+        "record_fields": [cfg.prompt_field, cfg.completion_field, cfg.messages_field],
+        "train_on_prompt": cfg.train_on_prompt,
+        "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
+        # The held-out split depends on these only when there is no validation input.
+        "split": None if valid else [cfg.validation_split, cfg.seed],
+    }
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
+    """The content key: reads every input byte (and checks text is UTF-8)."""
+    inputs = {"train": fingerprint(train), "valid": fingerprint(valid) if valid else None}
+    return _digest({**key_options(cfg, tokenizer, valid, block_size), **inputs})
+
+
+def pre_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
+    """A key from the inputs' metadata only. The change time and inode are in it: rewriting a file's bytes
+    changes its ctime even when the size and mtime are restored (cp -p, rsync -t, os.utime)."""
+    def stat(source: Source) -> list:
+        paths = sorted(p for p in source.saved_dataset.rglob("*") if p.is_file()) if source.saved_dataset \
+            else list(source.files)
+        found = []
+        for path in paths:
+            st = path.stat()
+            found.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+        return found
+
+    return _digest({**key_options(cfg, tokenizer, valid, block_size), "train": stat(train),
+                    "valid": stat(valid) if valid else None})
+
+
+def wait_for_builder(cache_dir: Path, pre: str, stop=None, poll_seconds: float = 1.0) -> Path:
+    """The cache another process is building for these inputs, once it is complete."""
+    pointer, waited = cache_dir / f"ready-{pre}", 0.0
+    while not pointer.is_file():
+        if waited and waited % 60 < poll_seconds:
+            log.info("data: waiting for another process to build the dataset cache (%.0f s)", waited)
+        if stop is not None:
+            stop.raise_if_requested("while waiting for the dataset cache")
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+    target = cache_dir / f"blocks-{pointer.read_text().strip()}"
+    if not (target / COMPLETE).is_file():
+        raise DataError(f"{pointer} names {target.name}, which is incomplete; delete both and rerun.")
+    return target

@@ -1,0 +1,254 @@
+"""--export-to: copy the published model to object storage or the Hugging Face Hub, after `model/COMPLETE`.
+
+    s3://bucket/prefix    S3 or any S3-protocol store (MinIO, R2, Ceph): s3fs, credentials and endpoint from
+                          botocore's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, IRSA / pod identity)
+    gs://bucket/prefix    Google Cloud Storage: gcsfs (pip install gcsfs), credentials from Application Default
+                          Credentials (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)
+    hf://namespace/repo   a Hugging Face Hub model repository: huggingface_hub, token from HF_TOKEN
+
+Every file of model/ goes first, the COMPLETE marker last, so a reader that waits for COMPLETE never sees half a
+model; a COMPLETE already there is removed before anything is overwritten. A destination whose COMPLETE already
+matches the local one is left as it is, so a rerun after a failed export uploads again without retraining, and a
+rerun after a successful one does nothing. Transient failures are retried with exponential backoff; what is left
+after that is ExportError (exit 10, EXPORT). Credentials are never logged nor accepted inside the URL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrypoint.errors import ExportError
+from entrypoint.logs import event
+from entrypoint.publish.outputs import COMPLETE, MODEL_DIR
+
+log = logging.getLogger(__name__)
+
+# scheme -> (the package it needs, the fsspec protocol or None for the Hub)
+SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "hf": ("huggingface_hub", None)}
+ATTEMPTS = 5  # per file: the first try and 4 retries
+BACKOFF = 1.0  # s before the first retry, doubled each time (1 + 2 + 4 + 8 = 15 s at most per file)
+
+
+@dataclass(frozen=True)
+class Destination:
+    scheme: str
+    bucket: str  # the bucket, or for hf:// the repository id namespace/repo
+    prefix: str  # a key prefix without slashes at either end; "" for the bucket's root (always "" for hf://)
+
+    def key(self, relative: str) -> str:
+        return "/".join(p for p in (self.bucket, self.prefix, relative) if p)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.key('')}"
+
+
+def url_problems(url: str | None) -> list[str]:
+    """What is wrong with an --export-to value, one line each, naming the fix; [] when usable (or unset)."""
+    if not url:
+        return []
+    try:
+        dest = parse(url)
+    except ExportError as exc:
+        return exc.problems
+    package = SCHEMES[dest.scheme][0]
+    if importlib.util.find_spec(package) is None:
+        return [f"--export-to {dest.scheme}:// needs the {package} package, which is not installed; "
+                f"pip install {package} (for gs://: pip install 'finetune-gpt2[gcs]')."]
+    return []
+
+
+def parse(url: str) -> Destination:
+    match = re.fullmatch(r"([a-z0-9]+)://([^/]*)(/.*)?", url.strip())
+    if not match or match[1] not in SCHEMES:
+        raise ExportError(f"--export-to {url!r} is not s3://bucket/prefix, gs://bucket/prefix or "
+                          "hf://namespace/repo; use one of those forms.")
+    scheme, bucket, rest = match[1], match[2], (match[3] or "").strip("/")
+    if "@" in bucket or ":" in bucket:
+        raise ExportError("--export-to must not carry credentials or a port; pass credentials in the environment "
+                          "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) and an S3 endpoint in AWS_ENDPOINT_URL.")
+    if scheme == "hf":
+        if not bucket or not re.fullmatch(r"[\w.\-]+", rest or "-/"):
+            raise ExportError(f"--export-to {url!r}: a Hub destination is hf://namespace/repo (e.g. "
+                              "hf://acme/gpt2-support); use that form.")
+        return Destination(scheme, f"{bucket}/{rest}", "")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,221}[a-z0-9]", bucket):
+        raise ExportError(f"--export-to {url!r}: {bucket!r} is not a bucket name (3-63 lower-case letters, "
+                          "digits, dots and dashes); use s3://bucket/prefix or gs://bucket/prefix.")
+    return Destination(scheme, bucket, rest)
+
+
+def export_published(output_dir: Path, url: str | None) -> None:
+    """The training job's hook: after the local publish (or on finding it already done), export it if asked."""
+    if url:
+        export(output_dir / MODEL_DIR, url)
+
+
+def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: float = BACKOFF) -> bool:
+    """Upload model_dir (a published model/ with COMPLETE) to url. Returns False when the destination already
+    held this very model. Raises ExportError."""
+    dest = parse(url)
+    marker = (model_dir / COMPLETE).read_bytes()
+    files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
+                   if p.is_file() and p.name != COMPLETE)
+    store = HubStore(dest) if dest.scheme == "hf" else FsStore(dest)
+
+    def retried(what: str, action: Callable[[], object]):
+        for attempt in range(1, attempts + 1):
+            try:
+                return action()
+            except Exception as exc:  # each backend raises its own types; permanent() sorts them
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                if store.permanent(exc) or attempt == attempts:
+                    raise ExportError(f"export to {dest} failed at {what} after {attempt} attempt(s) ({reason}); "
+                                      f"the model is published locally at {model_dir}; {store.fix(exc)} and rerun "
+                                      "the same command to export it without retraining.") from None
+                delay = backoff * 2 ** (attempt - 1)
+                event(f"export: {what} failed ({reason}); retry {attempt} of {attempts - 1} in {delay:.0f} s")
+                time.sleep(delay)
+
+    if retried("reading COMPLETE", lambda: store.read(COMPLETE)) == marker:
+        event(f"export: {dest} already holds this model (its COMPLETE matches); nothing to upload")
+        return False
+    retried("removing the old COMPLETE", lambda: store.remove(COMPLETE))
+    started, total = time.monotonic(), 0
+    for relative in files:
+        retried(relative, lambda r=relative: store.put(model_dir / r, r))
+        total += (model_dir / relative).stat().st_size
+    retried(COMPLETE, lambda: store.write(COMPLETE, marker))
+    seconds = time.monotonic() - started
+    event(f"export: {len(files)} files ({total / 1e6:.1f} MB) and {COMPLETE} to {dest} in {seconds:.1f} s",
+          export_to=str(dest), export_files=len(files), export_bytes=total, export_seconds=seconds)
+    return True
+
+
+def probe(url: str) -> str:
+    """doctor: prove the destination is reachable and writable (write and delete a small object). Returns a
+    line describing it; raises ExportError naming the fix."""
+    dest = parse(url)
+    store = HubStore(dest) if dest.scheme == "hf" else FsStore(dest)
+    try:
+        return store.probe()
+    except Exception as exc:  # any backend failure is reported as one line
+        raise ExportError(f"--export-to {dest} is not writable ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {store.fix(exc)}.") from None
+
+
+class FsStore:
+    """s3:// and gs:// through fsspec. Each call opens a fresh filesystem object: fsspec caches instances, and a
+    cached one may hold a connection pool that broke with the failure being retried."""
+
+    def __init__(self, dest: Destination):
+        self.dest = dest
+        # aiohttp reports connections cut mid-request as "Task exception was never retrieved" tracebacks on the
+        # asyncio logger; the failure itself reaches export() as an exception and is logged there, once.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+    def fs(self):
+        import fsspec
+
+        if self.dest.scheme != "s3":
+            return fsspec.filesystem(SCHEMES[self.dest.scheme][1], skip_instance_cache=True)
+        # One retry layer, the one export() logs: botocore's own (standard mode, 2 attempts) stays for throttling,
+        # s3fs's is switched off. Layered, they turned a dead endpoint into minutes of silent retries.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True,
+                               config_kwargs={"retries": {"mode": "standard", "max_attempts": 2}})
+        fs.retries = 1
+        return fs
+
+    def read(self, relative: str) -> bytes | None:
+        try:
+            return self.fs().cat_file(self.dest.key(relative))
+        except FileNotFoundError:
+            return None
+
+    def remove(self, relative: str) -> None:
+        fs = self.fs()
+        if fs.exists(self.dest.key(relative)):
+            fs.rm_file(self.dest.key(relative))
+
+    def put(self, local: Path, relative: str) -> None:
+        self.fs().put_file(str(local), self.dest.key(relative))
+
+    def write(self, relative: str, data: bytes) -> None:
+        self.fs().pipe_file(self.dest.key(relative), data)
+
+    def probe(self) -> str:
+        fs, key = self.fs(), self.dest.key(f".finetune-probe-{uuid.uuid4().hex[:12]}")
+        fs.pipe_file(key, b"probe\n")
+        fs.rm_file(key)
+        return f"{self.dest} is writable"
+
+    @staticmethod
+    def permanent(exc: Exception) -> bool:
+        # fsspec backends map 403 to PermissionError and a missing bucket to FileNotFoundError; neither heals.
+        return isinstance(exc, PermissionError | FileNotFoundError | ValueError)
+
+    def fix(self, exc: Exception) -> str:
+        if isinstance(exc, PermissionError):
+            return "give the job's credentials write access to the bucket"
+        if isinstance(exc, FileNotFoundError):
+            return f"create the bucket {self.dest.bucket} (or fix the name)"
+        if self.dest.scheme == "s3":
+            return "check AWS_ENDPOINT_URL, the network path to the store and the credentials"
+        return "check the network path to Cloud Storage and the credentials"
+
+
+class HubStore:
+    """hf:// through huggingface_hub: each upload is one commit, and COMPLETE's is the last. The repository is
+    created private when missing."""
+
+    def __init__(self, dest: Destination):
+        self.dest = dest
+        self.repo = dest.bucket
+
+    def api(self):
+        from huggingface_hub import HfApi
+
+        return HfApi()  # the token comes from HF_TOKEN or the mounted token file, never from a log-able argument
+
+    def read(self, relative: str) -> bytes | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.repo, relative, force_download=True)).read_bytes()
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            return None
+
+    def remove(self, relative: str) -> None:
+        api = self.api()
+        api.create_repo(self.repo, private=True, exist_ok=True)
+        if api.file_exists(self.repo, relative):
+            api.delete_file(relative, self.repo, commit_message=f"finetune: remove {relative} before an upload")
+
+    def put(self, local: Path, relative: str) -> None:
+        self.api().upload_file(path_or_fileobj=str(local), path_in_repo=relative, repo_id=self.repo,
+                               commit_message=f"finetune: {relative}")
+
+    def write(self, relative: str, data: bytes) -> None:
+        self.api().upload_file(path_or_fileobj=data, path_in_repo=relative, repo_id=self.repo,
+                               commit_message="finetune: model complete")
+
+    def probe(self) -> str:
+        api = self.api()
+        user = api.whoami()["name"]
+        api.create_repo(self.repo, private=True, exist_ok=True)
+        return f"hf://{self.repo} is writable by {user}"
+
+    @staticmethod
+    def permanent(exc: Exception) -> bool:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return isinstance(exc, HfHubHTTPError) and status in (401, 403, 404)
+
+    @staticmethod
+    def fix(exc: Exception) -> str:
+        return "set HF_TOKEN to a token with write access to the repository"

@@ -1,0 +1,227 @@
+"""What the job leaves in the output directory, and how it gets there without a reader ever seeing half:
+
+    model/         final model, tokenizer, generation config, model card; COMPLETE written last
+    metrics.json   one flat object (losses, perplexity, throughput, padding, device, memory)
+    loss.png       train and eval loss curves
+    history.json   the curves' points: every training-loss and evaluation record of the whole run, by step
+    runs/          TensorBoard events
+    config.yaml    the resolved configuration, secrets redacted
+    status.json    state (running, succeeded, failed, preempted), exit code, message
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from entrypoint import fsutil
+from entrypoint.errors import OutputError
+
+MODEL_DIR = "model"
+COMPLETE = "COMPLETE"
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Really try: create the directory and a file in it, so permission and read-only mounts show now."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        reason = fsutil.write_problem(directory, nbytes=2)  # any write at all; space is checked when it is used
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    if reason:
+        raise OutputError(f"{what} {directory} is not writable ({reason}); mount it read-write "
+                          f"or choose another --{what.replace(' ', '-')}.") from None
+
+
+def write_status(output_dir: Path, state: str, exit_code: int | None = None, message: str = "",
+                 **extra: Any) -> None:
+    if not output_dir.is_dir():
+        return
+    status = {"state": state, "exit_code": exit_code, "message": message,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+    with contextlib.suppress(OSError):  # the failure being reported may be this very directory
+        fsutil.write_atomic(output_dir / "status.json", json.dumps(status, indent=2) + "\n")
+
+
+def write_termination_message(message: str, platform: str | None = None) -> None:
+    """Kubernetes shows /dev/termination-log in the pod status; SageMaker reads /opt/ml/output/failure."""
+    targets = [TERMINATION_LOG]
+    if platform == "sagemaker":
+        targets.append(Path("/opt/ml/output/failure"))
+    for target in targets:
+        try:
+            if target.parent.is_dir() and os.access(target.parent if not target.exists() else target, os.W_OK):
+                target.write_text(message[:4096] + "\n")
+        except OSError:
+            pass
+
+
+def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
+                  interruptible=contextlib.nullcontext) -> Path:
+    """Stage the model beside its final place (same filesystem), then rename it into place.
+
+    `save(directory)` writes the model files; `marker` goes into COMPLETE as JSON. COMPLETE is written after
+    everything is flushed, so a reader that sees model/COMPLETE sees a whole model; a crash leaves only a hidden
+    staging folder, cleared on the next publish. Staging runs inside `interruptible()` (a signal may end it: the
+    staging folder is removed); the renames that follow are never cut short.
+    """
+    final = output_dir / MODEL_DIR
+    staging = output_dir / f".{MODEL_DIR}.staging-{os.getpid()}"
+    for leftover in output_dir.glob(f".{MODEL_DIR}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        with interruptible():
+            staging.mkdir(parents=True)
+            save(staging)
+            (staging / "README.md").write_text(card)
+            for path in staging.rglob("*"):
+                path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
+            staging.chmod(0o755)
+            stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
+            fsutil.write_marker(staging / COMPLETE, json.dumps(stamp) + "\n")
+        if final.exists():
+            retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(final)
+        fsutil.fsync_dir(output_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
+                          "output volume and rerun (training resumes from the last checkpoint).") from None
+    except BaseException:  # a signal (Preempted) or a bug mid-save: no half-written staging folder stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
+    hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
+                                    "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
+                                    "packing", "seed", "lora_rank", "lora_alpha", "lora_dropout",
+                                    "lora_target_modules") if k in config and (config.get("lora_rank") or
+                                                                               not k.startswith("lora_"))}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
+             "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
+    results = "\n".join(f"| {k} | {_fmt(metrics[k])} |" for k in shown if k in metrics)
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+base_model: {base_model}
+---
+# Fine-tuned {base_model}
+
+Fine-tuned with `finetune train` (Hugging Face Trainer) on {metrics.get("data_format", "text")} data with fingerprint
+`{data_fingerprint}`{_loss_note(metrics)}.
+
+## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/model")
+tokenizer = AutoTokenizer.from_pretrained("path/to/model")
+```
+
+or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
+{_lora_note(base_model, config)}
+## Hyperparameters
+
+| name | value |
+| --- | --- |
+{rows}
+
+## Results
+
+| metric | value |
+| --- | --- |
+{results}
+"""
+
+
+def _loss_note(metrics: dict) -> str:
+    if metrics.get("data_format", "text") == "text":
+        return ""
+    return "; the loss covered the completions or assistant turns only" if not metrics.get("train_on_prompt") \
+        else "; the loss covered prompts and answers alike"
+
+
+def _lora_note(base_model: str, config: dict) -> str:
+    if not config.get("lora_rank"):
+        return ""
+    return f"""
+## LoRA
+
+Trained with LoRA (rank {config["lora_rank"]}). The weights here are merged: the adapter is folded into the base
+weights, so this is an ordinary model and the lines above load it. The adapter alone is in `adapter/`, for use
+on top of `{base_model}` with peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "path/to/model/adapter")
+```
+"""
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_metrics(output_dir: Path, metrics: dict) -> None:
+    fsutil.write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def write_config(output_dir: Path, config: dict, sources: dict) -> None:
+    body = yaml.safe_dump(config, sort_keys=False)
+    origin = "".join(f"#   {k}: {v}\n" for k, v in sources.items() if v != "default")
+    header = "# Resolved configuration (secrets redacted). Non-default values came from:\n"
+    fsutil.write_atomic(output_dir / "config.yaml", header + origin + body)
+
+
+def write_history(output_dir: Path, history: list[dict]) -> None:
+    """history.json: the records loss.png is drawn from (step, loss, learning_rate, grad_norm, eval_loss, ...)."""
+    points = [h for h in history if "loss" in h or "eval_loss" in h]
+    fsutil.write_atomic(output_dir / "history.json", json.dumps(points, indent=1) + "\n")
+
+
+def plot_losses(output_dir: Path, history: list[dict]) -> None:
+    """loss.png: training loss per logging step and eval loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Fine-tuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        # The temporary name does not end in .png, so the format is named.
+        fsutil.write_atomic(output_dir / "loss.png", lambda temp: fig.savefig(temp, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def read_json(path: Path) -> dict | None:
+    """metrics.json, status.json or the model's COMPLETE marker, or None when missing or unreadable."""
+    return fsutil.read_marker(path)

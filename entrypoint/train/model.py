@@ -1,0 +1,230 @@
+"""Load the tokenizer and the model, wire LoRA in (peft), and save what gets published.
+
+With `--lora-rank N` only low-rank adapters on the target modules train: checkpoints hold the adapter and its
+optimizer state, and publishing merges the adapter into the base weights, so `model/` is an ordinary model that
+plain transformers loads, with the adapter itself beside it in `model/adapter/`.
+
+The model is loaded the way a GPU runs it fastest with the same results: causal SDPA with no mask tensor for text
+(attention_for, causal_sdpa), PyTorch's one-kernel tanh GELU for `gelu_new` (fast_gelu) and the chunked loss
+(loss.py). tests/train/test_attention.py and tests/train/test_loss.py prove each on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from entrypoint.config.schema import TrainConfig
+from entrypoint.errors import ModelLoadError
+from entrypoint.train.loss import causal_lm_loss
+
+log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"
+
+# Default LoRA targets per architecture (config.model_type): the attention and MLP projections. Unknown
+# architectures get peft's all-linear (every linear layer but the output head).
+LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+def needs_remote_code(exc: Exception) -> bool:
+    """Whether a transformers loading error means the model ships its own Python code."""
+    return "trust_remote_code" in str(exc)
+
+
+def remote_code_error(model: str) -> ModelLoadError:
+    return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
+                          "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
+                          "architecture transformers supports natively.")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if needs_remote_code(exc):
+            raise remote_code_error(cfg.model) from None
+        raise ModelLoadError(f"cannot load the tokenizer of {cfg.model!r} ({str(exc).splitlines()[0][:120]}); "
+                             "the model directory needs tokenizer files.") from None
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{cfg.model!r} has no fast tokenizer with an EOS token; save one with "
+                             "tokenizer.json (transformers' PreTrainedTokenizerFast).")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used under an attention mask of 0
+    return tokenizer
+
+
+CAUSAL = "sdpa_causal"  # transformers' SDPA under a name that has no mask builder: see causal_sdpa
+TANH_GELU = "gelu_pytorch_tanh"
+ACTIVATION_FIELDS = ("activation_function", "hidden_act", "hidden_activation")
+
+
+def attention_for(isolated: bool, precision: str) -> str:
+    """How attention runs. Isolated documents: flash-attention's variable-length kernels on a GPU in half precision
+    where the flash_attn package is installed (the collator hands it each document's span, collate.varlen_spans),
+    else SDPA with the block-diagonal mask transformers builds from the restarted position ids. Everything else:
+    causal SDPA with no mask at all (causal_sdpa). Unmeasured: no GPU with flash_attn was available yet."""
+    import importlib.util
+
+    if not isolated:
+        return CAUSAL
+    if precision in ("bf16", "fp16") and torch.cuda.is_available() \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with `is_causal=True` and no mask tensor, the call the flash kernel needs.
+
+    transformers builds a B x 1 x T x T mask whenever it cannot prove it redundant: under torch.compile always
+    (its packed-sequence check on the position ids returns a tensor while tracing), and in eager mode for every
+    padded batch. Neither is needed here: packed rows that do not isolate documents are plainly causal, and the
+    padding collator pads on the right, so a real token never sees a pad token before it (pad positions carry no
+    loss). Registered under a name with no mask function, transformers' mask creation returns None at once."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def has_local_attention(config) -> bool:
+    """Sliding-window or chunked layers need the mask transformers builds; causal_sdpa would drop their window."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) \
+        or bool(getattr(config, "attention_chunk_size", None)) or any(t != "full_attention" for t in layer_types)
+
+
+def fast_gelu(config) -> dict[str, str]:
+    """The config fields naming `gelu_new` (GPT-2, GPT-Neo, GPT-J, CodeGen), set to PyTorch's tanh GELU: the same
+    function within about 1e-6 in fp32, as one kernel instead of a pow/tanh chain that autocast runs in fp32."""
+    return {name: TANH_GELU for name in ACTIVATION_FIELDS if getattr(config, name, None) == "gelu_new"}
+
+
+def load_model(cfg: TrainConfig, attention: str = "sdpa"):
+    """The model to train: the base model, wrapped with LoRA adapters when --lora-rank > 0."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
+        model = _from_pretrained(AutoModelForCausalLM, cfg, attention)
+    except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
+        if needs_remote_code(exc):
+            raise remote_code_error(cfg.model) from None
+        raise ModelLoadError(f"cannot load model weights of {cfg.model!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}); check the directory has a complete "
+                             "model.safetensors, or the Hub id and HF_TOKEN.") from None
+    # Training never reads a KV cache. With one, transformers also skips the block-diagonal mask it builds from
+    # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
+    model.config.use_cache = False
+    use_chunked_loss(model)
+    if cfg.lora_rank:
+        model = add_lora(model, cfg)
+    return model
+
+
+def use_chunked_loss(model) -> None:
+    """Models whose loss is transformers' ForCausalLMLoss compute the same loss without a full fp32 copy of the
+    logits (loss.py)."""
+    if getattr(model, "loss_type", None) in (None, "ForCausalLM"):
+        model.loss_function = causal_lm_loss
+
+
+def _from_pretrained(auto, cfg: TrainConfig, attention: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+    faster = fast_gelu(config) if cfg.tanh_gelu else {}
+    if faster:
+        config.update(faster)
+        log.info("model: %s GELU as %s (--no-tanh-gelu keeps gelu_new)", ", ".join(faster), TANH_GELU)
+    model = _load(auto, cfg, config, attention)
+    model.replaced_gelu = list(faster)  # save_published names gelu_new again, as the base model did
+    return model
+
+
+def _load(auto, cfg: TrainConfig, config, attention: str):
+    from transformers import AttentionInterface
+
+    if attention == CAUSAL:
+        if has_local_attention(config):
+            attention = "sdpa"
+        else:
+            AttentionInterface.register(CAUSAL, causal_sdpa)
+    kwargs = {"config": config, "dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
+    if attention != "sdpa":
+        try:
+            return auto.from_pretrained(cfg.model, attn_implementation=attention, **kwargs)
+        except (ImportError, ValueError) as exc:  # the architecture or the installed flash_attn does not support it
+            log.warning("model: %s unavailable (%s); using sdpa", attention, str(exc).splitlines()[0][:160])
+    return auto.from_pretrained(cfg.model, attn_implementation="sdpa", **kwargs)
+
+
+def varlen_attention(model) -> bool:
+    """Whether the model runs flash-attention, whose variable-length kernel isolates documents only when the batch
+    carries each document's span (collate.PackedCollator(varlen=True))."""
+    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+
+
+def lora_targets(model_type: str, requested: str | None) -> list[str] | str:
+    """The module names LoRA adapts: the option's comma-separated list, or the architecture's default."""
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+    return list(LORA_TARGETS.get(model_type, ())) or "all-linear"
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model.config.model_type, cfg.lora_target_modules)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
+    torch.manual_seed(cfg.seed)  # lora_A starts random: the same seed makes a run, and its rerun, repeatable
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ModelLoadError(f"--lora-target-modules {cfg.lora_target_modules or ','.join(targets)}: "
+                             f"{str(exc).splitlines()[0][:160]}; name modules the model has, or use all-linear."
+                             ) from None
+    if cfg.gradient_checkpointing:
+        # The embeddings are frozen, so without this the recomputed blocks would see inputs that need no
+        # gradient and the adapters inside them would get none.
+        model.enable_input_require_grads()
+    return model
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_published(model, tokenizer, directory: Path) -> None:
+    """Write an ordinary model to `directory`; a LoRA model also leaves its adapter in `directory/adapter`.
+
+    Merging changes the wrapped model in place (the adapter folds into the base weights), so this is the last
+    thing done with it."""
+    if is_lora(model):
+        model.save_pretrained(directory / ADAPTER_DIR)
+        (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's blank card; model/README.md says it
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # off only for training (load_model); generation wants it
+    if model.config._attn_implementation == CAUSAL:
+        model.set_attn_implementation("sdpa")  # CAUSAL is registered in this process only
+    for name in getattr(model, "replaced_gelu", ()):  # the base model's own name for the same function
+        setattr(model.config, name, "gelu_new")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

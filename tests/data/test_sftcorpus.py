@@ -1,0 +1,26 @@
+"""The instruction corpus built from the standard library at run time."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+from entrypoint.data import formats, sftcorpus
+
+
+def test_records_pair_a_signature_with_the_first_docstring_paragraph(tmp_path):
+    counts = sftcorpus.build(tmp_path, max_records=400)
+    assert counts["train"] + counts["valid"] == 400 and counts["valid"] > 0
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(records) == counts["train"] and len({r["prompt"] for r in records}) == len(records)
+    for record in records:
+        assert record["prompt"].startswith(("def ", "async def ")) and record["prompt"].endswith(":\n")
+        ast.parse(record["prompt"] + "    pass\n")  # a real signature
+        assert len(record["completion"]) >= sftcorpus.MIN_CHARS and "\n" not in record["completion"]
+    assert formats.detect(records[0]) == formats.INSTRUCTION
+
+
+def test_the_split_is_the_same_on_every_build(tmp_path):
+    sftcorpus.build(tmp_path / "a", max_records=200)
+    sftcorpus.build(tmp_path / "b", max_records=200)
+    assert (tmp_path / "a" / "valid.jsonl").read_text() == (tmp_path / "b" / "valid.jsonl").read_text()
