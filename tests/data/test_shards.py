@@ -154,8 +154,9 @@ def _tokenizing(tiny_model, corpus_dir, tmp_path) -> tuple[subprocess.Popen, lis
         if "data: tokenizing" in line:
             break
     assert proc.poll() is None, "".join(seen)
-    time.sleep(2)
-    workers = _children(proc.pid)
+    deadline = time.monotonic() + 60  # the workers fork as tokenizing starts: at once here, later on a busy machine
+    while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(workers) == 2, f"expected two tokenizing workers, found {workers}"
     return proc, seen, workers, cache
 
