@@ -15,6 +15,7 @@ from entrypoint.config.options import as_dict
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline
 from entrypoint.data.collate import PackedCollator, PaddingCollator
+from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
 from entrypoint.logs import ProgressLog, event, is_tty
 from entrypoint.publish import export, outputs
@@ -70,8 +71,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = pipeline.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop,
-                                            workers=plan.preprocessing_workers)
+    data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers)
+    train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)

@@ -21,14 +21,15 @@ import pytest
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline, shards, tokendataset
+from entrypoint.data.options import DataOptions
 from tests.support.helpers import REPO, clean_env, finetune
 
 BLOCK = 32
 
 
-def config(data_dir: Path, cache: Path, **options) -> TrainConfig:
-    return TrainConfig(data_dir=data_dir, output_dir=cache.parent / "out", cache_dir=cache, preprocessing_workers=1,
-                       **options)
+def config(data_dir: Path, cache: Path, **options) -> DataOptions:
+    return DataOptions.of(TrainConfig(data_dir=data_dir, output_dir=cache.parent / "out", cache_dir=cache,
+                                      preprocessing_workers=1, **options))
 
 
 def rows(dataset) -> list[list[int]]:
