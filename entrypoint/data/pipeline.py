@@ -29,7 +29,7 @@ from entrypoint.data.cache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, 
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, discover, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
-from entrypoint.data.tokendataset import TokenDataset
+from entrypoint.data.tokendataset import Layout, TokenDataset
 from entrypoint.errors import DataError, OutputError
 from entrypoint.logs import WorkProgress
 from entrypoint.runtime.cpus import tokenizing_workers
@@ -285,12 +285,11 @@ def load(opts: DataOptions, target: Path, start: float, hit: bool):
     manifest = json.loads((target / "manifest.json").read_text())
     stats = DataStats(**json.loads((target / "stats.json").read_text()))
     stats.cache_hit, stats.prepare_seconds = hit, time.perf_counter() - start
-    parts = [target / name for name in manifest["shards"]]
-    block_size, dtype, packing, masked = manifest["block_size"], manifest["dtype"], manifest["packing"], \
-        manifest["masked"]
-    stats.isolated = packing and formats.isolate_by_default(manifest["data_format"], opts.isolate_documents)
-    train = TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
-    valid = TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
+    layout = Layout(tuple(target / name for name in manifest["shards"]), manifest["block_size"], manifest["packing"],
+                    manifest["dtype"], manifest["masked"])
+    stats.isolated = layout.packing and formats.isolate_by_default(manifest["data_format"], opts.isolate_documents)
+    train = TokenDataset(layout, "train", isolate=stats.isolated)
+    valid = TokenDataset(layout, "valid", isolate=stats.isolated)
     capped = valid.capped(opts.max_eval_tokens)
     if capped is not valid:
         log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "

@@ -126,7 +126,7 @@ class TestPrecisionAndCompile:
         plan = decide(cfg, preflight(cfg), world_size=1)
         tokenizer = load_tokenizer(cfg)
         train_ds, eval_ds, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, plan.block_size, builds=True)
-        trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, train_ds, eval_ds, fresh=True)
+        trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, (train_ds, eval_ds), fresh=True)
         optimizer = trainer.create_optimizer()
         assert bool(optimizer.defaults.get("fused")) == CUDA
 

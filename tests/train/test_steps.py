@@ -44,7 +44,7 @@ def trainer_for(tmp_path, tiny_model, data_dir, **options):
     plan = decide(cfg, preflight(cfg), world_size=1)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, plan.block_size, builds=True)
-    trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, train_ds, eval_ds, fresh=False)
+    trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, (train_ds, eval_ds), fresh=False)
     return trainer
 
 
