@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Context:
     """What the steps after the data share: the configuration, the run plan, this process, the stop request and
-    the data's statistics (pipeline.DataStats)."""
+    the data's statistics."""
 
     cfg: TrainConfig
     plan: RunPlan
     dist: Dist
     stop: StopRequest
-    stats: object
+    stats: pipeline.DataStats
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
