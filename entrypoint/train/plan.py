@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
 from entrypoint.logs import event
 from entrypoint.runtime.cpus import tokenizing_workers
@@ -225,7 +226,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def estimated_rows(cfg: TrainConfig, block_size: int) -> int:
     """Training rows an epoch will have, from the input files' sizes (a `stat` each, nothing read)."""
-    train, _ = discover(cfg)
+    train, _ = discover(DataOptions.of(cfg))
     paths = [p for p in train.saved_dataset.rglob("*") if p.is_file()] if train.saved_dataset else train.files
     text_bytes = sum(p.stat().st_size for p in paths)
     return max(1, int(text_bytes / BYTES_PER_TOKEN) // block_size)

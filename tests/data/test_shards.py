@@ -21,14 +21,15 @@ import pytest
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline, shards, tokendataset
+from entrypoint.data.options import DataOptions
 from tests.support.helpers import REPO, clean_env, finetune
 
 BLOCK = 32
 
 
-def config(data_dir: Path, cache: Path, **options) -> TrainConfig:
-    return TrainConfig(data_dir=data_dir, output_dir=cache.parent / "out", cache_dir=cache, preprocessing_workers=1,
-                       **options)
+def config(data_dir: Path, cache: Path, **options) -> DataOptions:
+    return DataOptions.of(TrainConfig(data_dir=data_dir, output_dir=cache.parent / "out", cache_dir=cache,
+                                      preprocessing_workers=1, **options))
 
 
 def rows(dataset) -> list[list[int]]:
@@ -79,11 +80,11 @@ def test_offsets_past_two_to_the_31_tokens_are_exact(tmp_path):
         f.seek(2 * (total - 100))
         f.write(tail.tobytes())
     np.array([total - 60, 60], dtype=np.int64).tofile(shard / "train.docs")
-    packed = tokendataset.TokenDataset([shard], "train", 64, True, "uint16")
+    packed = tokendataset.TokenDataset(tokendataset.Layout((shard,), 64, True, "uint16"), "train")
     assert len(packed) == total // 64 == 33_554_433
     assert packed[-1]["input_ids"].tolist() == tail[:64].tolist()  # tokens 2**31 .. 2**31 + 63
     assert packed[-2]["input_ids"].tolist() == [0] * 64 and packed[-1]["input_ids"].dtype == np.int64
-    unpacked = tokendataset.TokenDataset([shard], "train", 2**30, False, "uint16")
+    unpacked = tokendataset.TokenDataset(tokendataset.Layout((shard,), 2**30, False, "uint16"), "train")
     assert unpacked.row_lengths().tolist() == [2**30, 2**30, 40, 60]  # the first document continues in rows 2, 3
     assert unpacked[-1]["input_ids"].tolist() == tail[40:].tolist()
     assert unpacked.offsets.dtype == np.int64 and int(unpacked.offsets[-1]) == total
