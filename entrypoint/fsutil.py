@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-COMPLETE = "COMPLETE"  # the completion marker: a folder holding it holds every other file of it, whole
+COMPLETE = "COMPLETE"  # the completion marker's name: written last, so a folder that holds it is whole
+
 
 def writer_tag() -> str:
     """`host-pid`: names a file or folder private to this process among all nodes sharing a volume."""
@@ -155,9 +156,8 @@ def publish_dir(final: Path, fill: Callable[[Path], str | None], *,
     left; `keep` expects several, and leaves them (another writer's may be live).
 
     A failure removes the staging folder, leaves `final` as it was (for `update`, until the moves begin) and
-    raises. Creating, filling, flushing and
-    marking run inside `guard()` (a context where a signal may raise); the renames run outside it, never cut
-    short."""
+    raises. Creating, filling, flushing and marking run inside `guard()` (a context where a signal may raise); the
+    renames run outside it, never cut short."""
     inside = if_exists == "update" and final.is_dir()
     staging = temp_sibling(final / final.name if inside else final)
     # A folder of this very name is a dead process's: a container restarted in place keeps its host name and PID.
