@@ -10,6 +10,7 @@ same on two of them.
     write_problem(directory)         why a small flushed write there fails, or None
     write_marker(path, text)         flush the folder's files, then write the marker; its presence implies the rest
     read_marker(path)                the marker's JSON, or None
+    publish_dir(final, fill)         a whole folder: staged privately, flushed, COMPLETE last, renamed into place
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+COMPLETE = "COMPLETE"  # the completion marker's name: written last, so a folder that holds it is whole
 
 
 def writer_tag() -> str:
@@ -32,6 +36,12 @@ def temp_sibling(path: Path) -> Path:
     """Where to write `path` before it is renamed into place: hidden, beside it (a rename within one filesystem is
     atomic), private to this process."""
     return path.with_name(f".{path.name}.tmp-{writer_tag()}")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is named as `temp_sibling` names things: a file or staging folder being written, or one a
+    killed writer left."""
+    return path.name.startswith(".") and ".tmp-" in path.name
 
 
 def commit(temp: Path, path: Path, *, sync: bool = False) -> None:
@@ -124,3 +134,82 @@ def read_marker(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def publish_dir(final: Path, fill: Callable[[Path], str | None], *,
+                if_exists: Literal["replace", "keep", "update"] = "replace",
+                last: str = COMPLETE, sync: bool = True,
+                guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> bool:
+    """Make the folder `final` appear whole or not at all. `fill(staging)` writes the files into an empty folder
+    private to this process among all nodes (named like `temp_sibling`, on the same filesystem) and returns the
+    text of the folder's COMPLETE marker, or None for a folder without one. With `sync` every file is flushed
+    before the marker is written and the rename is flushed when this returns.
+
+    When `final` exists already, `if_exists` decides:
+        replace  the old folder is renamed aside, the new one into its place, then the old one removed
+        keep     the folder there stays and this one is dropped: a racing writer published the same content;
+                 returns False
+        update   `final` itself stays (it may be a mount point, which cannot be renamed): the folder is staged
+                 inside it and its entries moved over the old ones, `last` last (a reader may see old and new
+                 entries side by side until then)
+    `replace` and `update` expect one writer per folder, so they first remove the staging folders a killed writer
+    left; `keep` expects several, and leaves them (another writer's may be live).
+
+    A failure removes the staging folder, leaves `final` as it was (for `update`, until the moves begin) and
+    raises. Creating, filling, flushing and marking run inside `guard()` (a context where a signal may raise); the
+    renames run outside it, never cut short."""
+    inside = if_exists == "update" and final.is_dir()
+    staging = temp_sibling(final / final.name if inside else final)
+    # A folder of this very name is a dead process's: a container restarted in place keeps its host name and PID.
+    shutil.rmtree(staging, ignore_errors=True)
+    if if_exists != "keep" and staging.parent.is_dir():  # one writer per folder: other staging folders are dead
+        for leftover in staging.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        with guard():
+            staging.mkdir(parents=True)
+            marker = fill(staging)
+            if marker is not None:
+                write_marker(staging / COMPLETE, marker, sync=sync)
+            elif sync:
+                fsync_tree(staging)
+        placed = _move_entries(staging, final, last) if inside else _rename(staging, final, if_exists)
+        if sync:
+            fsync_dir(final if inside else final.parent)
+        return placed
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _rename(staging: Path, final: Path, if_exists: str) -> bool:
+    """Rename the finished `staging` to `final`, doing with a folder already there what `if_exists` says."""
+    if if_exists == "keep":
+        try:
+            staging.rename(final)  # atomic, and refused (ENOTEMPTY) when another writer's folder is there
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        return True
+    if not final.exists():
+        staging.rename(final)
+        return True
+    retired = final.with_name(f".{final.name}.old-{writer_tag()}")
+    shutil.rmtree(retired, ignore_errors=True)  # a dead process's, as for the staging folder
+    final.rename(retired)
+    try:
+        staging.rename(final)
+    except BaseException:
+        retired.rename(final)  # the old folder goes back: a failed publish changes nothing
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+    return True
+
+
+def _move_entries(staging: Path, final: Path, last: str) -> bool:
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
+        path.replace(final / path.name)
+    staging.rmdir()
+    return True

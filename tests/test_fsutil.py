@@ -3,16 +3,20 @@ tests may mount: read-only and full volumes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
 
 from entrypoint import fsutil
+from tests.support.helpers import REPO
 
 
 @pytest.fixture
@@ -157,3 +161,169 @@ def test_an_empty_missing_or_damaged_marker_reads_as_none(tmp_path):
     assert fsutil.read_marker(tmp_path / "absent") is None
     (tmp_path / "half.json").write_text('{"save_sec')
     assert fsutil.read_marker(tmp_path / "half.json") is None
+
+
+# publish_dir: a whole folder, staged privately, marked, renamed into place.
+
+def _model(text: str):
+    """A fill that writes two files and returns the marker's text."""
+    def fill(staging):
+        (staging / "config.json").write_text(text)
+        (staging / "weights.bin").write_bytes(text.encode() * 1024)
+        return json.dumps({"version": text})
+    return fill
+
+
+def test_a_published_folder_appears_with_its_files_and_the_marker_written_last(tmp_path):
+    final = tmp_path / "model"
+    assert fsutil.publish_dir(final, _model("a"))
+    assert sorted(p.name for p in final.iterdir()) == [fsutil.COMPLETE, "config.json", "weights.bin"]
+    assert fsutil.read_marker(final / fsutil.COMPLETE) == {"version": "a"}
+    marked = (final / fsutil.COMPLETE).stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= marked for p in final.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or retired folder beside it
+
+
+def test_a_reader_never_sees_a_published_folder_without_its_marker_or_half_of_it(tmp_path):
+    seen, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            for folder in tmp_path.glob("model-*"):  # hidden staging folders are not matched
+                seen.append(sorted(os.listdir(folder)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(40):
+            fsutil.publish_dir(tmp_path / f"model-{i}", _model(str(i)), sync=False)
+    finally:
+        done.set()
+        reader.join()
+    assert seen and all(names == [fsutil.COMPLETE, "config.json", "weights.bin"] for names in seen)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failing_fill_leaves_nothing_half_published_and_the_old_folder_as_it_was(tmp_path, existing):
+    final = tmp_path / "model"
+    if existing:
+        fsutil.publish_dir(final, _model("old"))
+    before = {p.name: p.read_bytes() for p in final.iterdir()} if existing else None
+
+    def fails(staging):
+        _model("new")(staging)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        fsutil.publish_dir(final, fails)
+    assert [p.name for p in tmp_path.iterdir()] == (["model"] if existing else [])
+    if existing:
+        assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+
+
+def test_the_renames_run_after_the_guard_so_a_signal_cannot_cut_them_short(tmp_path):
+    final, events = tmp_path / "model", []
+
+    @contextlib.contextmanager
+    def guard():
+        events.append("enter")
+        yield
+        events.append(("leave", final.exists(), sorted(p.name for p in tmp_path.iterdir())))
+
+    fsutil.publish_dir(final, _model("a"), guard=guard)
+    staging = fsutil.temp_sibling(final).name
+    assert events == ["enter", ("leave", False, [staging])]  # marked, not yet renamed, when the guard ends
+    assert final.is_dir()
+
+
+def test_two_processes_publishing_one_folder_stage_apart_and_one_wins(tmp_path):
+    # Both writers hold their staging folder at once (each waits for the other's "ready" file), then race to
+    # rename: one publishes, the other keeps that folder and drops its own.
+    script = textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from entrypoint import fsutil
+
+        root = Path(sys.argv[1])
+        def fill(staging):
+            (staging / "who").write_text(str(os.getpid()))
+            (root / "ready" / staging.name).write_text("")
+            while len(os.listdir(root / "ready")) < 2:
+                time.sleep(0.01)
+        print(fsutil.publish_dir(root / "shard", fill, if_exists="keep", sync=False))
+    """)
+    (tmp_path / "ready").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO) for _ in range(2)]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outcomes == ["False", "True"]
+    stagings = sorted(p.name for p in (tmp_path / "ready").iterdir())
+    assert len(stagings) == 2 and all(fsutil.is_temporary(tmp_path / name) for name in stagings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ready", "shard"]
+    assert (tmp_path / "shard" / "who").read_text() in {str(p.pid) for p in procs}
+
+
+def test_writers_on_two_hosts_with_the_same_pid_stage_apart(tmp_path, monkeypatch):
+    # Two nodes sharing a volume can run their writers under the same PID (containers often do): node b
+    # publishes the shard while node a is still writing its copy, and must not take or remove a's folder.
+    final, host = tmp_path / "shard-00000-of-00001", {"name": "node-a"}
+    monkeypatch.setattr(socket, "gethostname", lambda: host["name"])
+
+    def fill_b(staging):
+        (staging / "tokens.bin").write_bytes(b"b")
+
+    def fill_a(staging):
+        (staging / "tokens.bin").write_bytes(b"a")
+        host["name"] = "node-b"
+        assert fsutil.publish_dir(final, fill_b, if_exists="keep", sync=False)
+        assert (staging / "tokens.bin").read_bytes() == b"a" and "node-a" in staging.name
+
+    assert fsutil.publish_dir(final, fill_a, if_exists="keep", sync=False) is False
+    assert (final / "tokens.bin").read_bytes() == b"b"
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_leftovers_of_killed_writers_are_cleared_only_where_there_is_one_writer(tmp_path):
+    dead = tmp_path / ".model.tmp-other-host-7"
+    (dead / "half").mkdir(parents=True)
+    fsutil.publish_dir(tmp_path / "model", _model("a"), if_exists="keep", sync=False)
+    assert dead.is_dir()  # in a shared cache it may be a live writer's
+    fsutil.publish_dir(tmp_path / "model", _model("b"))
+    assert not dead.exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_folder_of_its_own_name_is_replaced_as_a_dead_process_s(tmp_path):
+    # A container restarted in place keeps its host name and PID, so a killed run's staging folder has this name.
+    own = fsutil.temp_sibling(tmp_path / "shard")
+    own.mkdir()
+    (own / "stale.bin").write_bytes(b"old")
+    fsutil.publish_dir(tmp_path / "shard", _model("a"), if_exists="keep", sync=False)
+    assert sorted(p.name for p in (tmp_path / "shard").iterdir()) == [fsutil.COMPLETE, "config.json", "weights.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shard"]
+
+
+def test_an_update_keeps_the_folder_itself_and_moves_the_last_entry_last(tmp_path):
+    final = tmp_path / "tiny"  # stands for a mount point: the folder must stay, only its entries change
+    final.mkdir()
+    (final / "config.json").write_text("old")
+    (final / "kept.txt").write_text("not ours")
+    inode = final.stat().st_ino
+
+    def fill(staging):
+        (staging / "config.json").write_text("new")
+        (staging / "model.safetensors").write_bytes(b"\0" * 4096)
+
+    assert fsutil.publish_dir(final, fill, if_exists="update", last="config.json")
+    assert final.stat().st_ino == inode
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "kept.txt", "model.safetensors"]
+    assert (final / "config.json").read_text() == "new"
+    assert (final / "config.json").stat().st_ctime_ns >= (final / "model.safetensors").stat().st_ctime_ns
+
+    def fails(staging):
+        (staging / "config.json").write_text("newer")
+        raise OSError(30, "Read-only file system")
+
+    with pytest.raises(OSError):
+        fsutil.publish_dir(final, fails, if_exists="update", last="config.json")
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "kept.txt", "model.safetensors"]
+    assert (final / "config.json").read_text() == "new"

@@ -9,14 +9,14 @@ inside it. A failure removes the staging folder and leaves what was there before
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
+from entrypoint import fsutil
 from entrypoint.config.schema import MODEL_SIZES, InitModelConfig
 from entrypoint.data.sources import check_text_file
 from entrypoint.errors import ConfigError, DataError, OutputError
-from entrypoint.publish.outputs import COMPLETE, check_writable
+from entrypoint.fsutil import COMPLETE
+from entrypoint.publish.outputs import check_writable
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -79,37 +79,30 @@ def check_output_dir(output_dir: Path) -> None:
         raise OutputError(f"--output-dir {output_dir} holds a model published by finetune train; choose another "
                           "--output-dir (init-model will not replace a trained model).")
     if output_dir.is_dir() and not (output_dir / "config.json").is_file():
-        others = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".staging-"))
+        others = sorted(p.name for p in output_dir.iterdir() if not fsutil.is_temporary(p))
         if others:
             raise OutputError(f"--output-dir {output_dir} holds other files ({', '.join(others[:3])}); choose a new "
                               "or empty directory (init-model replaces only a model directory).")
-    # Where the staging folder will go (see staging_dir): a read-only or misplaced volume shows now, not after
-    # the tokenizer has trained.
+    # Where the staging folder will go (see save): a read-only or misplaced volume shows now, not after the
+    # tokenizer has trained.
     check_writable(output_dir if output_dir.is_dir() else output_dir.parent, "output dir")
 
 
-def staging_dir(output_dir: Path) -> Path:
-    """Create and return the folder the model is written to before it is moved into place."""
-    replace = output_dir.is_dir()
-    home, prefix = (output_dir, ".staging-") if replace else (output_dir.parent, f".{output_dir.name}.staging-")
-    for leftover in home.glob(f"{prefix}*") if home.is_dir() else ():
-        shutil.rmtree(leftover, ignore_errors=True)  # from a run that was killed
-    staging = home / f"{prefix}{os.getpid()}"
+def save(model, tokenizer, output_dir: Path) -> None:
+    """Write the model directory with fsutil.publish_dir: a new one is staged beside its place and renamed into it;
+    an existing one (perhaps a mount point, which cannot be renamed) is staged inside and its files moved over,
+    config.json last, so that its presence marks a whole model."""
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; the model is often made by one user and read by another
+
     try:
-        staging.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {staging.parent} ({exc.strerror or exc}); mount it read-write or choose "
-                          "another --output-dir.") from None
-    return staging
-
-
-def move_into_place(staging: Path, output_dir: Path) -> None:
-    if staging.parent == output_dir:  # replacing a model directory: config.json last, so it marks a whole model
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-            path.replace(output_dir / path.name)
-        staging.rmdir()
-    else:
-        staging.rename(output_dir)
+        fsutil.publish_dir(output_dir, fill, if_exists="update", last="config.json")
+    except Exception as exc:  # OSError, or safetensors' own error type for a failed write (disk full)
+        raise OutputError(f"cannot write the model to {output_dir} ({getattr(exc, 'strerror', None) or exc}); "
+                          "free space or choose another --output-dir.") from None
 
 
 def check_inputs(cfg: InitModelConfig) -> list[Path]:
@@ -125,37 +118,25 @@ def check_inputs(cfg: InitModelConfig) -> list[Path]:
 def init_model(cfg: InitModelConfig, files: list[Path] | None = None) -> Path:
     """Write the model directory; `files` is what check_inputs returned, when the caller ran it already."""
     files = files or check_inputs(cfg)
-    staging = staging_dir(cfg.output_dir)
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
+    tokenizer = train_tokenizer(files, cfg.vocab_size)
+    check_vocabulary(tokenizer, cfg.corpus, cfg.vocab_size)
+    tokenizer.model_max_length = cfg.context
+    layers, heads, width = MODEL_SIZES[cfg.size]
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.context, n_embd=width, n_layer=layers,
+                        n_head=heads, bos_token_id=eos_id, eos_token_id=eos_id)
+    torch.manual_seed(cfg.seed)
     try:
-        tokenizer = train_tokenizer(files, cfg.vocab_size)
-        check_vocabulary(tokenizer, cfg.corpus, cfg.vocab_size)
-        tokenizer.model_max_length = cfg.context
-        layers, heads, width = MODEL_SIZES[cfg.size]
-        eos_id = tokenizer.convert_tokens_to_ids(EOS)
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.context, n_embd=width, n_layer=layers,
-                            n_head=heads, bos_token_id=eos_id, eos_token_id=eos_id)
-        torch.manual_seed(cfg.seed)
-        try:
-            model = GPT2LMHeadModel(config)
-        except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError when memory runs out
-            raise ConfigError(f"not enough memory for a {cfg.size} model with {len(tokenizer)} tokens and context "
-                              f"{cfg.context} ({str(exc).splitlines()[0][:120]}); lower --size, --vocab-size or "
-                              "--context.") from None
-        model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            for path in staging.iterdir():
-                path.chmod(0o644)  # safetensors writes 0600; the model is often made by one user and read by another
-            move_into_place(staging, cfg.output_dir)
-        except Exception as exc:  # OSError, or safetensors' own error type for a failed write (disk full)
-            raise OutputError(f"cannot write the model to {cfg.output_dir} ({getattr(exc, 'strerror', None) or exc}); "
-                              "free space or choose another --output-dir.") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # already moved into place on success
+        model = GPT2LMHeadModel(config)
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError when memory runs out
+        raise ConfigError(f"not enough memory for a {cfg.size} model with {len(tokenizer)} tokens and context "
+                          f"{cfg.context} ({str(exc).splitlines()[0][:120]}); lower --size, --vocab-size or "
+                          "--context.") from None
+    model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    save(model, tokenizer, cfg.output_dir)
     params = sum(p.numel() for p in model.parameters())
     log.info("init-model: %s GPT-2 (%d layers, %d heads, width %d, %.2fM parameters), vocabulary %d, "
              "context %d -> %s", cfg.size, layers, heads, width, params / 1e6, len(tokenizer), cfg.context,

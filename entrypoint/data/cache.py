@@ -17,12 +17,12 @@ from pathlib import Path
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
 from entrypoint.errors import DataError
+from entrypoint.fsutil import COMPLETE
 
 log = logging.getLogger("entrypoint.data")
 # 3: streamed token shards read through np.memmap, per-document hashed split
 # 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
 FORMAT_VERSION = 4
-COMPLETE = "COMPLETE"
 
 
 def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) -> dict:

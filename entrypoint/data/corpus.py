@@ -12,8 +12,9 @@ import hashlib
 import re
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from entrypoint import fsutil
 from entrypoint.errors import DataError, OutputError
@@ -52,28 +53,38 @@ def docstring_paragraphs(path: Path) -> Iterator[str]:
 
 
 def build(output_dir: Path, max_documents: int | None = None, valid_every: int = 20) -> dict[str, int]:
-    """Write train.txt and valid.txt (one paragraph a line); every `valid_every`-th document, chosen by
-    a hash of its text so the split is stable, goes to validation. Returns document counts.
+    """Write train.txt and valid.txt, one docstring paragraph a line (see write_split). Returns document counts."""
+    paragraphs = ((text, text) for path in stdlib_files() for text in docstring_paragraphs(path))
+    return write_split(output_dir, paragraphs, ".txt", max_documents, valid_every)
 
-    Both files are written under temporary names and renamed into place once complete; a failure (a read-only
-    or full volume) removes the temporary files and raises OutputError."""
+
+def write_split(output_dir: Path, documents: Iterable[tuple[str, str]], suffix: str, limit: int | None,
+                valid_every: int) -> dict[str, int]:
+    """Write `documents`, (key, line) pairs, to train{suffix} and valid{suffix}, one line each, up to `limit` of
+    them. A key seen before is skipped; every `valid_every`-th document, chosen by a hash of its key so the split
+    is stable, goes to validation. Returns the counts of both.
+
+    Both files are written under temporary names and renamed into place once complete, train last (its presence
+    means the corpus is complete); no valid file is left when no document went there. A failure (a read-only or
+    full volume) removes the temporary files, and the folder when this made it, and raises OutputError."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output-dir {output_dir} is a file; choose a directory path.")
     counts = {"train": 0, "valid": 0}
-    tmp = {name: fsutil.temp_sibling(output_dir / f"{name}.txt") for name in counts}
+    final = {name: output_dir / f"{name}{suffix}" for name in counts}
+    tmp = {name: fsutil.temp_sibling(path) for name, path in final.items()}
     created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tmp["train"].open("w") as train, tmp["valid"].open("w") as valid:
-            _write(train, valid, counts, max_documents, valid_every)
+            _write({"train": train, "valid": valid}, counts, documents, limit, valid_every)
         if not counts["train"]:
             raise DataError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}; this Python has no "
-                            "standard library sources, so write your own train.txt instead.")
-        if not counts["valid"]:  # an empty valid.txt would fail train; without one, train holds a split out
-            (output_dir / "valid.txt").unlink(missing_ok=True)
+                            f"standard library sources, so write your own train{suffix} instead.")
+        if not counts["valid"]:  # an empty valid file would fail train; without one, train holds a split out
+            final["valid"].unlink(missing_ok=True)
         else:
-            fsutil.commit(tmp["valid"], output_dir / "valid.txt")
-        fsutil.commit(tmp["train"], output_dir / "train.txt")  # last: its presence means the corpus is complete
+            fsutil.commit(tmp["valid"], final["valid"])
+        fsutil.commit(tmp["train"], final["train"])
     except OSError as exc:
         raise OutputError(f"cannot write the corpus to {output_dir} ({exc.strerror or exc}); mount it read-write, "
                           "free space or choose another --output-dir.") from None
@@ -81,22 +92,22 @@ def build(output_dir: Path, max_documents: int | None = None, valid_every: int =
         for path in tmp.values():
             with contextlib.suppress(OSError):  # never created, or in a directory that could not be made
                 path.unlink()
-        if created and not (output_dir / "train.txt").exists():
+        if created and not final["train"].exists():
             with contextlib.suppress(OSError):  # a failed run leaves no empty folder it made
                 output_dir.rmdir()
     return counts
 
 
-def _write(train, valid, counts: dict[str, int], max_documents: int | None, valid_every: int) -> None:
+def _write(files: dict[str, IO[str]], counts: dict[str, int], documents: Iterable[tuple[str, str]],
+           limit: int | None, valid_every: int) -> None:
     seen: set[str] = set()
-    for path in stdlib_files():
-        for text in docstring_paragraphs(path):
-            if text in seen:
-                continue
-            seen.add(text)
-            bucket = int(hashlib.blake2b(text.encode(), digest_size=4).hexdigest(), 16) % valid_every
-            name = "valid" if bucket == 0 else "train"
-            (valid if name == "valid" else train).write(text + "\n")
-            counts[name] += 1
-            if max_documents and len(seen) >= max_documents:
-                return
+    for key, line in documents:
+        if key in seen:
+            continue
+        seen.add(key)
+        bucket = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % valid_every
+        name = "valid" if bucket == 0 else "train"
+        files[name].write(line + "\n")
+        counts[name] += 1
+        if limit and len(seen) >= limit:
+            return

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from entrypoint import fsutil
 from entrypoint.data import formats, shards
-from entrypoint.data.cache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder
+from entrypoint.data.cache import FORMAT_VERSION, cache_key, pre_key, wait_for_builder
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, discover, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
 from entrypoint.data.tokendataset import Layout, TokenDataset
 from entrypoint.errors import DataError, OutputError
+from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import WorkProgress
 from entrypoint.runtime.cpus import tokenizing_workers
 
@@ -135,8 +136,8 @@ def build_shard(build: Build) -> None:
     """Read, split, tokenize and write this shard, then move it into the cache under its final name."""
     target, name, stop = build.target, build.name, build.stop
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
-    # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
-    scratch, staging = build.opts.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
+    # sharing one cache volume must not delete each other's. The shard is staged privately too (publish_dir).
+    scratch = build.opts.data_cache_dir / f".scratch-{fsutil.writer_tag()}"
     built = False
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
@@ -145,19 +146,14 @@ def build_shard(build: Build) -> None:
         ranges = [shards.share(docs, build.shard, build.num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
-        _write_shard(build, jobs, ranges, fmt, staging)
-        try:
-            staging.rename(target / name)
-        except OSError:
-            if not (target / name).is_dir():
-                raise
-            # An identical shard is already there (a retried pod, a racing builder): keep that one.
+        # An identical shard already there (a retried pod, a racing builder) is kept. Not flushed: see finalize.
+        fsutil.publish_dir(target / name, lambda staging: _write_shard(build, jobs, ranges, fmt, staging),
+                           if_exists="keep", sync=False)
         built = True
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
         if not built:  # nor an empty cache folder; one holding another builder's shards stays
             with contextlib.suppress(OSError):

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint.errors import ExportError
+from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import event
-from entrypoint.publish.outputs import COMPLETE, MODEL_DIR
+from entrypoint.publish.outputs import MODEL_DIR
 
 log = logging.getLogger(__name__)
 

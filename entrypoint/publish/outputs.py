@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from entrypoint import fsutil
 from entrypoint.errors import OutputError
 
 MODEL_DIR = "model"
-COMPLETE = "COMPLETE"
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
@@ -66,7 +64,7 @@ def write_termination_message(message: str, platform: str | None = None) -> None
 
 def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
                   interruptible=contextlib.nullcontext) -> Path:
-    """Stage the model beside its final place (same filesystem), then rename it into place.
+    """Publish model/ whole with `fsutil.publish_dir`: staged beside its final place, then renamed into it.
 
     `save(directory)` writes the model files; `marker` goes into COMPLETE as JSON. COMPLETE is written after
     everything is flushed, so a reader that sees model/COMPLETE sees a whole model; a crash leaves only a hidden
@@ -74,34 +72,20 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
     staging folder is removed); the renames that follow are never cut short.
     """
     final = output_dir / MODEL_DIR
-    staging = output_dir / f".{MODEL_DIR}.staging-{os.getpid()}"
-    for leftover in output_dir.glob(f".{MODEL_DIR}.staging-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+
+    def fill(staging: Path) -> str:
+        save(staging)
+        (staging / "README.md").write_text(card)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
+        staging.chmod(0o755)
+        return json.dumps({"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}) + "\n"
+
     try:
-        with interruptible():
-            staging.mkdir(parents=True)
-            save(staging)
-            (staging / "README.md").write_text(card)
-            for path in staging.rglob("*"):
-                path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600
-            staging.chmod(0o755)
-            stamp = {"published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **marker}
-            fsutil.write_marker(staging / COMPLETE, json.dumps(stamp) + "\n")
-        if final.exists():
-            retired = output_dir / f".{MODEL_DIR}.old-{os.getpid()}"
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(final)
-        fsutil.fsync_dir(output_dir)
+        fsutil.publish_dir(final, fill, guard=interruptible)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
                           "output volume and rerun (training resumes from the last checkpoint).") from None
-    except BaseException:  # a signal (Preempted) or a bug mid-save: no half-written staging folder stays behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

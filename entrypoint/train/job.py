@@ -18,6 +18,7 @@ from entrypoint.data import formats, pipeline
 from entrypoint.data.collate import PackedCollator, PaddingCollator
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
+from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import ProgressLog, event, is_tty
 from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
@@ -201,7 +202,7 @@ def config_hash(cfg: TrainConfig) -> str:
 
 def already_published(cfg: TrainConfig) -> bool:
     """A retried Job after success does nothing; a different configuration over a model needs --overwrite."""
-    marker = outputs.read_json(cfg.output_dir / outputs.MODEL_DIR / outputs.COMPLETE)
+    marker = outputs.read_json(cfg.output_dir / outputs.MODEL_DIR / COMPLETE)
     if not (cfg.output_dir / outputs.MODEL_DIR).exists():
         return False
     if marker and marker.get("config_hash") == config_hash(cfg) and not cfg.overwrite:

@@ -268,6 +268,12 @@ CORPUS = [
      "--max-documents"),
     ("documents_not_a_number", lambda p: ["--output-dir", str(p.path("c")), "--max-documents", "all"],
      ExitCode.USAGE, "--max-documents"),
+    ("instructions_output_is_a_file", lambda p: ["--instructions", "--output-dir", str(p.file("a-file"))],
+     ExitCode.OUTPUT, "is a file"),
+    ("instructions_output_under_a_file", lambda p: ["--instructions", "--output-dir", str(p.file("a-file") / "c")],
+     ExitCode.OUTPUT, "Not a directory"),
+    ("instructions_output_read_only", lambda p: ["--instructions", "--output-dir", str(p.read_only() / "c")],
+     ExitCode.OUTPUT, "Read-only file system"),
 ]
 
 

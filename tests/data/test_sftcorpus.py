@@ -24,3 +24,11 @@ def test_the_split_is_the_same_on_every_build(tmp_path):
     sftcorpus.build(tmp_path / "a", max_records=200)
     sftcorpus.build(tmp_path / "b", max_records=200)
     assert (tmp_path / "a" / "valid.jsonl").read_text() == (tmp_path / "b" / "valid.jsonl").read_text()
+
+
+def test_a_split_without_validation_records_writes_no_empty_valid_file(tmp_path):
+    # Only a record whose 32-bit hash is 0 would go to validation: none of these five (train then holds a split
+    # out itself).
+    counts = sftcorpus.build(tmp_path, max_records=5, valid_every=2**33)
+    assert counts == {"train": 5, "valid": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from entrypoint.errors import Preempted
+from entrypoint.fsutil import COMPLETE
 from entrypoint.publish import outputs
 from entrypoint.train.preemption import StopRequest
 
@@ -63,4 +64,4 @@ def test_a_published_model_survives_a_signal_after_its_rename(tmp_path, stop):
                                   interruptible=lambda: stop.interruptible("while publishing"))
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.1)
-    assert (final / outputs.COMPLETE).is_file() and stop.requested
+    assert (final / COMPLETE).is_file() and stop.requested
