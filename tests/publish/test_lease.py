@@ -17,7 +17,6 @@ from entrypoint.errors import Busy, Preempted
 from entrypoint.publish.lease import HEARTBEAT_SECONDS, LEASE, STALE_SECONDS, Lease, held_by_another
 from entrypoint.train.preemption import StopRequest
 
-
 # "At once" against a wait that lasts until the lease is stale (STALE_SECONDS, 30 s): margin for a busy machine.
 AT_ONCE_S = 10
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +133,23 @@ def test_a_check_that_raises_stops_busy_workers_within_a_second():
     with pytest.raises(KeyboardInterrupt):
         list(forkpool.ordered(lambda: range(4), _slow, 2, check))
     assert time.monotonic() - started < 20  # the workers sleep 60 s: only a stop ends them sooner
+
+
+def test_a_check_that_raises_stops_a_slow_consumer_whose_results_are_always_ready():
+    stop = threading.Event()
+
+    def check():
+        if stop.is_set():
+            raise KeyboardInterrupt
+
+    consumed = 0
+    with pytest.raises(KeyboardInterrupt):
+        for _ in forkpool.ordered(lambda: range(1000), _square, 2, check):
+            consumed += 1
+            if consumed == 3:
+                stop.set()  # the signal arrives while the parent is busy with a result
+            time.sleep(0.05)  # the parent is the slow side: every pipe holds a result when it comes back
+    assert consumed == 3, f"{consumed} results consumed after the stop"
 
 
 def test_workers_run_at_most_a_few_results_ahead_of_a_slow_consumer(tmp_path):
