@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.formats import chat_template, convention
 from entrypoint.data.sources import Source, fingerprint
 from entrypoint.errors import DataError
 
@@ -28,8 +29,6 @@ COMPLETE = "COMPLETE"
 def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> dict:
     """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
     ids come from the documents' lengths when the cache is read.)"""
-    from entrypoint.data.formats import chat_template, convention
-
     return {
         "format": FORMAT_VERSION,
         "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),

@@ -16,6 +16,7 @@ from entrypoint.config.schema import TrainConfig
 from entrypoint.data.sources import discover
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
 from entrypoint.publish.outputs import check_writable
+from entrypoint.runtime import cuda
 from entrypoint.runtime.toolchain import Toolchain, find
 
 MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for little fine-tuning gain
@@ -40,8 +41,6 @@ def device_and_precision(requested: str, environ: Mapping[str, str]) -> tuple[st
     NVIDIA_VISIBLE_DEVICES from `environ`: the CLI passes the process's environment)."""
     import torch
 
-    from entrypoint.runtime import cuda
-
     cuda.check(requested, environ)
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
@@ -64,6 +63,17 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def needs_remote_code(exc: Exception) -> bool:
+    """Whether a transformers loading error means the model ships its own Python code."""
+    return "trust_remote_code" in str(exc)
+
+
+def remote_code_error(model: str) -> ModelLoadError:
+    return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
+                          "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
+                          "architecture transformers supports natively.")
+
+
 def load_model_config(model: str, token: str | None):
     from transformers import AutoConfig
 
@@ -74,8 +84,6 @@ def load_model_config(model: str, token: str | None):
     try:
         return AutoConfig.from_pretrained(model, token=token, trust_remote_code=False)  # never asks on stdin
     except (OSError, ValueError) as exc:
-        from entrypoint.train.model import needs_remote_code, remote_code_error
-
         if isinstance(exc, ValueError) and needs_remote_code(exc):
             raise remote_code_error(model) from None
         first = str(exc).splitlines()[0][:160]
