@@ -127,16 +127,10 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
         raise ModelLoadError(*problems)
 
 
-def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] | None = None) -> Checked:
-    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
-    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
+def cheap_problems(cfg: TrainConfig) -> list[FinetuneError]:
+    """The checks that need neither torch nor transformers: the option values, the data's location, and whether the
+    output, checkpoint and cache directories are writable (created if missing)."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
-    device, precision = "cpu", "fp32"
-    try:
-        if trains:
-            device, precision = device_and_precision(cfg.precision, environ or {})
-    except FinetuneError as exc:
-        problems.append(exc)
     try:
         discover(cfg)
     except FinetuneError as exc:
@@ -148,6 +142,26 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
         except FinetuneError as exc:
             problems.append(exc)
             break  # the others usually live inside the first
+    return problems
+
+
+def check_cheaply(cfg: TrainConfig) -> None:
+    """Raise every problem `cheap_problems` finds. `train` calls it before anything imports torch or transformers
+    (seconds on a busy machine), so a missing data directory or a mistyped option is reported at once; `preflight`
+    checks the same again with the rest."""
+    _raise(cheap_problems(cfg))
+
+
+def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] | None = None) -> Checked:
+    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
+    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
+    problems = cheap_problems(cfg)
+    device, precision = "cpu", "fp32"
+    try:
+        if trains:
+            device, precision = device_and_precision(cfg.precision, environ or {})
+    except FinetuneError as exc:
+        problems.append(exc)
     model_config, block_size = None, cfg.block_size or 0
     try:
         model_config, block_size = model_and_block_size(cfg)
@@ -158,9 +172,7 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
     toolchain = find(environ or {}) if trains and compiles else None
     if toolchain and cfg.compile == "on":
         problems += [ConfigError(p) for p in toolchain.problems(device != "cpu", "--compile on")]
-    if problems:
-        problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
-        raise type(problems[0])(*[p for e in problems for p in e.problems])
+    _raise(problems)
     return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config,
                    toolchain=toolchain)
 
@@ -202,3 +214,10 @@ def context_length(model_config) -> int:
 
 # The first problem decides the exit code: the most fundamental kind first.
 _ORDER = [ConfigError, DataError, ModelLoadError, OutputError]
+
+
+def _raise(problems: list[FinetuneError]) -> None:
+    """One error carrying every problem's lines, of the most fundamental kind among them; nothing when none."""
+    if problems:
+        problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
+        raise type(problems[0])(*[p for e in problems for p in e.problems])
