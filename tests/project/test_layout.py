@@ -5,6 +5,8 @@ import behind a call)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -104,3 +106,18 @@ def test_the_layout_test_sees_the_package():
     assert {"entrypoint.logs", "entrypoint.cli.commands", "entrypoint.data.formats"} <= set(MODULES)
     assert level("entrypoint.logs") == "root" and level("entrypoint.data.formats") == "data"
     assert level("entrypoint.__main__") == "cli"
+
+
+# Modules that format, parse or check, and the CLI itself: usage errors and cheap checks must not wait for torch.
+LIGHT = ["entrypoint.cli", "entrypoint.train.checkpoints", "entrypoint.train.preflight", "entrypoint.publish.export",
+         "entrypoint.data.formats", "entrypoint.data.sources", "entrypoint.logs"]
+
+
+def test_modules_that_only_format_parse_or_check_import_neither_torch_nor_transformers():
+    code = ("import sys\n"
+            f"for name in {LIGHT!r}:\n"
+            "    __import__(name)\n"
+            "print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"importing {LIGHT} also imported {result.stdout.strip()}"
