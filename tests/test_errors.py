@@ -158,14 +158,18 @@ def test_bad_input_fails_cleanly(tmp_path, data_dir, tiny_model, breaks, code, s
         assert (status["state"], status["exit_code"]) == ("failed", code)
 
 
-def test_every_problem_is_reported_at_once(tmp_path, tiny_model):
-    env = clean_env(FINETUNE_MODEL=str(tiny_model), FINETUNE_DATA_DIR=str(tmp_path / "missing"),
-                    FINETUNE_OUTPUT_DIR=str(tmp_path / "out"), FINETUNE_BLOCK_SIZE="4096",
-                    FINETUNE_NPROC_PER_NODE="many")
-    result = finetune("train", env=env)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 3, result.stderr
-    assert result.returncode == ExitCode.USAGE  # the most fundamental problem decides the code
+def test_every_problem_is_reported_at_once(tmp_path, data_dir, tiny_model):
+    """The checks that need neither torch nor transformers (options, data, output directories) report together,
+    before anything heavy is imported; once they pass, the rest (device, model, block size) report together."""
+    env = clean_env(FINETUNE_MODEL=str(tiny_model), FINETUNE_OUTPUT_DIR=str(tmp_path / "out"),
+                    FINETUNE_BLOCK_SIZE="4096", FINETUNE_PRECISION="fp16")
+    cheap = {"FINETUNE_DATA_DIR": str(tmp_path / "missing"), "FINETUNE_NPROC_PER_NODE": "many"}
+    for extra, says in ((cheap, ["--nproc-per-node", "does not exist"]),
+                        ({"FINETUNE_DATA_DIR": str(data_dir)}, ["needs a CUDA GPU", "exceeds the model's"])):
+        result = finetune("train", env={**env, **extra})
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == len(says) and all(any(s in e for e in errors) for s in says), result.stderr
+        assert result.returncode == ExitCode.USAGE  # the most fundamental problem decides the code
 
 
 def test_exit_code_table_in_the_docs_matches_the_code():

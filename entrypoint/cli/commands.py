@@ -13,11 +13,11 @@ import click
 from entrypoint.cli.params import preset_option, resolve, schema_options
 from entrypoint.cli.running import (
     EXIT_CODES_HELP,
-    RESOLVED_OUTPUT_DIR,
     fail,
     handled,
     leave,
     log_config,
+    resolved_output_dir,
     setup_logs,
     this_process,
     train_output_dir,
@@ -47,36 +47,21 @@ def train(preset, **params):
     """Fine-tune a model on the text in --data-dir and publish it to --output-dir/model.
 
     With --nproc-per-node > 1 or --nnodes > 1 it re-launches itself under torchrun with the same arguments."""
-    from entrypoint.runtime.launch import die_with_launcher
-    from entrypoint.train.job import run
+    from entrypoint.train.preflight import check_cheaply
 
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker: it must not outlive the launcher
-        die_with_launcher()
+    dist = this_process()  # first: a torchrun worker must not outlive its launcher
     cfg, sources = resolve(TrainConfig, params, preset)
-    click.get_current_context().meta[RESOLVED_OUTPUT_DIR] = cfg.output_dir
-    dist = this_process()
+    ctx = resolved_output_dir(cfg.output_dir)
+    check_cheaply(cfg)  # before the logging set-up and the job, which import transformers: a typo costs no seconds
     setup_logs(cfg, dist.rank)
     if dist.is_main:
         log_config(cfg, sources)
-    if "LOCAL_RANK" not in os.environ and (cfg.nproc_per_node, cfg.nnodes) != ("1", "1"):
-        from entrypoint.runtime.launch import SHUTDOWN_TIMEOUT_S, run_torchrun, torchrun_arguments
-        from entrypoint.train.preflight import preflight
+    from entrypoint.commands import train as command
 
-        preflight(cfg, environ=os.environ)  # one clean error here rather than one per worker
-        args = torchrun_arguments(cfg, sys.argv[1:])
-        if args:
-            # The agent forwards SIGTERM to the workers (or stops them when one fails), then SIGKILLs any left
-            # after this many seconds: a step and a checkpoint save, ending inside the Job's grace period.
-            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-            leave(run_torchrun(args))  # a worker's failure is raised as the run's (launch.WorkerFailed)
-    ctx = click.get_current_context()
-    metrics = run(cfg, sources, dist, os.environ,
+    if (code := command.relaunch(cfg, sys.argv[1:], os.environ)) is not None:
+        leave(code)
+    command.train(cfg, sources, dist, os.environ,
                   blocked_exit=lambda message: fail(ExitCode.PREEMPTED, [message], train_output_dir, params, ctx))
-    if metrics and dist.is_main:
-        from entrypoint.logs import event
-        from entrypoint.train.metrics import final_line
-
-        event(final_line(metrics, cfg.output_dir / "model"), **metrics)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

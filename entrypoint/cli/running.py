@@ -133,6 +133,14 @@ def _output_dir(output_dir_of, kwargs) -> Path | None:
 RESOLVED_OUTPUT_DIR = "finetune.output_dir"
 
 
+def resolved_output_dir(path: Path) -> click.Context:
+    """Record the resolved --output-dir for the failure report and return the command's context: a thread that
+    reports a failure later (the stop watch) needs it, as click's current context belongs to one thread."""
+    ctx = click.get_current_context()
+    ctx.meta[RESOLVED_OUTPUT_DIR] = path
+    return ctx
+
+
 def train_output_dir(kwargs) -> Path:
     """Before the configuration resolves (or when it is what failed): the raw flag or the default."""
     return kwargs.get("output_dir") or Path("/output")
@@ -145,12 +153,16 @@ def setup_logs(cfg: TrainConfig | None = None, rank: int = 0) -> None:
 
 
 def this_process():
-    """Rank, local rank and world size from the variables torchrun sets."""
-    from entrypoint.runtime.launch import Dist
+    """Rank, local rank and world size from the variables torchrun sets. A torchrun worker is first tied to its
+    launcher, which it must not outlive (launch.die_with_launcher)."""
+    from entrypoint.runtime.launch import Dist, die_with_launcher
 
     env = os.environ
+    if "LOCAL_RANK" not in env:
+        return Dist()
+    die_with_launcher()
     return Dist(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
-                world_size=int(env.get("WORLD_SIZE", 1))) if "LOCAL_RANK" in env else Dist()
+                world_size=int(env.get("WORLD_SIZE", 1)))
 
 
 def log_config(cfg, sources: dict[str, str]) -> None:

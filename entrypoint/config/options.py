@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from entrypoint.config.destinations import url_problems
 from entrypoint.config.platforms import cluster_defaults, platform_defaults
 from entrypoint.config.schema import GenerateConfig, InitModelConfig, TrainConfig
 from entrypoint.errors import ConfigError
@@ -127,10 +128,6 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
-    from entrypoint.publish.export import (
-        url_problems,  # here, not at the top: export imports logs, which imports transformers
-    )
-
     problems += url_problems(cfg.export_to)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit, and transformers' set_seed seeds numpy too
+AUTO_BASE_BATCH = 8  # --batch-size auto keeps AUTO_BASE_BATCH x --grad-accum sequences per optimizer step
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -60,7 +61,8 @@ class TrainConfig:
     epochs: float = opt(3.0, "Training epochs (ignored when --max-steps is set).", min=0.01)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
     batch_size: int | str = opt(8, "Sequences per device per micro-batch; auto: the largest that fits the GPU, with "
-                                "--grad-accum rescaled to keep 8 x --grad-accum sequences per step (8 on CPU).",
+                                f"--grad-accum rescaled to keep {AUTO_BASE_BATCH} x --grad-accum sequences per step "
+                                f"({AUTO_BASE_BATCH} on CPU).",
                                 min=1, auto=True)
     grad_accum: int = opt(4, "Micro-batches accumulated per optimizer step.", min=1)
     learning_rate: float = opt(5e-5, "Peak learning rate.", min=0.0, max=1.0)

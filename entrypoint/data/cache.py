@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+from entrypoint.data.formats import chat_template, convention
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
 from entrypoint.errors import DataError
@@ -28,8 +29,6 @@ FORMAT_VERSION = 4
 def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) -> dict:
     """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
     ids come from the documents' lengths when the cache is read.)"""
-    from entrypoint.data.formats import chat_template, convention
-
     return {
         "format": FORMAT_VERSION,
         "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import torch
-
 from entrypoint.errors import DataError, ModelLoadError
 
 TEXT, INSTRUCTION, CHAT = "text", "prompt-completion", "chat"
@@ -242,14 +240,3 @@ def pack(documents: Iterable[Encoded], block_size: int, isolate: bool) -> Iterat
                     block["position_ids"] = positions
                 yield block
                 ids, labels, positions = [], [], []
-
-
-class BlockCollator:
-    """Stacks packed blocks into a batch: input_ids, labels (IGNORE already where no loss) and, for isolated
-    blocks, position_ids. No attention mask: transformers builds the block-diagonal causal mask from the
-    restarted position ids only when the attention mask is None."""
-
-    def __call__(self, rows: list[Mapping]) -> dict[str, torch.Tensor]:
-        batch = {key: torch.stack([torch.as_tensor(r[key], dtype=torch.long) for r in rows])
-                 for key in ("input_ids", "labels", "position_ids") if key in rows[0]}
-        return batch

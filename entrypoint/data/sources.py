@@ -16,6 +16,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from entrypoint.data import formats
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import DataError, OutputError
 
@@ -207,9 +208,9 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
                     from None
             parts.append(_text_column(part, {"text": ("text", "--txt-split")}, files[0]) if loader == "text"
                          else _columns(part, opts, files[0]))
-        formats = {record_format(p) for p in parts}
-        if len(formats) > 1:
-            raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(formats))}); train on one "
+        found = {record_format(p) for p in parts}
+        if len(found) > 1:
+            raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(found))}); train on one "
                             "format at a time.")
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     # Preparation reads the Arrow table itself, so rows must be in the table's order (no indices mapping).
@@ -218,8 +219,6 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
 
 def record_format(ds) -> str:
     """text, prompt-completion or chat (formats.py's names) for a dataset from read_documents."""
-    from entrypoint.data import formats
-
     if "messages" in ds.column_names:
         return formats.CHAT
     return formats.INSTRUCTION if "prompt" in ds.column_names else formats.TEXT
@@ -227,8 +226,6 @@ def record_format(ds) -> str:
 
 def _columns(ds, opts: DataOptions, where: str):
     """A loaded file's records reduced to the columns of their format (formats.detect), under canonical names."""
-    from entrypoint.data import formats
-
     fields = formats.Fields.from_config(opts)
     names = set(ds.column_names)
     if fields.messages in names:

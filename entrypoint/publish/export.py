@@ -15,15 +15,13 @@ after that is ExportError (exit 10, EXPORT). Credentials are never logged nor ac
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from entrypoint.config.destinations import SCHEMES, Destination, parse
 from entrypoint.errors import ExportError
 from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import event
@@ -31,58 +29,8 @@ from entrypoint.publish.outputs import MODEL_DIR
 
 log = logging.getLogger(__name__)
 
-# scheme -> (the package it needs, the fsspec protocol or None for the Hub)
-SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "hf": ("huggingface_hub", None)}
 ATTEMPTS = 5  # per file: the first try and 4 retries
 BACKOFF = 1.0  # s before the first retry, doubled each time (1 + 2 + 4 + 8 = 15 s at most per file)
-
-
-@dataclass(frozen=True)
-class Destination:
-    scheme: str
-    bucket: str  # the bucket, or for hf:// the repository id namespace/repo
-    prefix: str  # a key prefix without slashes at either end; "" for the bucket's root (always "" for hf://)
-
-    def key(self, relative: str) -> str:
-        return "/".join(p for p in (self.bucket, self.prefix, relative) if p)
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.key('')}"
-
-
-def url_problems(url: str | None) -> list[str]:
-    """What is wrong with an --export-to value, one line each, naming the fix; [] when usable (or unset)."""
-    if not url:
-        return []
-    try:
-        dest = parse(url)
-    except ExportError as exc:
-        return exc.problems
-    package = SCHEMES[dest.scheme][0]
-    if importlib.util.find_spec(package) is None:
-        return [f"--export-to {dest.scheme}:// needs the {package} package, which is not installed; "
-                f"pip install {package} (for gs://: pip install 'finetune-gpt2[gcs]')."]
-    return []
-
-
-def parse(url: str) -> Destination:
-    match = re.fullmatch(r"([a-z0-9]+)://([^/]*)(/.*)?", url.strip())
-    if not match or match[1] not in SCHEMES:
-        raise ExportError(f"--export-to {url!r} is not s3://bucket/prefix, gs://bucket/prefix or "
-                          "hf://namespace/repo; use one of those forms.")
-    scheme, bucket, rest = match[1], match[2], (match[3] or "").strip("/")
-    if "@" in bucket or ":" in bucket:
-        raise ExportError("--export-to must not carry credentials or a port; pass credentials in the environment "
-                          "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) and an S3 endpoint in AWS_ENDPOINT_URL.")
-    if scheme == "hf":
-        if not bucket or not re.fullmatch(r"[\w.\-]+", rest or "-/"):
-            raise ExportError(f"--export-to {url!r}: a Hub destination is hf://namespace/repo (e.g. "
-                              "hf://acme/gpt2-support); use that form.")
-        return Destination(scheme, f"{bucket}/{rest}", "")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,221}[a-z0-9]", bucket):
-        raise ExportError(f"--export-to {url!r}: {bucket!r} is not a bucket name (3-63 lower-case letters, "
-                          "digits, dots and dashes); use s3://bucket/prefix or gs://bucket/prefix.")
-    return Destination(scheme, bucket, rest)
 
 
 def export_published(output_dir: Path, url: str | None) -> None:

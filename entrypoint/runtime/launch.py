@@ -99,6 +99,9 @@ def run_torchrun(args: list[str]) -> int:
     restarts = get_args_parser().parse_args(args).max_restarts  # what torchrun will use, PET_MAX_RESTARTS included
     log.info("launch: torchrun %s (worker group restarts allowed: %d)", " ".join(args), restarts)
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    # The agent forwards SIGTERM to the workers (or stops them when one fails), then SIGKILLs any left after this
+    # many seconds: a step and a checkpoint save, ending inside the Job's grace period.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     try:
         torchrun(args)
     except ChildFailedError as exc:

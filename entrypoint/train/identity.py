@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from entrypoint.config.schema import TrainConfig
+from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 
 # Options whose value changes the model a run produces: a resume under another value would silently continue
 # the old optimizer, schedule and data order with the new setting half applied.
@@ -69,9 +69,7 @@ LABELS = {"data": "data fingerprint (the files' contents, the tokenizer, --txt-s
 
 def values(cfg: TrainConfig, block_size: int, data_fingerprint: str) -> dict:
     """The identity of a run: option values (as requested) plus the data fingerprint and resolved block size."""
-    from entrypoint.train.plan import AUTO_BASE_BATCH
-
-    batch = AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size  # auto keeps 8 x --grad-accum a step
+    batch = AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size
     found = {name: getattr(cfg, name) for name in IDENTITY if name not in ("batch_size", "grad_accum")}
     found.update(data=data_fingerprint, block_size=block_size, sequences_per_step=batch * cfg.grad_accum)
     return found

@@ -19,7 +19,7 @@ from entrypoint.data.collate import PackedCollator, PaddingCollator
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
 from entrypoint.fsutil import COMPLETE
-from entrypoint.logs import ProgressLog, event, is_tty
+from entrypoint.logs import event, is_tty
 from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
@@ -29,6 +29,7 @@ from entrypoint.train.model import attention_for, load_model, load_tokenizer, sa
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
 from entrypoint.train.preemption import StopEvaluation, StopOnSignal, StopRequest
 from entrypoint.train.preflight import Checked, check_compile, preflight
+from entrypoint.train.progress import ProgressLog
 from entrypoint.train.trainer import FinetuneTrainer, TokenCounter
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 measurements that feed it: step times (StepTimer), the compile time, MFU, perplexity.
 
 The record covers the whole run from step 0 whatever the restarts: token totals and the loss history come from the
-checkpoint resumed plus this session (trainer.TokenCounter, logs.ProgressLog).
+checkpoint resumed plus this session (trainer.TokenCounter, progress.ProgressLog).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from entrypoint.logs import event
 from entrypoint.train import mfu as flops
 
 
@@ -45,8 +46,6 @@ class StepTimer(TrainerCallback):
             self.periods.append(now - self.ended)
         self.ended = now
         if self.compiled and len(self.seconds) == 2:
-            from entrypoint.logs import event  # logs imports this module (perplexity)
-
             event(f"compile: first step took {self.seconds[0]:.1f} s, the next {self.seconds[1]:.2f} s",
                   first_step_seconds=self.seconds[0])
 

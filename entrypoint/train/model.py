@@ -19,6 +19,7 @@ import torch
 from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ModelLoadError
 from entrypoint.train.loss import causal_lm_loss
+from entrypoint.train.preflight import needs_remote_code, remote_code_error
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -35,17 +36,6 @@ LORA_TARGETS = {
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
-
-
-def needs_remote_code(exc: Exception) -> bool:
-    """Whether a transformers loading error means the model ships its own Python code."""
-    return "trust_remote_code" in str(exc)
-
-
-def remote_code_error(model: str) -> ModelLoadError:
-    return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
-                          "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
-                          "architecture transformers supports natively.")
 
 
 def load_tokenizer(cfg: TrainConfig):

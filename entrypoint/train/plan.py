@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from entrypoint.config.schema import TrainConfig
+from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
 from entrypoint.logs import event
 from entrypoint.runtime.cpus import tokenizing_workers
 from entrypoint.train import mfu
+from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss
 from entrypoint.train.preflight import Checked
 
 # `--compile auto` compiles when the run is long enough to repay it. Assumed, not measured here (no GPU):
@@ -34,7 +35,6 @@ ASSUMED_MFU = 0.3  # to estimate, before training, how long the run will take on
 # Text bytes per token, to estimate an epoch's length from the input files' sizes before reading them: GPT-2's
 # BPE gives 4.6 on the standard-library corpus (bench/prepare_scale.py); 4 errs towards compiling.
 BYTES_PER_TOKEN = 4.0
-AUTO_BASE_BATCH = 8  # --batch-size auto keeps AUTO_BASE_BATCH x --grad-accum sequences per optimizer step
 MEMORY_HEADROOM = 0.9  # a probe may use this share of the GPU; the rest absorbs fragmentation and eval batches
 GPU_LOADER_WORKERS = 2  # DataLoader processes per GPU: reading memory-mapped rows is cheap, collating is not free
 
@@ -125,8 +125,6 @@ def model_from_config(cfg: TrainConfig, model_config):
     the run has them: what the probe measures, without reading the weights."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
-
-    from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss
 
     # The GELU and the loss training runs; attention stays plain SDPA, whose mask (isolated documents) costs the
     # most, so the batch found fits whichever attention the data gets.

@@ -17,6 +17,7 @@ from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
 from entrypoint.publish.outputs import check_writable
+from entrypoint.runtime import cuda
 from entrypoint.runtime.toolchain import Toolchain, find
 
 MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for little fine-tuning gain
@@ -41,8 +42,6 @@ def device_and_precision(requested: str, environ: Mapping[str, str]) -> tuple[st
     NVIDIA_VISIBLE_DEVICES from `environ`: the CLI passes the process's environment)."""
     import torch
 
-    from entrypoint.runtime import cuda
-
     cuda.check(requested, environ)
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
@@ -65,6 +64,17 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def needs_remote_code(exc: Exception) -> bool:
+    """Whether a transformers loading error means the model ships its own Python code."""
+    return "trust_remote_code" in str(exc)
+
+
+def remote_code_error(model: str) -> ModelLoadError:
+    return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
+                          "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
+                          "architecture transformers supports natively.")
+
+
 def load_model_config(model: str, token: str | None):
     from transformers import AutoConfig
 
@@ -75,8 +85,6 @@ def load_model_config(model: str, token: str | None):
     try:
         return AutoConfig.from_pretrained(model, token=token, trust_remote_code=False)  # never asks on stdin
     except (OSError, ValueError) as exc:
-        from entrypoint.train.model import needs_remote_code, remote_code_error
-
         if isinstance(exc, ValueError) and needs_remote_code(exc):
             raise remote_code_error(model) from None
         first = str(exc).splitlines()[0][:160]
@@ -120,16 +128,10 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
         raise ModelLoadError(*problems)
 
 
-def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] | None = None) -> Checked:
-    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
-    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
+def cheap_problems(cfg: TrainConfig) -> list[FinetuneError]:
+    """The checks that need neither torch nor transformers: the option values, the data's location, and whether the
+    output, checkpoint and cache directories are writable (created if missing)."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
-    device, precision = "cpu", "fp32"
-    try:
-        if trains:
-            device, precision = device_and_precision(cfg.precision, environ or {})
-    except FinetuneError as exc:
-        problems.append(exc)
     try:
         discover(DataOptions.of(cfg))
     except FinetuneError as exc:
@@ -141,6 +143,26 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
         except FinetuneError as exc:
             problems.append(exc)
             break  # the others usually live inside the first
+    return problems
+
+
+def check_cheaply(cfg: TrainConfig) -> None:
+    """Raise every problem `cheap_problems` finds. `train` calls it before anything imports torch or transformers
+    (seconds on a busy machine), so a missing data directory or a mistyped option is reported at once; `preflight`
+    checks the same again with the rest."""
+    _raise(cheap_problems(cfg))
+
+
+def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] | None = None) -> Checked:
+    """Everything checkable before weights load; raises one error carrying every problem. `trains=False` (prepare)
+    leaves the device alone: tokenizing needs no GPU, and often runs on CPU nodes from the CUDA image."""
+    problems = cheap_problems(cfg)
+    device, precision = "cpu", "fp32"
+    try:
+        if trains:
+            device, precision = device_and_precision(cfg.precision, environ or {})
+    except FinetuneError as exc:
+        problems.append(exc)
     model_config, block_size = None, cfg.block_size or 0
     try:
         model_config, block_size = model_and_block_size(cfg)
@@ -151,9 +173,7 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
     toolchain = find(environ or {}) if trains and compiles else None
     if toolchain and cfg.compile == "on":
         problems += [ConfigError(p) for p in toolchain.problems(device != "cpu", "--compile on")]
-    if problems:
-        problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
-        raise type(problems[0])(*[p for e in problems for p in e.problems])
+    _raise(problems)
     return Checked(device=device, precision=precision, block_size=block_size, model_config=model_config,
                    toolchain=toolchain)
 
@@ -195,3 +215,10 @@ def context_length(model_config) -> int:
 
 # The first problem decides the exit code: the most fundamental kind first.
 _ORDER = [ConfigError, DataError, ModelLoadError, OutputError]
+
+
+def _raise(problems: list[FinetuneError]) -> None:
+    """One error carrying every problem's lines, of the most fundamental kind among them; nothing when none."""
+    if problems:
+        problems.sort(key=lambda e: _ORDER.index(type(e)) if type(e) in _ORDER else len(_ORDER))
+        raise type(problems[0])(*[p for e in problems for p in e.problems])

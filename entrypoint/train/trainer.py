@@ -14,9 +14,10 @@ from transformers.trainer_utils import TrainOutput
 
 from entrypoint import fsutil
 from entrypoint.errors import OutputError
-from entrypoint.logs import ProgressLog, event
+from entrypoint.logs import event
 from entrypoint.train import checkpoints, identity
 from entrypoint.train.guard import OverflowSteps
+from entrypoint.train.progress import ProgressLog
 
 
 class TokenCounter:

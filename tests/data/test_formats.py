@@ -14,6 +14,7 @@ from entrypoint.data.formats import CHAT, IGNORE, INSTRUCTION, TEXT, Encoded, Fi
 from entrypoint.errors import DataError, ModelLoadError
 from entrypoint.train.model import load_model
 from tests.support.archs import save_tiny_model
+from tests.support.blocks import BlockCollator
 from tests.support.tokenizers import CHATML, llama_style
 
 # Writes BOS itself and closes each answer with EOS, as Llama-2-style templates do.
@@ -149,7 +150,7 @@ def test_pack_keeps_labels_and_restarts_positions_at_documents_and_blocks():
     assert [b["position_ids"] for b in blocks] == [[0, 1, 2, 0], [0, 1, 2, 3]]
     plain = list(formats.pack(docs, 4, isolate=False))
     assert "position_ids" not in plain[0] and plain[0]["labels"] == blocks[0]["labels"]
-    batch = formats.BlockCollator()(blocks)
+    batch = BlockCollator()(blocks)
     assert batch["position_ids"].shape == (2, 4) and "attention_mask" not in batch
 
 
@@ -166,7 +167,7 @@ def packed_and_alone_logits(tmp_path, tiny_model, arch: str):
                             tokenizer, conv)
     size = len(first.ids) + len(second.ids)
     [block] = formats.pack([first, second], size, isolate=True)
-    batch = formats.BlockCollator()([block])
+    batch = BlockCollator()([block])
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, len(first.ids):]
         alone = model(input_ids=torch.tensor([second.ids])).logits[0]

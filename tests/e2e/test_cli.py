@@ -93,3 +93,24 @@ def test_every_variable_of_any_command_and_the_documented_settings_are_accepted(
     env = clean_env(**dict.fromkeys(names - {"FINETUNE_PRESET"}, ""), FINETUNE_PRESET_DIR=str(REPO / "config"))
     result = finetune("config", "--model", "gpt2", env=env)
     assert "not a finetune setting" not in result.stderr, result.stderr
+
+
+def test_train_reports_a_missing_data_directory_before_importing_torch_or_transformers(tmp_path):
+    """The exit code a missing data directory gets, decided before any heavy import (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    from entrypoint.errors import ExitCode
+    from tests.support.helpers import clean_env
+
+    args = ["train", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "missing"),
+            "--output-dir", str(tmp_path / "out")]
+    code = ("import sys\nfrom entrypoint.cli import cli\n"
+            f"try:\n    cli({args!r}, prog_name='finetune')\n"
+            "except SystemExit as exc:\n"
+            "    print(exc.code, sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split(maxsplit=1) == [str(int(ExitCode.DATA)), "[]\n"], result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0], result.stderr

@@ -10,8 +10,6 @@ from tests.support.helpers import REPO
 PACKAGE = REPO / "entrypoint"
 MAX_PARAMETERS = 6  # self and cls not counted
 MAX_COMMAND_LINES = 15  # a command's body, its docstring not counted
-# Commands still over MAX_COMMAND_LINES while their work moves out (issue 28): remove each once it is short.
-LONG_COMMANDS_FOR_NOW = {"train"}
 
 
 def functions():
@@ -54,11 +52,10 @@ def test_no_function_takes_more_than_six_parameters():
 
 def test_click_command_bodies_are_short():
     commands = {node.name: (where, node) for where, node in functions() if is_click_command(node)}
-    assert {"prepare", "doctor", "generate", "init_model", "corpus", "show_config"} <= set(commands)
-    long = [f"{where}: {body_lines(node)} lines" for name, (where, node) in commands.items()
-            if body_lines(node) > MAX_COMMAND_LINES and name not in LONG_COMMANDS_FOR_NOW]
+    assert {"train", "prepare", "doctor", "generate", "init_model", "corpus", "show_config"} <= set(commands)
+    long = [f"{where}: {body_lines(node)} lines" for where, node in commands.values()
+            if body_lines(node) > MAX_COMMAND_LINES]
     assert not long, "move the work into entrypoint/commands/:\n" + "\n".join(long)
-    assert all(name in commands for name in LONG_COMMANDS_FOR_NOW)
 
 
 def test_the_scans_see_what_they_look_for():

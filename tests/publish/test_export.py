@@ -4,11 +4,13 @@ the middle of an upload."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import pytest
 
+from entrypoint.config import destinations
 from entrypoint.errors import ExitCode, ExportError
 from entrypoint.publish import export
 from tests.support.helpers import finetune, train_env
@@ -82,13 +84,13 @@ def test_urls_parse_into_scheme_bucket_and_prefix(url, expected):
     ("hf://acme/a/b", "hf://namespace/repo"),
 ])
 def test_bad_urls_are_refused_with_the_fix(url, says):
-    (problem,) = export.url_problems(url)
+    (problem,) = destinations.url_problems(url)
     assert says in problem
     assert "secret" not in problem or "credentials" in problem
 
 
 def test_gs_without_gcsfs_is_a_usage_error_before_training(tmp_path, corpus_dir, tiny_model):
-    if export.importlib.util.find_spec("gcsfs") is not None:
+    if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here; the missing-package error cannot happen")
     result = finetune("train", env=train_env(tiny_model, corpus_dir, tmp_path / "out",
                                              FINETUNE_EXPORT_TO="gs://bucket/run"))
