@@ -73,10 +73,10 @@ def train(preset, **params):
     metrics = run(cfg, sources, dist, os.environ,
                   blocked_exit=lambda message: fail(ExitCode.PREEMPTED, [message], train_output_dir, params, ctx))
     if metrics and dist.is_main:
-        from entrypoint.logs import event
+        from entrypoint import logs
         from entrypoint.train.metrics import final_line
 
-        event(final_line(metrics, cfg.output_dir / "model"), **metrics)
+        logs.area("done").info(final_line(metrics, cfg.output_dir / "model"), **metrics)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from entrypoint import fsutil
+from entrypoint import fsutil, logs
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, shards
 from entrypoint.data.cache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder
@@ -34,7 +33,7 @@ from entrypoint.errors import DataError, OutputError
 from entrypoint.logs import WorkProgress
 from entrypoint.runtime.cpus import tokenizing_workers
 
-log = logging.getLogger(__name__)
+log = logs.area("data")
 PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
 
 
@@ -71,7 +70,7 @@ def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, s
     if not builds:
         target = wait_for_builder(cfg.data_cache_dir, pre_key(cfg, tokenizer, train_src, valid_src, block_size),
                                   stop)
-        log.info("data: cache hit %s, built by another process", target.name)
+        log.info(f"cache hit {target.name}, built by another process")
         return load(cfg, target, start, hit=True)
     stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start, workers)
     return load(cfg, cfg.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
@@ -88,14 +87,13 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
     key = cache_key(cfg, tokenizer, train_src, valid_src, block_size)
     target = cfg.data_cache_dir / f"blocks-{key}"
     if not (target / COMPLETE).is_file():
-        log.info("data: cache miss; reading %s%s", train_src.describe(),
-                 f" (shard {shard} of {num_shards})" if num_shards > 1 else "")
+        log.info(f"cache miss; reading {train_src.describe()}"
+                 f"{f' (shard {shard} of {num_shards})' if num_shards > 1 else ''}")
         build_shard(cfg, tokenizer, block_size, train_src, valid_src, target, shard, num_shards, stop,
                     workers or tokenizing_workers(cfg.preprocessing_workers))
         dtype = shards.token_dtype(len(tokenizer)).name
         if not finalize(cfg, target, block_size, num_shards, key, dtype, not valid_src, time.perf_counter() - start):
-            log.info("data: shard %d of %d written to %s; the cache is complete once every shard is", shard,
-                     num_shards, target)
+            log.info(f"shard {shard} of {num_shards} written to {target}; the cache is complete once every shard is")
             return None
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
     else:
@@ -104,8 +102,8 @@ def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_
     fsutil.write_atomic(cfg.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
     if stats.cache_hit:
-        log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
-                 "blocks" if cfg.packing else "rows", stats.valid_rows, stats.prepare_seconds)
+        log.info(f"cache hit {target.name} ({stats.train_rows} train {'blocks' if cfg.packing else 'rows'}, "
+                 f"{stats.valid_rows} validation rows) in {stats.prepare_seconds:.2f} s")
     return stats
 
 
@@ -175,7 +173,7 @@ def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, range
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
     total = sum(shards.text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
-    log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
+    log.info(f"tokenizing {total / 2**20:.1f} MiB of text with {workers} processes into {name}")
     writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
     try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
@@ -227,9 +225,9 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
-    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped), cached as %s",
-             stats.train_documents, stats.train_tokens, stats.train_rows, "blocks" if cfg.packing else "rows",
-             block_size, stats.dropped_tokens, target.name)
+    log.info(f"{stats.train_documents} documents -> {stats.train_tokens} tokens -> {stats.train_rows} "
+             f"{'blocks' if cfg.packing else 'rows'} of {block_size} tokens ({stats.dropped_tokens} remainder tokens "
+             f"dropped), cached as {target.name}")
     return True
 
 
@@ -270,7 +268,6 @@ def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
     valid = TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
     capped = valid.capped(cfg.max_eval_tokens)
     if capped is not valid:
-        log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
-                 "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
-                 cfg.max_eval_tokens)
+        log.info(f"evaluation scores {len(capped)} of {len(valid)} validation rows ({capped.tokens()} of "
+                 f"{valid.tokens()} tokens, evenly spaced; --max-eval-tokens {cfg.max_eval_tokens})")
     return train, capped, stats
