@@ -183,7 +183,7 @@ def size(nbytes: float) -> str:
 class WorkProgress:
     """Progress of a long piece of work measured in bytes (data preparation): a line every `interval` seconds
     with bytes and tokens done, tokens/s and an ETA, for `kubectl logs`; a bar instead on a terminal. `what` is
-the area the lines belong to."""
+    the area the lines belong to."""
 
     def __init__(self, what: str, total_bytes: int, interval: float = 10.0):
         self.log, self.total, self.interval = area(what), max(1, total_bytes), interval

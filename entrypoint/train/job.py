@@ -191,7 +191,7 @@ def already_published(cfg: TrainConfig) -> bool:
     if not (cfg.output_dir / outputs.MODEL_DIR).exists():
         return False
     if marker and marker.get("config_hash") == config_hash(cfg) and not cfg.overwrite:
-        publish_log.info(f"done already: {cfg.output_dir / outputs.MODEL_DIR} was published by this configuration, "
+        publish_log.info(f"done already, {cfg.output_dir / outputs.MODEL_DIR} was published by this configuration; "
                          "nothing to do (use --overwrite to train again)")
         return True
     if not cfg.overwrite:

@@ -75,7 +75,7 @@ class StopRequest:
             time.sleep(BLOCKED_STOP_S)
             if self._peer_wait:
                 name = self.signal_name or signal.Signals(received[-1]).name
-                log.warning(f"{name} received {BLOCKED_STOP_S:.0f} s ago while waiting for the other processes to "
+                log.warning(f"{name} received {BLOCKED_STOP_S} s ago while waiting for the other processes to "
                             "start training; leaving now (nothing needs saving)")
                 self.blocked_exit(f"stopped by {name} before training started; nothing needed saving; rerun the "
                                   "same command.")
