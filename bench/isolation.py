@@ -59,6 +59,7 @@ def setup(args: argparse.Namespace):
     from entrypoint.commands.init_model import init_model
     from entrypoint.config.schema import InitModelConfig, TrainConfig
     from entrypoint.data import corpus, pipeline, sftcorpus
+    from entrypoint.data.options import DataOptions
     from entrypoint.train.model import load_model, load_tokenizer
 
     work = args.workdir
@@ -71,7 +72,7 @@ def setup(args: argparse.Namespace):
                                    context=args.block_size))
     cfg = TrainConfig(model=str(model_dir), data_dir=work / "sft", output_dir=work / "out", cache_dir=work / "cache")
     tokenizer = load_tokenizer(cfg)
-    train, _, stats = pipeline.prepare(cfg, tokenizer, args.block_size)
+    train, _, stats = pipeline.prepare(DataOptions.of(cfg), tokenizer, args.block_size)
     return load_model(cfg).train(), train, stats
 
 

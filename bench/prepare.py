@@ -111,9 +111,10 @@ def big_corpus(workdir: Path, model: Path, tokens: int) -> Path:
 
 def timed_prepare(cfg, tokenizer, block_size: int) -> dict:
     from entrypoint.data import pipeline
+    from entrypoint.data.options import DataOptions
 
     start, cpu = time.perf_counter(), cpu_seconds()
-    _, _, stats = pipeline.prepare(cfg, tokenizer, block_size)
+    _, _, stats = pipeline.prepare(DataOptions.of(cfg), tokenizer, block_size)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
             "train_tokens": stats.train_tokens + stats.dropped_tokens, "valid_tokens": stats.valid_tokens}
 
@@ -127,13 +128,14 @@ def cpu_seconds() -> float:
 def timed_phases(cfg, tokenizer, block_size: int) -> dict:
     """Reading and tokenizing the training text separately, outside the cache (a fresh raw cache too)."""
     from entrypoint.data import shards
+    from entrypoint.data.options import DataOptions
     from entrypoint.data.sources import discover, read_documents
     from entrypoint.runtime.cpus import available_cpus
 
-    train, _ = discover(cfg)
+    train, _ = discover(DataOptions.of(cfg))
     raw = cfg.data_cache_dir / "phases-raw"
     start = time.perf_counter()
-    docs = read_documents(train, cfg, raw)
+    docs = read_documents(train, DataOptions.of(cfg), raw)
     read = time.perf_counter() - start
     start = time.perf_counter()
     shards.tokenize(docs, tokenizer, cfg.preprocessing_workers or available_cpus())

@@ -68,6 +68,17 @@ if os.environ.get("SOAK_HOLD_RANK") == os.environ.get("RANK", "-"):
         time.sleep(600)
 
     job.build_trainer = build_trainer
+elif os.environ.get("SOAK_HOLD_RANK"):
+    import sys
+    from entrypoint.train import job
+
+    _build = job.build_trainer
+
+    def build_trainer(*args, **kwargs):  # the other ranks say when they go to wait for the held one
+        print("soak: rank", os.environ["RANK"], "joins the process group", file=sys.stderr, flush=True)
+        return _build(*args, **kwargs)
+
+    job.build_trainer = build_trainer
 '''
 
 

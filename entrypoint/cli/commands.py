@@ -91,36 +91,13 @@ def train(preset, **params):
 @handled()
 def prepare(preset, shard, num_shards, **params):
     """Tokenize and pack the data into the cache only (run once, then train many times or on many nodes)."""
-    import dataclasses
-
-    from entrypoint.config.platforms import shard_default
-    from entrypoint.data import pipeline
-    from entrypoint.train.model import load_tokenizer
-    from entrypoint.train.preemption import StopRequest
-    from entrypoint.train.preflight import check_model_dir, preflight
+    from entrypoint.commands import prepare as preparing
 
     cfg, sources = resolve(TrainConfig, params, preset)
-    # An Indexed Job's index would also set --node-rank; preparing is not a training run, so it does not apply.
-    cfg = dataclasses.replace(cfg, nnodes="1", node_rank=0)
-    if shard is None:
-        shard = shard_default(os.environ) if num_shards > 1 else 0
-    if shard >= num_shards:
-        raise ConfigError(f"--shard {shard} must be below --num-shards {num_shards}; shards count from 0 (set "
-                          "--num-shards to the Indexed Job's completions).")
+    cfg, shard = preparing.settle(cfg, shard, num_shards, os.environ)
     setup_logs(cfg)
     log_config(cfg, sources)
-    if Path(cfg.model).is_dir():  # a local model without tokenizer files would tokenize everything to nothing
-        check_model_dir(Path(cfg.model), "--model", weights=False)
-    checked = preflight(cfg, trains=False)
-    stop = StopRequest().install()
-    tokenizer = load_tokenizer(cfg)
-    stats = pipeline.prepare_shard(cfg, tokenizer, checked.block_size, shard, num_shards, stop=stop)
-    if stats is None:
-        click.echo(f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
-                   "every shard is written")
-        return
-    click.echo(f"prepared: {stats.train_rows} training and {stats.valid_rows} validation rows of "
-               f"{checked.block_size} tokens of {stats.data_format} data in {cfg.data_cache_dir}")
+    click.echo(preparing.prepare(cfg, shard, num_shards))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

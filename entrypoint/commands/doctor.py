@@ -10,6 +10,7 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover, fingerprint
 from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError
 from entrypoint.publish.export import probe
@@ -97,7 +98,7 @@ def _device(cfg, environ):
 
 
 def _data(cfg):
-    train, valid = discover(cfg)
+    train, valid = discover(DataOptions.of(cfg))
     fingerprint(train)  # reads every byte: proves the files are readable and UTF-8
     size = sum(p.stat().st_size for p in train.files)
     detail = f"{train.describe()} ({size / 1e6:.1f} MB), validation: " + (

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from entrypoint import logs
-from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
 from entrypoint.errors import DataError
 
@@ -25,7 +25,7 @@ FORMAT_VERSION = 4
 COMPLETE = "COMPLETE"
 
 
-def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> dict:
+def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) -> dict:
     """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
     ids come from the documents' lengths when the cache is read.)"""
     from entrypoint.data.formats import chat_template, convention
@@ -35,15 +35,15 @@ def key_options(cfg: TrainConfig, tokenizer, valid: Source, block_size: int) -> 
         "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
         "eos": tokenizer.eos_token_id,
         "block_size": block_size,
-        "packing": cfg.packing,
-        "txt_split": cfg.txt_split,
-        "text_field": cfg.text_field,
+        "packing": opts.packing,
+        "txt_split": opts.txt_split,
+        "text_field": opts.text_field,
         "bos": convention(tokenizer).bos_id,
-        "record_fields": [cfg.prompt_field, cfg.completion_field, cfg.messages_field],
-        "train_on_prompt": cfg.train_on_prompt,
+        "record_fields": [opts.prompt_field, opts.completion_field, opts.messages_field],
+        "train_on_prompt": opts.train_on_prompt,
         "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
         # The held-out split depends on these only when there is no validation input.
-        "split": None if valid else [cfg.validation_split, cfg.seed],
+        "split": None if valid else [opts.validation_split, opts.seed],
     }
 
 
@@ -51,13 +51,13 @@ def _digest(parts: dict) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def cache_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
+def cache_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_size: int) -> str:
     """The content key: reads every input byte (and checks text is UTF-8)."""
     inputs = {"train": fingerprint(train), "valid": fingerprint(valid) if valid else None}
-    return _digest({**key_options(cfg, tokenizer, valid, block_size), **inputs})
+    return _digest({**key_options(opts, tokenizer, valid, block_size), **inputs})
 
 
-def pre_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_size: int) -> str:
+def pre_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_size: int) -> str:
     """A key from the inputs' metadata only. The change time and inode are in it: rewriting a file's bytes
     changes its ctime even when the size and mtime are restored (cp -p, rsync -t, os.utime)."""
     def stat(source: Source) -> list:
@@ -69,7 +69,7 @@ def pre_key(cfg: TrainConfig, tokenizer, train: Source, valid: Source, block_siz
             found.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         return found
 
-    return _digest({**key_options(cfg, tokenizer, valid, block_size), "train": stat(train),
+    return _digest({**key_options(opts, tokenizer, valid, block_size), "train": stat(train),
                     "valid": stat(valid) if valid else None})
 
 

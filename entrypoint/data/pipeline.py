@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from entrypoint import fsutil, logs
-from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, shards
 from entrypoint.data.cache import COMPLETE, FORMAT_VERSION, cache_key, pre_key, wait_for_builder
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, discover, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
-from entrypoint.data.tokendataset import TokenDataset
+from entrypoint.data.tokendataset import Layout, TokenDataset
 from entrypoint.errors import DataError, OutputError
 from entrypoint.logs import WorkProgress
 from entrypoint.runtime.cpus import tokenizing_workers
@@ -58,71 +58,92 @@ class DataStats:
 FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat"}
 
 
-def prepare(cfg: TrainConfig, tokenizer, block_size: int, builds: bool = True, stop=None,
-            workers: int | None = None):
+def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, stop=None):
     """Return (train, validation, stats), building and caching them unless an identical build exists.
 
     A process with `builds=False` waits for another to finish the cache instead, and never reads the inputs
     (no collective is open yet, so a long tokenization cannot hit a NCCL timeout). `stop` (a StopRequest) is
     checked between pieces of work: a signal ends the build within seconds, leaving no partial cache."""
     start = time.perf_counter()
-    train_src, valid_src = discover(cfg)
     if not builds:
-        target = wait_for_builder(cfg.data_cache_dir, pre_key(cfg, tokenizer, train_src, valid_src, block_size),
-                                  stop)
+        target = wait_for_builder(opts.data_cache_dir, pre_key(opts, tokenizer, *discover(opts), block_size), stop)
         log.info(f"cache hit {target.name}, built by another process")
-        return load(cfg, target, start, hit=True)
-    stats = prepare_shard(cfg, tokenizer, block_size, 0, 1, stop, start, workers)
-    return load(cfg, cfg.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
+        return load(opts, target, start, hit=True)
+    stats = prepare_shard(opts, tokenizer, block_size, stop=stop)
+    return load(opts, opts.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
 
 
-def prepare_shard(cfg: TrainConfig, tokenizer, block_size: int, shard: int, num_shards: int, stop=None,
-                  start: float | None = None, workers: int | None = None) -> DataStats | None:
-    """Tokenize shard `shard` of `num_shards` (equal runs of documents) into the cache with `workers` processes (the
-    run plan's; by default --preprocessing-workers or one per CPU). Returns the cache's statistics once every shard
-    is present (this call completing it, or an earlier one), else None."""
-    start = time.perf_counter() if start is None else start
-    train_src, valid_src = discover(cfg)
-    pre = pre_key(cfg, tokenizer, train_src, valid_src, block_size)
-    key = cache_key(cfg, tokenizer, train_src, valid_src, block_size)
-    target = cfg.data_cache_dir / f"blocks-{key}"
+@dataclass(frozen=True)
+class Build:
+    """One process's share of a cache build: what it reads, how it tokenizes, and where it writes."""
+
+    opts: DataOptions
+    tokenizer: object
+    block_size: int
+    train_src: Source
+    valid_src: Source  # empty: hold documents of the training input out
+    key: str  # the content key (cache.cache_key)
+    shard: int  # this process's share of the documents, of `num_shards` equal runs
+    num_shards: int
+    stop: object  # a StopRequest, checked between pieces of work, or None
+    workers: int  # tokenizing processes
+
+    @property
+    def target(self) -> Path:
+        """The cache folder the shards go to."""
+        return self.opts.data_cache_dir / f"blocks-{self.key}"
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard, self.num_shards)
+
+
+def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0, num_shards: int = 1,
+                  stop=None) -> DataStats | None:
+    """Tokenize shard `shard` of `num_shards` (equal runs of documents) into the cache with --preprocessing-workers
+    processes (or one per CPU). Returns the cache's statistics once every shard is present (this call completing
+    it, or an earlier one), else None."""
+    start = time.perf_counter()
+    train_src, valid_src = discover(opts)
+    pre = pre_key(opts, tokenizer, train_src, valid_src, block_size)
+    key = cache_key(opts, tokenizer, train_src, valid_src, block_size)
+    build = Build(opts, tokenizer, block_size, train_src, valid_src, key, shard, num_shards, stop,
+                  tokenizing_workers(opts.preprocessing_workers))
+    target = build.target
     if not (target / COMPLETE).is_file():
         log.info(f"cache miss; reading {train_src.describe()}"
                  f"{f' (shard {shard} of {num_shards})' if num_shards > 1 else ''}")
-        build_shard(cfg, tokenizer, block_size, train_src, valid_src, target, shard, num_shards, stop,
-                    workers or tokenizing_workers(cfg.preprocessing_workers))
-        dtype = shards.token_dtype(len(tokenizer)).name
-        if not finalize(cfg, target, block_size, num_shards, key, dtype, not valid_src, time.perf_counter() - start):
+        build_shard(build)
+        if not finalize(build, time.perf_counter() - start):
             log.info(f"shard {shard} of {num_shards} written to {target}; the cache is complete once every shard is")
             return None
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
     else:
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
         stats.cache_hit = True
-    fsutil.write_atomic(cfg.data_cache_dir / f"ready-{pre}", key)
+    fsutil.write_atomic(opts.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
     if stats.cache_hit:
-        log.info(f"cache hit {target.name} ({stats.train_rows} train {'blocks' if cfg.packing else 'rows'}, "
+        log.info(f"cache hit {target.name} ({stats.train_rows} train {'blocks' if opts.packing else 'rows'}, "
                  f"{stats.valid_rows} validation rows) in {stats.prepare_seconds:.2f} s")
     return stats
 
 
-def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source, valid_src: Source,
-                target: Path, shard: int, num_shards: int, stop, workers: int) -> None:
+def build_shard(build: Build) -> None:
     """Read, split, tokenize and write this shard, then move it into the cache under its final name."""
-    name = shard_name(shard, num_shards)
+    target, name, stop = build.target, build.name, build.stop
     # datasets' own Arrow files go to a scratch folder private to this process: builders on several nodes
     # sharing one cache volume must not delete each other's. Shards are written beside it and renamed.
-    scratch, staging = cfg.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
+    scratch, staging = build.opts.data_cache_dir / f".scratch-{fsutil.writer_tag()}", fsutil.temp_sibling(target / name)
     built = False
     try:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
-        jobs, fmt = _read_jobs(cfg, train_src, valid_src, scratch)
-        ranges = [shards.share(docs, shard, num_shards) for docs, _, _ in jobs]
+        jobs, fmt = _read_jobs(build, scratch)
+        ranges = [shards.share(docs, build.shard, build.num_shards) for docs, _, _ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
-        _write_shard(cfg, tokenizer, block_size, jobs, ranges, fmt, staging, name, stop, workers)
+        _write_shard(build, jobs, ranges, fmt, staging)
         try:
             staging.rename(target / name)
         except OSError:
@@ -141,14 +162,15 @@ def build_shard(cfg: TrainConfig, tokenizer, block_size: int, train_src: Source,
                 target.rmdir()
 
 
-def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: Path) -> tuple[list, str]:
+def _read_jobs(build: Build, scratch: Path) -> tuple[list, str]:
     """The documents to tokenize as (documents, split, hold-out) jobs, and their record format (formats.py),
     which the validation data must share."""
-    train_docs = _documents(train_src, cfg, scratch)
+    opts, valid_src = build.opts, build.valid_src
+    train_docs = _documents(build.train_src, opts, scratch)
     fmt = _format(train_docs)
-    jobs = [(train_docs, "train", None if valid_src else (cfg.validation_split, cfg.seed))]
+    jobs = [(train_docs, "train", None if valid_src else (opts.validation_split, opts.seed))]
     if valid_src:
-        valid_docs = _documents(valid_src, cfg, scratch)
+        valid_docs = _documents(valid_src, opts, scratch)
         if _format(valid_docs) != fmt:
             raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
                             f"{FORMAT_NAMES[_format(valid_docs)]}; give both in one format.")
@@ -156,30 +178,30 @@ def _read_jobs(cfg: TrainConfig, train_src: Source, valid_src: Source, scratch: 
     return jobs, fmt
 
 
-def _documents(source: Source, cfg: TrainConfig, scratch: Path):
+def _documents(source: Source, opts: DataOptions, scratch: Path):
     """`.txt` files split by line or paragraph as TextFiles (read as they are tokenized), anything else through
     `datasets`' loaders (a memory-mapped Arrow copy in `scratch`)."""
-    return text_files(source, cfg.txt_split) or read_documents(source, cfg, scratch)
+    return text_files(source, opts.txt_split) or read_documents(source, opts, scratch)
 
 
 def _format(docs) -> str:
     return formats.TEXT if isinstance(docs, TextFiles) else record_format(docs)
 
 
-def _write_shard(cfg: TrainConfig, tokenizer, block_size: int, jobs: list, ranges: list, fmt: str, staging: Path,
-                 name: str, stop, workers: int) -> None:
-    """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as `name`."""
+def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path) -> None:
+    """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as its name."""
+    tokenizer, name, stop, workers = build.tokenizer, build.name, build.stop, build.workers
     dtype = shards.token_dtype(len(tokenizer))
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
     total = sum(shards.text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
     log.info(f"tokenizing {total / 2**20:.1f} MiB of text with {workers} processes into {name}")
-    writer = shards.ShardWriter(staging, block_size, masked=fmt != formats.TEXT)
+    writer = shards.ShardWriter(staging, build.block_size, masked=fmt != formats.TEXT)
     try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
-                             cfg.train_on_prompt)
+                             build.opts.train_on_prompt)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
                     for part, (tokens, lengths, mask) in result.items():
@@ -197,23 +219,24 @@ def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
-def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, key: str, dtype: str,
-             holds_out: bool, seconds: float) -> bool:
+def finalize(build: Build, seconds: float) -> bool:
     """When all shards are present, check the result, write stats.json and manifest.json, then COMPLETE."""
+    opts, target, block_size, key = build.opts, build.target, build.block_size, build.key
+    dtype = shards.token_dtype(len(build.tokenizer)).name
     if (target / COMPLETE).is_file():
         return True
-    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    names = [shard_name(i, build.num_shards) for i in range(build.num_shards)]
     if not all((target / n / "stats.json").is_file() for n in names):
         return False
     counts = {}
     for n in names:
         for field, value in json.loads((target / n / "stats.json").read_text()).items():
             counts[field] = counts.get(field, 0) + value
-    stats = summarize(cfg, counts, block_size, holds_out)
+    stats = summarize(opts, counts, block_size, holds_out=not build.valid_src)
     stats.prepare_seconds, stats.fingerprint = seconds, key
     fmt = (target / names[0] / "format").read_text()
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
-    manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": cfg.packing,
+    manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": opts.packing,
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
     try:
         saved = {k: v for k, v in asdict(stats).items() if k != "isolated"}  # decided when the cache is read
@@ -226,16 +249,16 @@ def finalize(cfg: TrainConfig, target: Path, block_size: int, num_shards: int, k
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
     log.info(f"{stats.train_documents} documents -> {stats.train_tokens} tokens -> {stats.train_rows} "
-             f"{'blocks' if cfg.packing else 'rows'} of {block_size} tokens ({stats.dropped_tokens} remainder tokens "
+             f"{'blocks' if opts.packing else 'rows'} of {block_size} tokens ({stats.dropped_tokens} remainder tokens "
              f"dropped), cached as {target.name}")
     return True
 
 
-def summarize(cfg: TrainConfig, counts: dict, block_size: int, holds_out: bool) -> DataStats:
+def summarize(opts: DataOptions, counts: dict, block_size: int, holds_out: bool) -> DataStats:
     """The cache's statistics from the shards' counts, or the DataError that makes it unusable."""
     train_docs, valid_docs = counts["train_documents"], counts["valid_documents"]
     if holds_out and (train_docs == 0 or valid_docs == 0):
-        raise DataError(f"only {train_docs + valid_docs} document(s), too few to hold out {cfg.validation_split:g}% "
+        raise DataError(f"only {train_docs + valid_docs} document(s), too few to hold out {opts.validation_split:g}% "
                         "for validation; add --valid-file, add text, or split .txt by line (--txt-split line).")
     for docs, which in ((train_docs, "training"), (valid_docs, "validation")):
         if docs == 0:
@@ -243,31 +266,30 @@ def summarize(cfg: TrainConfig, counts: dict, block_size: int, holds_out: bool) 
     stats = {}
     for split in ("train", "valid"):
         tokens = counts[f"{split}_tokens"]
-        rows = tokens // block_size if cfg.packing else counts[f"{split}_rows"]
+        rows = tokens // block_size if opts.packing else counts[f"{split}_rows"]
         if rows == 0:
             which = "training" if split == "train" else "validation"
             raise DataError(f"the {which} text has fewer than --block-size {block_size} tokens, so no full block "
                             "can be made; add text, lower --block-size, or use --no-packing.")
-        stats[split] = (rows, rows * block_size if cfg.packing else tokens)
+        stats[split] = (rows, rows * block_size if opts.packing else tokens)
     return DataStats(train_documents=counts["train_documents"], valid_documents=counts["valid_documents"],
                      train_tokens=stats["train"][1], valid_tokens=stats["valid"][1], train_rows=stats["train"][0],
                      valid_rows=stats["valid"][0], dropped_tokens=counts["train_tokens"] - stats["train"][1],
                      prepare_seconds=0.0)
 
 
-def load(cfg: TrainConfig, target: Path, start: float, hit: bool):
+def load(opts: DataOptions, target: Path, start: float, hit: bool):
     """The complete cache at `target` as (train, validation, stats), evaluation capped by --max-eval-tokens."""
     manifest = json.loads((target / "manifest.json").read_text())
     stats = DataStats(**json.loads((target / "stats.json").read_text()))
     stats.cache_hit, stats.prepare_seconds = hit, time.perf_counter() - start
-    parts = [target / name for name in manifest["shards"]]
-    block_size, dtype, packing, masked = manifest["block_size"], manifest["dtype"], manifest["packing"], \
-        manifest["masked"]
-    stats.isolated = packing and formats.isolate_by_default(manifest["data_format"], cfg.isolate_documents)
-    train = TokenDataset(parts, "train", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
-    valid = TokenDataset(parts, "valid", block_size, packing, dtype, masked=masked, isolate=stats.isolated)
-    capped = valid.capped(cfg.max_eval_tokens)
+    layout = Layout(tuple(target / name for name in manifest["shards"]), manifest["block_size"], manifest["packing"],
+                    manifest["dtype"], manifest["masked"])
+    stats.isolated = layout.packing and formats.isolate_by_default(manifest["data_format"], opts.isolate_documents)
+    train = TokenDataset(layout, "train", isolate=stats.isolated)
+    valid = TokenDataset(layout, "valid", isolate=stats.isolated)
+    capped = valid.capped(opts.max_eval_tokens)
     if capped is not valid:
         log.info(f"evaluation scores {len(capped)} of {len(valid)} validation rows ({capped.tokens()} of "
-                 f"{valid.tokens()} tokens, evenly spaced; --max-eval-tokens {cfg.max_eval_tokens})")
+                 f"{valid.tokens()} tokens, evenly spaced; --max-eval-tokens {opts.max_eval_tokens})")
     return train, capped, stats

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.errors import DataError, OutputError
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -54,13 +54,13 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS)
 
 
-def _expand(cfg: TrainConfig, patterns: tuple[str, ...], option: str) -> Source:
+def _expand(opts: DataOptions, patterns: tuple[str, ...], option: str) -> Source:
     files: list[Path] = []
     for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(cfg.data_dir / pattern)
+        full = pattern if Path(pattern).is_absolute() else str(opts.data_dir / pattern)
         matches = sorted(Path(m) for m in glob.glob(full, recursive=True))
         if not matches:
-            raise DataError(f"{option} {pattern!r} matches nothing under {cfg.data_dir}; "
+            raise DataError(f"{option} {pattern!r} matches nothing under {opts.data_dir}; "
                             "check the name, or give a path relative to --data-dir.")
         for match in matches:
             if is_saved_dataset(match):
@@ -80,35 +80,35 @@ def _supported_in(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and file_format(p))
 
 
-def discover(cfg: TrainConfig) -> tuple[Source, Source]:
+def discover(opts: DataOptions) -> tuple[Source, Source]:
     """The training and validation inputs; an empty validation Source means "split from training"."""
-    if not cfg.data_dir.is_dir() and not any(Path(p).is_absolute() for p in cfg.train_file):
-        if cfg.data_dir.exists():
-            raise DataError(f"data directory {cfg.data_dir} is a file, not a directory; set --data-dir to the folder "
-                            f"that holds it, or --train-file {cfg.data_dir}.")
-        raise DataError(f"data directory {cfg.data_dir} does not exist; mount your data there "
+    if not opts.data_dir.is_dir() and not any(Path(p).is_absolute() for p in opts.train_file):
+        if opts.data_dir.exists():
+            raise DataError(f"data directory {opts.data_dir} is a file, not a directory; set --data-dir to the folder "
+                            f"that holds it, or --train-file {opts.data_dir}.")
+        raise DataError(f"data directory {opts.data_dir} does not exist; mount your data there "
                         "(docker run -v ./data:/data:ro) or set --data-dir.")
-    if cfg.train_file:
-        train = _expand(cfg, cfg.train_file, "--train-file")
-    elif is_saved_dataset(cfg.data_dir):
-        train = Source(saved_dataset=cfg.data_dir)
+    if opts.train_file:
+        train = _expand(opts, opts.train_file, "--train-file")
+    elif is_saved_dataset(opts.data_dir):
+        train = Source(saved_dataset=opts.data_dir)
     else:
-        candidates = _supported_in(cfg.data_dir)
+        candidates = _supported_in(opts.data_dir)
         named = [p for p in candidates if _stem(p) in TRAIN_STEMS]
         held_out = {p for p in candidates if _stem(p) in VALID_STEMS + ("test",)}
         train = Source(files=tuple(named or [p for p in candidates if p not in held_out]))
     if not train:
-        present = ", ".join(sorted(p.name for p in cfg.data_dir.iterdir())[:8]) or "nothing"
-        raise DataError(f"no training data in {cfg.data_dir} (found: {present}); add train.txt (or .jsonl, "
+        present = ", ".join(sorted(p.name for p in opts.data_dir.iterdir())[:8]) or "nothing"
+        raise DataError(f"no training data in {opts.data_dir} (found: {present}); add train.txt (or .jsonl, "
                         ".csv, .parquet) or set --train-file.")
-    if cfg.valid_file:
-        valid = _expand(cfg, cfg.valid_file, "--valid-file")
+    if opts.valid_file:
+        valid = _expand(opts, opts.valid_file, "--valid-file")
     elif train.saved_dataset:
         valid = _saved_validation(train.saved_dataset)
-    elif cfg.train_file:
+    elif opts.train_file:
         valid = Source()
     else:
-        valid = Source(files=tuple(p for p in _supported_in(cfg.data_dir) if _stem(p) in VALID_STEMS))
+        valid = Source(files=tuple(p for p in _supported_in(opts.data_dir) if _stem(p) in VALID_STEMS))
     return train, valid
 
 
@@ -166,16 +166,16 @@ def _hash_file(path: Path, check_utf8: bool) -> str:
     return digest.hexdigest()
 
 
-def load_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
+def load_documents(source: Source, opts: DataOptions, cache_dir: Path):
     """A `datasets.Dataset` with one column, `text`, one non-empty document per row."""
-    ds = read_documents(source, cfg, cache_dir)
+    ds = read_documents(source, opts, cache_dir)
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if len(ds) == 0:
         raise DataError(f"{source.describe()} contains no text; check --text-field and the files' contents.")
     return ds
 
 
-def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
+def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
     """A memory-mapped `datasets.Dataset`, one row per document as the loader reads it, empty ones included
     (data preparation skips those as it streams, without a filtered copy). Its columns say the format
     (`record_format`): `text` for plain text, `prompt` and `completion` for instruction records, `messages`
@@ -183,14 +183,14 @@ def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
     import datasets
 
     if source.saved_dataset:
-        ds = _load_saved(source, cfg)
+        ds = _load_saved(source, opts)
     else:
         parts = []
         by_loader: dict[str, list[str]] = {}
         for path in source.files:
             by_loader.setdefault(file_format(path), []).append(str(path))
         for loader, files in sorted(by_loader.items()):
-            kwargs = {"sample_by": {"file": "document"}.get(cfg.txt_split, cfg.txt_split)} if loader == "text" \
+            kwargs = {"sample_by": {"file": "document"}.get(opts.txt_split, opts.txt_split)} if loader == "text" \
                 else {}
             try:
                 # cache_dir is a fresh scratch folder per build (data.prepare): datasets keys its own cache on
@@ -206,7 +206,7 @@ def read_documents(source: Source, cfg: TrainConfig, cache_dir: Path):
                 raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
                     from None
             parts.append(_text_column(part, {"text": ("text", "--txt-split")}, files[0]) if loader == "text"
-                         else _columns(part, cfg, files[0]))
+                         else _columns(part, opts, files[0]))
         formats = {record_format(p) for p in parts}
         if len(formats) > 1:
             raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(formats))}); train on one "
@@ -225,11 +225,11 @@ def record_format(ds) -> str:
     return formats.INSTRUCTION if "prompt" in ds.column_names else formats.TEXT
 
 
-def _columns(ds, cfg: TrainConfig, where: str):
+def _columns(ds, opts: DataOptions, where: str):
     """A loaded file's records reduced to the columns of their format (formats.detect), under canonical names."""
     from entrypoint.data import formats
 
-    fields = formats.Fields.from_config(cfg)
+    fields = formats.Fields.from_config(opts)
     names = set(ds.column_names)
     if fields.messages in names:
         ds = ds.select_columns([fields.messages])
@@ -239,10 +239,10 @@ def _columns(ds, cfg: TrainConfig, where: str):
                                  fields.completion: ("completion", "--completion-field")}, where)
     if fields.text not in names and names & {fields.prompt, fields.completion}:
         formats.detect(names, fields)  # its message names every option
-    return _text_column(ds, {cfg.text_field: ("text", "--text-field")}, where)
+    return _text_column(ds, {opts.text_field: ("text", "--text-field")}, where)
 
 
-def _load_saved(source: Source, cfg: TrainConfig):
+def _load_saved(source: Source, opts: DataOptions):
     import datasets
 
     loaded = datasets.load_from_disk(str(source.saved_dataset))
@@ -251,7 +251,7 @@ def _load_saved(source: Source, cfg: TrainConfig):
             raise DataError(f"saved dataset {source.saved_dataset} has splits {', '.join(loaded)} but no "
                             f"{source.split!r}; save one, or pass --train-file/--valid-file.")
         loaded = loaded[source.split]
-    return _columns(loaded, cfg, source.describe())
+    return _columns(loaded, opts, source.describe())
 
 
 def _text_column(ds, wanted: dict[str, tuple[str, str]], where: str):

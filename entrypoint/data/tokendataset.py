@@ -4,12 +4,25 @@ cache."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from entrypoint.data import split as splitting
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a cache's shards hold their tokens (its manifest.json): the shard folders, in order, the block size,
+    packed or not, the token dtype, and whether each token has a loss mask."""
+
+    shards: tuple[Path, ...]
+    block_size: int
+    packing: bool
+    dtype: str
+    masked: bool = False
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -21,11 +34,12 @@ class TokenDataset(torch.utils.data.Dataset):
     Unpacked: one row per document, a document longer than a block continuing in the next row. Offsets are
     int64 throughout, so streams past 2**31 tokens index correctly."""
 
-    def __init__(self, shards: list[Path], split: str, block_size: int, packing: bool, dtype: str,
-                 rows: np.ndarray | None = None, masked: bool = False, isolate: bool = False):
-        self.shards, self.split, self.block_size, self.packing, self.dtype = shards, split, block_size, packing, dtype
+    def __init__(self, layout: Layout, split: str, rows: np.ndarray | None = None, isolate: bool = False):
+        self.layout, self.split = layout, split
+        self.shards, self.block_size = layout.shards, layout.block_size
+        self.packing, self.dtype = layout.packing, layout.dtype
         self.rows = rows  # a subset of row indices (the evaluation cap), or None for all
-        self.masked, self.isolate = masked, isolate and packing  # an unpacked row holds one document already
+        self.masked, self.isolate = layout.masked, isolate and layout.packing  # an unpacked row holds one document
         self._open()
 
     def _open(self) -> None:
@@ -98,9 +112,8 @@ class TokenDataset(torch.utils.data.Dataset):
     def capped(self, max_tokens: int) -> TokenDataset:
         """This split limited to evenly spaced rows of at most `max_tokens` tokens in all (itself if they fit)."""
         rows = splitting.capped_rows(self.row_lengths(), max_tokens)
-        return self if rows is None else TokenDataset(self.shards, self.split, self.block_size, self.packing,
-                                                      self.dtype, rows if self.rows is None else self.rows[rows],
-                                                      self.masked, self.isolate)
+        return self if rows is None else TokenDataset(self.layout, self.split,
+                                                      rows if self.rows is None else self.rows[rows], self.isolate)
 
     def tokens(self) -> int:
         return int(self.row_lengths().sum(dtype=np.int64))

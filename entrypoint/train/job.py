@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
@@ -15,6 +16,7 @@ from entrypoint.config.options import as_dict
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline
 from entrypoint.data.collate import PackedCollator, PaddingCollator
+from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
 from entrypoint.logs import ProgressLog, is_tty
 from entrypoint.publish import export, outputs
@@ -30,6 +32,18 @@ from entrypoint.train.trainer import FinetuneTrainer, TokenCounter
 
 model_log, data_log = logs.area("model"), logs.area("data")
 resume_log, publish_log = logs.area("resume"), logs.area("publish")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the steps after the data share: the configuration, the run plan, this process, the stop request and
+    the data's statistics."""
+
+    cfg: TrainConfig
+    plan: RunPlan
+    dist: Dist
+    stop: StopRequest
+    stats: pipeline.DataStats
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
@@ -71,8 +85,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, stats = pipeline.prepare(cfg, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop,
-                                            workers=plan.preprocessing_workers)
+    data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers)
+    train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
@@ -81,11 +95,12 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         model_log.info(f"loading {cfg.model}")
         model = load_model(cfg, attention_for(stats.isolated, plan.precision))
     stop.raise_if_requested("before training started")
-    trainer, progress = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, fresh=resume is None)
+    context = Context(cfg, plan, dist, stop, stats)
+    trainer, progress = build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=resume is None)
     trainer.run = run_identity
-    results = summarize(train(cfg, plan, trainer, progress, resume, dist, stop, stats))
+    results = summarize(train(context, trainer, progress, resume))
     if dist.is_main:
-        publish(cfg, trainer, tokenizer, progress, results, stats, lease, stop)
+        publish(context, trainer, tokenizer, progress, results, lease)
     return results
 
 
@@ -99,10 +114,10 @@ def log_data(stats, cfg: TrainConfig, plan: RunPlan) -> None:
         raise ConfigError(problem)
 
 
-def train(cfg: TrainConfig, plan: RunPlan, trainer, progress: ProgressLog, resume: Path | None, dist: Dist,
-          stop: StopRequest, stats) -> metrics.RunRecord:
+def train(context: Context, trainer, progress: ProgressLog, resume: Path | None) -> metrics.RunRecord:
     """Train (or finish from a checkpoint at the last step) and evaluate the model to publish; a signal, a
     divergence or a full GPU ends it with the matching error."""
+    cfg, plan, dist, stop = context.cfg, context.plan, context.dist, context.stop
     trainer.add_callback(StopOnSignal(stop))
     trainer.add_callback(StopEvaluation(stop))  # after StopOnSignal: it reads that callback's decision
     divergence = guard.DivergenceGuard()
@@ -122,12 +137,12 @@ def train(cfg: TrainConfig, plan: RunPlan, trainer, progress: ProgressLog, resum
         raise OutOfMemory(f"out of GPU memory at --batch-size {cfg.batch_size}, --block-size {plan.block_size}; "
                           "lower --batch-size (raise --grad-accum to keep the effective batch) or add "
                           "--gradient-checkpointing.") from None
-    return record(cfg, plan, trainer, result, final, progress, stats)
+    return record(context, trainer, result, final, progress)
 
 
-def publish(cfg: TrainConfig, trainer, tokenizer, progress: ProgressLog, results: dict, stats, lease: Lease,
-            stop: StopRequest) -> None:
+def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results: dict, lease: Lease) -> None:
     """Rank 0: refuse a diverged result, then publish the model, metrics, plot, history and status, and export."""
+    cfg, stats, stop = context.cfg, context.stats, context.stop
     try:
         guard.check_final(results, cfg.publish_worse)
     except Diverged:
@@ -200,9 +215,10 @@ def already_published(cfg: TrainConfig) -> bool:
     return False
 
 
-def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, train_ds, eval_ds, fresh: bool):
-    """The Trainer the plan describes, with the job's callbacks. `fresh` runs also evaluate before the first step,
-    so metrics show what training gained."""
+def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: tuple, fresh: bool):
+    """The Trainer the plan describes, with the job's callbacks, on `datasets` (training, evaluation). `fresh` runs
+    also evaluate before the first step, so metrics show what training gained."""
+    train_ds, eval_ds = datasets
     quiet = not is_tty() or cfg.log_format == "json"
     counter = TokenCounter()
     progress = ProgressLog(counter, show_steps=quiet)
@@ -276,9 +292,9 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
     )
 
 
-def record(cfg: TrainConfig, plan: RunPlan, trainer, result, final: dict, progress: ProgressLog,
-           stats) -> metrics.RunRecord:
+def record(context: Context, trainer, result, final: dict, progress: ProgressLog) -> metrics.RunRecord:
     """The run as metrics.summarize reads it. A collective (token totals): every process calls it."""
+    cfg, plan, stats = context.cfg, context.plan, context.stats
     session = result.metrics.get("train_runtime", 0.0) - progress.eval_seconds  # it includes in-loop evaluations
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, metrics.StepTimer))
     return metrics.RunRecord(

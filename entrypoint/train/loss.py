@@ -64,10 +64,13 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return _ChunkedCrossEntropy.apply(logits, targets)
 
 
-def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE,
-                   shift_labels=None, **kwargs) -> torch.Tensor:
+def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, shift_labels=None,
+                   **kwargs) -> torch.Tensor:
     """transformers' `ForCausalLMLoss`, chunked: the next-token loss summed and divided by `num_items_in_batch`
-    (Trainer's count over the accumulated micro-batches), or the mean over this batch's targets without it."""
+    (Trainer's count over the accumulated micro-batches), or the mean over this batch's targets without it. Its
+    other keywords (`ignore_index`, and what the model passes besides) are accepted as `ForCausalLMLoss` accepts
+    them; `ignore_index` must be -100."""
+    ignore_index = kwargs.get("ignore_index", IGNORE)
     if ignore_index != IGNORE:
         raise ValueError(f"causal_lm_loss ignores label {IGNORE} only, not {ignore_index}")
     if shift_labels is None:

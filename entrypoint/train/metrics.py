@@ -65,11 +65,10 @@ class StepTimer(TrainerCallback):
             return None
         return max(0.0, self.seconds[0] - statistics.median(self.seconds[1:]))
 
-    def mfu(self, flops_per_token: float, device: str, precision: str, tf32: bool, real_tokens: int, steps: int,
-            world_size: int) -> float | None:
+    def mfu(self, flops_per_token: float, plan, real_tokens: int, steps: int, world_size: int) -> float | None:
         """MFU of this run from the measured optimizer-step time: the useful tokens of a typical step on one
-        device over the step's wall time, against the GPU's dense peak for the precision (mfu.PEAK_TFLOPS). None
-        on a CPU or an unknown GPU.
+        device over the step's wall time, against the dense peak of the plan's (plan.RunPlan) device for its
+        precision and TF32 setting (mfu.PEAK_TFLOPS). None on a CPU or an unknown GPU.
 
         `real_tokens` (summed over ranks) and `steps` must cover the same steps: the whole run's tokens, checkpointed
         counts included, over the whole run's optimizer steps. A resumed process times only its own steps, but a
@@ -79,7 +78,8 @@ class StepTimer(TrainerCallback):
         if not seconds or not real_tokens or not steps:
             return None
         per_device_step = real_tokens / steps / world_size
-        return flops.mfu_from(flops_per_token, device, precision, per_device_step / seconds, tf32=tf32)
+        return flops.mfu_from(flops_per_token, plan.device, plan.precision, per_device_step / seconds,
+                              tf32=plan.tf32)
 
 
 @dataclass
@@ -134,8 +134,7 @@ def summarize(run: RunRecord) -> dict:
         "useful_tokens_per_second": real / training if training > 0 else 0.0,
         "eval_seconds": run.eval_seconds,
         "padding_fraction": 1 - real / positions if positions else 0.0,
-        "mfu": run.timer.mfu(run.flops_per_token, plan.device, plan.precision, plan.tf32, real, run.global_step,
-                             run.world_size),
+        "mfu": run.timer.mfu(run.flops_per_token, plan, real, run.global_step, run.world_size),
         "step_seconds": run.timer.step_seconds(),
         "step_seconds_p90": run.timer.step_seconds(0.9),
         "flops_per_token": run.flops_per_token,

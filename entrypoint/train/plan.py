@@ -19,6 +19,7 @@ import torch
 
 from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
 from entrypoint.runtime.cpus import tokenizing_workers
 from entrypoint.train import mfu
@@ -227,7 +228,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def estimated_rows(cfg: TrainConfig, block_size: int) -> int:
     """Training rows an epoch will have, from the input files' sizes (a `stat` each, nothing read)."""
-    train, _ = discover(cfg)
+    train, _ = discover(DataOptions.of(cfg))
     paths = [p for p in train.saved_dataset.rglob("*") if p.is_file()] if train.saved_dataset else train.files
     text_bytes = sum(p.stat().st_size for p in paths)
     return max(1, int(text_bytes / BYTES_PER_TOKEN) // block_size)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
 from entrypoint.publish.outputs import check_writable
@@ -130,7 +131,7 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
     except FinetuneError as exc:
         problems.append(exc)
     try:
-        discover(cfg)
+        discover(DataOptions.of(cfg))
     except FinetuneError as exc:
         problems.append(exc)
     for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir"),

@@ -19,6 +19,7 @@ import torch
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline, shards
 from entrypoint.data.collate import PackedCollator, PaddingCollator
+from entrypoint.data.options import DataOptions
 from entrypoint.errors import DataError
 from tests.support.helpers import finetune
 
@@ -47,7 +48,7 @@ def split_dir(tmp_path) -> Path:
 
 def prepare(tokenizer, data_dir: Path, output_dir: Path, block_size: int = BLOCK, **options):
     cfg = TrainConfig(data_dir=data_dir, output_dir=output_dir, preprocessing_workers=1, **options)
-    return pipeline.prepare(cfg, tokenizer, block_size)
+    return pipeline.prepare(DataOptions.of(cfg), tokenizer, block_size)
 
 
 def token_stream(tokenizer, docs: list[str]) -> list[int]:
@@ -305,12 +306,12 @@ def test_prepare_command_says_cache_hit_on_its_second_run(tiny_model, split_dir,
 def test_cache_dir_holds_complete_builds_that_any_output_dir_reuses(tokenizer, split_dir, tmp_path):
     cache = tmp_path / "shared-cache"
     cfg = TrainConfig(data_dir=split_dir, output_dir=tmp_path / "out", cache_dir=cache, preprocessing_workers=1)
-    stats = pipeline.prepare(cfg, tokenizer, BLOCK)[2]
+    stats = pipeline.prepare(DataOptions.of(cfg), tokenizer, BLOCK)[2]
     target = cache / f"blocks-{stats.fingerprint}"
     assert (target / pipeline.COMPLETE).is_file() and (target / "stats.json").is_file()
     assert not (tmp_path / "out").exists()
     other_output = TrainConfig(data_dir=split_dir, output_dir=tmp_path / "out2", cache_dir=cache)
-    assert pipeline.prepare(other_output, tokenizer, BLOCK)[2].cache_hit
+    assert pipeline.prepare(DataOptions.of(other_output), tokenizer, BLOCK)[2].cache_hit
 
 
 # Text too short.

@@ -15,6 +15,7 @@ import torch
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import collate, formats, pipeline
 from entrypoint.data.formats import CHAT, IGNORE, INSTRUCTION, TEXT
+from entrypoint.data.options import DataOptions
 from entrypoint.train.model import load_model
 from tests.support.archs import save_tiny_model
 from tests.support.helpers import finetune, train_env
@@ -64,7 +65,7 @@ def split_dir(tmp_path: Path, records: list[dict], kind: str = "jsonl", valid: i
 
 def prepare(tokenizer, directory: Path, block_size: int = BLOCK, **options):
     cfg = TrainConfig(data_dir=directory, output_dir=directory.parent / "out", preprocessing_workers=1, **options)
-    return pipeline.prepare(cfg, tokenizer, block_size)
+    return pipeline.prepare(DataOptions.of(cfg), tokenizer, block_size)
 
 
 def expected_stream(tokenizer, records: list[dict], fmt: str, train_on_prompt: bool = False):
@@ -185,11 +186,11 @@ def test_a_sharded_build_of_instruction_records_equals_the_single_process_one(to
         return TrainConfig(data_dir=directory, output_dir=tmp_path / "out", cache_dir=tmp_path / cache,
                            preprocessing_workers=1)
 
-    train, valid, stats = pipeline.prepare(cfg("single"), tokenizer, BLOCK)
+    train, valid, stats = pipeline.prepare(DataOptions.of(cfg("single")), tokenizer, BLOCK)
     for shard in (1, 2, 0):
-        last = pipeline.prepare_shard(cfg("sharded"), tokenizer, BLOCK, shard, 3)
+        last = pipeline.prepare_shard(DataOptions.of(cfg("sharded")), tokenizer, BLOCK, shard, 3)
     assert last is not None and last.fingerprint == stats.fingerprint
-    train3, valid3, stats3 = pipeline.prepare(cfg("sharded"), tokenizer, BLOCK)
+    train3, valid3, stats3 = pipeline.prepare(DataOptions.of(cfg("sharded")), tokenizer, BLOCK)
     assert stats3.cache_hit and stats3.valid_documents == stats.valid_documents > 0
     for one, three in ((train, train3), (valid, valid3)):
         for key in ("input_ids", "labels", "position_ids"):
@@ -247,7 +248,7 @@ def test_finetune_train_on_instruction_records_reports_target_tokens_and_the_for
     assert "on instruction data" in (out / "model" / "README.md").read_text()
     # The eval loss is the mean over the validation set's target tokens, prompts excluded.
     cache = next((out / "cache").glob("blocks-*"))
-    valid = pipeline.load(TrainConfig(data_dir=directory, output_dir=out), cache, 0.0, True)[1]
+    valid = pipeline.load(DataOptions.of(TrainConfig(data_dir=directory, output_dir=out)), cache, 0.0, True)[1]
     assert math.isclose(metrics["eval_loss"], eval_loss_over_targets(out / "model", valid), rel_tol=1e-4)
 
 
@@ -265,8 +266,8 @@ def test_finetune_train_on_chat_records_with_a_llama_model_and_its_own_template(
     assert metrics["data_format"] == "chat" and 0 < metrics["target_tokens"] < metrics["train_tokens"] // 2
     # The cache training read: Llama's BOS starts every conversation; only assistant turns carry loss.
     tok = AutoTokenizer.from_pretrained(out / "model")
-    train = pipeline.load(TrainConfig(data_dir=directory, output_dir=out), next((out / "cache").glob("blocks-*")), 0.0,
-                      True)[0]
+    opts = DataOptions.of(TrainConfig(data_dir=directory, output_dir=out))
+    train = pipeline.load(opts, next((out / "cache").glob("blocks-*")), 0.0, True)[0]
     ids, labels = expected_stream(tok, CHATS[:-6], CHAT)
     batch = collated(train)
     assert batch["input_ids"].flatten().tolist() == ids[:len(train) * 64] and ids[0] == tok.bos_token_id

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import CHUNK, Source, discover, fingerprint, load_documents
 from entrypoint.errors import DataError
 
@@ -63,13 +64,13 @@ def config(tmp_path: Path, data_dir: Path | None = None, **options) -> TrainConf
 
 def read(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """What `data.prepare` does before tokenizing: discover, fingerprint (the checks), load documents."""
-    train, valid = discover(cfg)
+    train, valid = discover(DataOptions.of(cfg))
     fingerprint(train)
     if valid:
         fingerprint(valid)
     cache = cfg.output_dir / "raw"
-    return (load_documents(train, cfg, cache)["text"],
-            load_documents(valid, cfg, cache)["text"] if valid else [])
+    return (load_documents(train, DataOptions.of(cfg), cache)["text"],
+            load_documents(valid, DataOptions.of(cfg), cache)["text"] if valid else [])
 
 
 def data_error(cfg: TrainConfig) -> str:
@@ -134,7 +135,7 @@ def test_several_files_and_globs_are_all_read(tmp_path):
     (data_dir / "shards" / "notes.md").write_text("not matched by the glob\n")
     write(data_dir / "extra.jsonl", DOCS[8:])
     cfg = config(tmp_path, train_file=("shards/*.txt", "extra.jsonl"))
-    train_src, valid_src = discover(cfg)
+    train_src, valid_src = discover(DataOptions.of(cfg))
     assert [p.name for p in train_src.files] == ["part-0.txt", "part-1.txt", "extra.jsonl"]
     assert not valid_src  # --train-file without --valid-file: split from training
     train, _ = read(cfg)
@@ -165,7 +166,7 @@ def test_a_directory_given_as_train_file_reads_its_supported_files(tmp_path):
 
 def test_saved_dataset_directory_is_read(tmp_path):
     datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))}).save_to_disk(tmp_path / "data")
-    train_src, valid_src = discover(config(tmp_path))
+    train_src, valid_src = discover(DataOptions.of(config(tmp_path)))
     assert train_src.saved_dataset == tmp_path / "data" and not valid_src
     train, valid = read(config(tmp_path))
     assert (train, valid) == (DOCS, [])
@@ -215,14 +216,14 @@ def test_txt_split_file_makes_one_document_per_file(tmp_path):
 def test_train_named_file_wins_over_other_files(tmp_path):
     write(tmp_path / "data" / "train.txt", DOCS[:3])
     write(tmp_path / "data" / "notes.txt", ["not training data"])
-    train_src, _ = discover(config(tmp_path))
+    train_src, _ = discover(DataOptions.of(config(tmp_path)))
     assert [p.name for p in train_src.files] == ["train.txt"]
 
 
 def test_without_a_train_file_every_file_except_validation_and_test_trains(tmp_path):
     for name in ("a.txt", "b.jsonl", "dev.txt", "test.txt", "val.jsonl"):
         write(tmp_path / "data" / name, DOCS[:2])
-    train_src, valid_src = discover(config(tmp_path))
+    train_src, valid_src = discover(DataOptions.of(config(tmp_path)))
     assert [p.name for p in train_src.files] == ["a.txt", "b.jsonl"]
     assert [p.name for p in valid_src.files] == ["dev.txt", "val.jsonl"]
 

@@ -10,6 +10,7 @@ import pytest
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline, split
+from entrypoint.data.options import DataOptions
 
 
 @pytest.mark.parametrize("percent", [0.1, 2.5, 5.0, 7.0, 33.3, 50.0])
@@ -39,7 +40,7 @@ def test_split_through_prepare_is_deterministic_and_disjoint_from_training(token
     def documents(run: str, seed: int) -> tuple[set[str], set[str]]:
         cfg = TrainConfig(data_dir=tmp_path / "data", output_dir=tmp_path / run, preprocessing_workers=1,
                           packing=False, seed=seed, block_size=128, max_eval_tokens=0)
-        train, valid, _ = pipeline.prepare(cfg, tokenizer, 128)
+        train, valid, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, 128)
         eos = tokenizer.eos_token_id
 
         def decoded(ds):
@@ -71,10 +72,10 @@ def test_capped_rows_are_evenly_spaced_under_the_cap_and_none_when_all_fit():
 def test_evaluation_scores_at_most_max_eval_tokens_the_same_rows_every_time(tokenizer, tmp_path, corpus_dir, caplog):
     caplog.set_level(logging.INFO, logger="finetune")
     cfg = TrainConfig(data_dir=corpus_dir, output_dir=tmp_path / "out", preprocessing_workers=1, max_eval_tokens=640)
-    _, valid, stats = pipeline.prepare(cfg, tokenizer, 32)
+    _, valid, stats = pipeline.prepare(DataOptions.of(cfg), tokenizer, 32)
     assert len(valid) == 20 < stats.valid_rows and valid.tokens() == 640
     assert "evaluation scores 20 of" in caplog.text and "--max-eval-tokens 640" in caplog.text
-    _, again, _ = pipeline.prepare(cfg, tokenizer, 32)
+    _, again, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, 32)
     assert [r["input_ids"].tolist() for r in again] == [r["input_ids"].tolist() for r in valid]
     uncapped = TrainConfig(data_dir=corpus_dir, output_dir=tmp_path / "out", max_eval_tokens=0)
-    assert len(pipeline.prepare(uncapped, tokenizer, 32)[1]) == stats.valid_rows
+    assert len(pipeline.prepare(DataOptions.of(uncapped), tokenizer, 32)[1]) == stats.valid_rows

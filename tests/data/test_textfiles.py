@@ -17,6 +17,7 @@ import pytest
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline, shards, textfiles
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, read_documents
 
 PIECES = ["alpha", "beta gamma", "  ", "\t", "é中文 ünïcode", "x", "last words", "\ufeffmarked", "-- 42 --"]
@@ -41,7 +42,7 @@ def awkward_files(tmp_path) -> list[Path]:
 
 def loaded(files: list[Path], mode: str, scratch: Path) -> list[tuple[int, str]]:
     cfg = TrainConfig(data_dir=files[0].parent, txt_split=mode)
-    docs = read_documents(Source(files=tuple(files)), cfg, scratch)
+    docs = read_documents(Source(files=tuple(files)), DataOptions.of(cfg), scratch)
     return list(enumerate(docs["text"]))
 
 
@@ -98,7 +99,7 @@ def test_a_cache_from_txt_equals_one_built_through_the_loader(tokenizer, corpus_
         (directory / name).write_bytes(payload)
         cfg = TrainConfig(data_dir=directory, output_dir=tmp_path / "out", cache_dir=directory / "cache",
                           txt_split=mode, preprocessing_workers=2)
-        stats = pipeline.prepare_shard(cfg, tokenizer, 32, 0, 1)
+        stats = pipeline.prepare_shard(DataOptions.of(cfg), tokenizer, 32, 0, 1)
         assert stats.valid_documents > 0
         caches.append(next((directory / "cache").glob("blocks-*/shard-*")))
     for kind in ("train.tokens", "train.docs", "valid.tokens", "valid.docs", "stats.json"):

@@ -35,7 +35,7 @@ def test_a_signal_interrupts_a_blocked_read_inside_interruptible(tmp_path, stop)
     with pytest.raises(Preempted, match="stopped by SIGTERM during model loading"), \
             stop.interruptible("during model loading"):
         fifo.read_bytes()
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # the read would block for ever
 
 
 def test_outside_interruptible_a_signal_is_only_recorded(stop):

@@ -18,6 +18,10 @@ from entrypoint.publish.lease import HEARTBEAT_SECONDS, LEASE, STALE_SECONDS, Le
 from entrypoint.train.preemption import StopRequest
 
 
+# "At once" against a wait that lasts until the lease is stale (STALE_SECONDS, 30 s): margin for a busy machine.
+AT_ONCE_S = 10
+
+
 def holder_process(directory, seconds: float = 60) -> subprocess.Popen:
     """Another process that holds the lease on `directory` until killed; returns once it holds it."""
     code = textwrap.dedent(f"""
@@ -39,7 +43,7 @@ def test_a_live_holder_on_this_host_is_refused_at_once_and_named(tmp_path):
         start = time.monotonic()
         with pytest.raises(Busy) as refused:
             Lease({"--output-dir": tmp_path}).acquire()
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < AT_ONCE_S
         message = str(refused.value)
         assert f"--output-dir {tmp_path.resolve()} is in use by the run on host" in message
         assert f"pid {holder.pid}, since 20" in message and "\n" not in message
@@ -57,7 +61,7 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     with Lease({"--output-dir": tmp_path}):
         assert json.loads((tmp_path / LEASE).read_text())["pid"] == os.getpid()
         assert not held_by_another(tmp_path)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < AT_ONCE_S
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "release removes the lease and every temporary file"
 
 
@@ -74,7 +78,7 @@ def test_another_hosts_lease_past_the_staleness_bound_is_taken_over_at_once(tmp_
     start = time.monotonic()
     with Lease({"--output-dir": tmp_path}):
         assert json.loads((tmp_path / LEASE).read_text())["token"] != "theirs"
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < AT_ONCE_S
 
 
 def test_another_hosts_stopped_heartbeat_is_waited_for_until_stale(tmp_path):
@@ -82,7 +86,7 @@ def test_another_hosts_stopped_heartbeat_is_waited_for_until_stale(tmp_path):
     start = time.monotonic()
     with Lease({"--output-dir": tmp_path}):
         waited = time.monotonic() - start
-    assert 2 < waited < 8
+    assert 2 < waited < 3 + AT_ONCE_S
 
 
 def test_another_hosts_moving_heartbeat_is_refused_within_one_beat(tmp_path):

@@ -252,6 +252,6 @@ def test_the_job_gives_a_flash_attention_model_the_collator_with_document_spans(
     collators = []
     for name in ("sdpa", "flash_attention_2"):
         model.config._attn_implementation = name
-        trainer, _ = build_trainer(cfg, plan, model, tokenizer, [], [], fresh=True)
+        trainer, _ = build_trainer(cfg, plan, model, tokenizer, ([], []), fresh=True)
         collators.append(trainer.data_collator)
     assert [c.varlen for c in collators] == [False, True]

@@ -115,6 +115,7 @@ class TestPrecisionAndCompile:
     def test_fused_adamw_on_cuda(self, tmp_path, tiny_model, corpus_dir):
         from entrypoint.config.schema import TrainConfig
         from entrypoint.data import pipeline
+        from entrypoint.data.options import DataOptions
         from entrypoint.train.job import build_trainer
         from entrypoint.train.model import load_model, load_tokenizer
         from entrypoint.train.plan import decide
@@ -124,8 +125,8 @@ class TestPrecisionAndCompile:
                           batch_size=8, grad_accum=1, max_steps=2, precision=PRECISION, report_to="none")
         plan = decide(cfg, preflight(cfg), world_size=1)
         tokenizer = load_tokenizer(cfg)
-        train_ds, eval_ds, _ = pipeline.prepare(cfg, tokenizer, plan.block_size, builds=True)
-        trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, train_ds, eval_ds, fresh=True)
+        train_ds, eval_ds, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, plan.block_size, builds=True)
+        trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, (train_ds, eval_ds), fresh=True)
         optimizer = trainer.create_optimizer()
         assert bool(optimizer.defaults.get("fused")) == CUDA
 

@@ -14,6 +14,11 @@ from entrypoint.train import metrics, mfu
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+def on(device: str, precision: str = "bf16") -> SimpleNamespace:
+    """The run plan's fields MFU reads."""
+    return SimpleNamespace(device=device, precision=precision, tf32=False)
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     with torch.device("meta"):
@@ -45,10 +50,10 @@ def test_mfu_uses_the_typical_step_time_and_the_dense_peak(gpt2):
     timer.periods = [0.06, 9.0, 0.06]
     tokens = 4 * 32 * 1024 * 2  # 4 steps of 32 x 1024 tokens on each of 2 ranks
     flops = mfu.flops_per_token(gpt2, 1024)
-    got = timer.mfu(flops, H100, "bf16", False, tokens, steps=4, world_size=2)
+    got = timer.mfu(flops, on(H100), tokens, steps=4, world_size=2)
     assert got == pytest.approx(flops * 32 * 1024 / 0.06 / 989.4e12)
     assert 0.4 < got < 0.55  # GPT-2 124M at ~550k tokens/s on one H100 is nanoGPT-class, under half its peak
-    assert timer.mfu(flops, "cpu", "fp32", False, tokens, steps=4, world_size=1) is None  # CPU: no peak
+    assert timer.mfu(flops, on("cpu", "fp32"), tokens, steps=4, world_size=1) is None  # CPU: no peak
 
 
 def test_mfu_after_a_resume_equals_the_uninterrupted_runs(gpt2):
@@ -61,8 +66,8 @@ def test_mfu_after_a_resume_equals_the_uninterrupted_runs(gpt2):
         timer.seconds, timer.periods = [0.05] * n, [0.05] * (n - 1)
         return timer
 
-    whole = timed(steps).mfu(flops, H100, "bf16", False, tokens_per_step * steps, steps=steps, world_size=1)
-    resumed = timed(40).mfu(flops, H100, "bf16", False, tokens_per_step * steps, steps=steps, world_size=1)
+    whole = timed(steps).mfu(flops, on(H100), tokens_per_step * steps, steps=steps, world_size=1)
+    resumed = timed(40).mfu(flops, on(H100), tokens_per_step * steps, steps=steps, world_size=1)
     assert resumed == pytest.approx(whole, rel=0.10)
     assert whole == pytest.approx(flops * tokens_per_step / 0.05 / 989.4e12)
 

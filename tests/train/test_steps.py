@@ -16,6 +16,7 @@ import torch
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import pipeline
+from entrypoint.data.options import DataOptions
 from entrypoint.train.job import build_trainer, training_arguments
 from entrypoint.train.model import load_model, load_tokenizer
 from entrypoint.train.plan import decide
@@ -42,8 +43,8 @@ def trainer_for(tmp_path, tiny_model, data_dir, **options):
     cfg = TrainConfig(model=str(tiny_model), data_dir=data_dir, output_dir=tmp_path / "out", **options)
     plan = decide(cfg, preflight(cfg), world_size=1)
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, _ = pipeline.prepare(cfg, tokenizer, plan.block_size, builds=True)
-    trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, train_ds, eval_ds, fresh=False)
+    train_ds, eval_ds, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, plan.block_size, builds=True)
+    trainer, _ = build_trainer(cfg, plan, load_model(cfg), tokenizer, (train_ds, eval_ds), fresh=False)
     return trainer
 
 

@@ -1,0 +1,36 @@
+"""The options data preparation reads, as one frozen object: `data/` takes this, never the configuration schema, so
+it can be used and tested without the training job's options (and the schema can change without touching it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Every field is the TrainConfig field (or property) of the same name; see `--help` for each one's meaning."""
+
+    data_dir: Path
+    train_file: tuple[str, ...]
+    valid_file: tuple[str, ...]
+    data_cache_dir: Path  # --cache-dir, or <output-dir>/cache
+    txt_split: str
+    text_field: str
+    prompt_field: str
+    completion_field: str
+    messages_field: str
+    validation_split: float
+    seed: int
+    packing: bool
+    train_on_prompt: bool
+    isolate_documents: bool | None
+    max_eval_tokens: int
+    preprocessing_workers: int
+
+    @classmethod
+    def of(cls, cfg, **decided) -> DataOptions:
+        """The data options of `cfg`, a TrainConfig (untyped here: data/ does not import the schema), with
+        `decided` in place of its values (the run plan's `preprocessing_workers`)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)} | decided)
+
