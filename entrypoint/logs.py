@@ -1,5 +1,16 @@
 """Logs that read well in `kubectl logs`: plain timestamped lines (or one JSON object a line), progress as
-periodic lines with step, loss, learning rate, tokens/s and ETA, and a progress bar only on a terminal."""
+periodic lines with step, loss, learning rate, tokens/s and ETA, and a progress bar only on a terminal.
+
+Every line belongs to an area of the job (data, model, resume, checkpoint, ...). A module takes its area's logger
+once, at its top, and passes the values worth querying as keyword fields:
+
+    log = logs.area("data")
+    log.info(f"cache hit {name}", rows=rows)   # text: `... data: cache hit blocks-1a2b`
+                                               # JSON: {"area": "data", "message": "data: cache hit ...", "rows": 12}
+
+The area writes the "data: " prefix, so a message never starts with one. This module is the only one that calls
+`logging.getLogger`: every area's logger hangs from one root, `finetune`, which `setup` gives the handler.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +19,52 @@ import logging
 import sys
 import time
 
-log = logging.getLogger("finetune")
+ROOT = "finetune"
+
+
+class Area:
+    """The logger of one area: `info`, `warning` and `error` write "area: message", `progress` a progress line.
+    Keyword fields become keys of the line in JSON format (and `record.fields` for a handler or a test)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.logger = logging.getLogger(f"{ROOT}.{name}")
+
+    def info(self, message: str, **fields) -> None:
+        self._log(logging.INFO, f"{self.name}: {message}", fields)
+
+    def warning(self, message: str, **fields) -> None:
+        self._log(logging.WARNING, f"{self.name}: {message}", fields)
+
+    def error(self, message: str, **fields) -> None:
+        self._log(logging.ERROR, f"{self.name}: {message}", fields)
+
+    def progress(self, message: str, **fields) -> None:
+        """A line of periodic progress: the area in a column five wide instead of "area: ", so that a run's step
+        lines align (`train step 8/16 ...`, `eval  step 8: ...`)."""
+        self._log(logging.INFO, f"{self.name:<5} {message}", fields)
+
+    def _log(self, level: int, text: str, fields: dict) -> None:
+        # The message is complete text (no %-arguments); stacklevel names the caller's line in the record.
+        self.logger.log(level, text, extra={"area": self.name, "fields": fields}, stacklevel=3)
+
+
+def area(name: str) -> Area:
+    """The logger of `name`, one of the job's areas; call it once at a module's top: `log = logs.area("data")`."""
+    return Area(name)
+
+
+def quiet(library: str) -> None:
+    """Only a library's critical records reach the output (for libraries that log what we report ourselves)."""
+    logging.getLogger(library).setLevel(logging.CRITICAL)
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, area, the message as the text format shows it, and the call's fields."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "area": getattr(record, "area", record.name.removeprefix(f"{ROOT}.")),
                  "message": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
         return json.dumps(entry)
@@ -30,11 +81,10 @@ def setup(log_format: str = "text", rank: int = 0) -> None:
     else:
         prefix = f"[rank {rank}] " if rank else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger("entrypoint")
-    for logger in (root, log):
-        logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        logger.propagate = False
+    root = logging.getLogger(ROOT)
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     if not is_tty():
@@ -44,11 +94,6 @@ def setup(log_format: str = "text", rank: int = 0) -> None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
-
-
-def event(message: str, **fields) -> None:
-    """A log line whose fields also appear as keys in JSON format."""
-    log.info(message, extra={"fields": fields})
 
 
 def duration(seconds: float) -> str:
@@ -68,10 +113,11 @@ def size(nbytes: float) -> str:
 
 class WorkProgress:
     """Progress of a long piece of work measured in bytes (data preparation): a line every `interval` seconds
-    with bytes and tokens done, tokens/s and an ETA, for `kubectl logs`; a bar instead on a terminal."""
+    with bytes and tokens done, tokens/s and an ETA, for `kubectl logs`; a bar instead on a terminal. `what` is
+    the area the lines belong to."""
 
     def __init__(self, what: str, total_bytes: int, interval: float = 10.0):
-        self.what, self.total, self.interval = what, max(1, total_bytes), interval
+        self.log, self.total, self.interval = area(what), max(1, total_bytes), interval
         self.bytes = self.tokens = 0
         self.start = self.last = time.perf_counter()
         self.bar = None
@@ -93,10 +139,10 @@ class WorkProgress:
             elapsed = now - self.start
             rate = self.tokens / elapsed if elapsed > 0 else 0.0
             left = elapsed / self.bytes * (self.total - self.bytes) if self.bytes else 0.0
-            event(f"{self.what}: {size(self.bytes)} of {size(self.total)} ({100 * self.bytes / self.total:.0f}%), "
-                  f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, "
-                  f"eta {duration(left)}", bytes_done=self.bytes, bytes_total=self.total, tokens=self.tokens,
-                  tokens_per_second=rate)
+            self.log.info(f"{size(self.bytes)} of {size(self.total)} ({100 * self.bytes / self.total:.0f}%), "
+                          f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, "
+                          f"eta {duration(left)}", bytes_done=self.bytes, bytes_total=self.total, tokens=self.tokens,
+                          tokens_per_second=rate)
 
     def close(self) -> None:
         if self.bar is not None:

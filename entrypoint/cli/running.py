@@ -21,7 +21,6 @@ from entrypoint.config.platforms import platform_defaults
 from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import DESCRIPTIONS, ExitCode, FinetuneError
 
-log = logging.getLogger("finetune")
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
 
 
@@ -166,11 +165,11 @@ def this_process():
 
 
 def log_config(cfg, sources: dict[str, str]) -> None:
-    from entrypoint.logs import event
+    from entrypoint import logs
 
+    log = logs.area("config")
     values = schema.as_dict(cfg)
-    event("config: " + ", ".join(f"{k}={v}" for k, v in values.items()), config=values,
-          sources={k: v for k, v in sources.items() if v != "default"})
     changed = {k: v for k, v in sources.items() if v != "default"}
-    if changed:
-        event("config sources: " + ", ".join(f"{k} from {v}" for k, v in changed.items()))
+    log.info(", ".join(f"{k}={v}" for k, v in values.items()), config=values, sources=changed)
+    if changed:  # a second line: which of those values a flag, a variable or a preset set
+        log.info(", ".join(f"{k} from {v}" for k, v in changed.items()))

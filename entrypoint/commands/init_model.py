@@ -8,17 +8,16 @@ inside it. A failure removes the staging folder and leaves what was there before
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from entrypoint import fsutil
+from entrypoint import fsutil, logs
 from entrypoint.config.schema import MODEL_SIZES, InitModelConfig
 from entrypoint.data.sources import check_text_file
 from entrypoint.errors import ConfigError, DataError, OutputError
 from entrypoint.fsutil import COMPLETE
 from entrypoint.publish.outputs import check_writable
 
-log = logging.getLogger(__name__)
+log = logs.area("init-model")
 EOS = "<|endoftext|>"
 BYTE_SYMBOLS = 256  # a byte-level BPE starts from one symbol per byte
 
@@ -64,8 +63,8 @@ def check_vocabulary(tokenizer, corpus: Path, vocab_size: int) -> None:
         raise DataError(f"--corpus {corpus} has too little text to learn a vocabulary (no piece of a word occurs "
                         "twice); give it more text, e.g. the files finetune corpus writes.")
     if len(tokenizer) < vocab_size:
-        log.warning("init-model: the corpus yields %d tokens, fewer than --vocab-size %d; more text gives a "
-                    "larger vocabulary", len(tokenizer), vocab_size)
+        log.warning(f"the corpus yields {len(tokenizer)} tokens, fewer than --vocab-size {vocab_size}; more text "
+                    "gives a larger vocabulary")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -138,7 +137,6 @@ def init_model(cfg: InitModelConfig, files: list[Path] | None = None) -> Path:
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     save(model, tokenizer, cfg.output_dir)
     params = sum(p.numel() for p in model.parameters())
-    log.info("init-model: %s GPT-2 (%d layers, %d heads, width %d, %.2fM parameters), vocabulary %d, "
-             "context %d -> %s", cfg.size, layers, heads, width, params / 1e6, len(tokenizer), cfg.context,
-             cfg.output_dir)
+    log.info(f"{cfg.size} GPT-2 ({layers} layers, {heads} heads, width {width}, {params / 1e6:.2f}M parameters), "
+             f"vocabulary {len(tokenizer)}, context {cfg.context} -> {cfg.output_dir}")
     return cfg.output_dir

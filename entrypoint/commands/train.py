@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
-from entrypoint.logs import event
 from entrypoint.runtime.launch import Dist, run_torchrun, torchrun_arguments
 from entrypoint.train import job
 from entrypoint.train.metrics import final_line
@@ -29,4 +29,4 @@ def train(cfg: TrainConfig, sources: dict[str, str], dist: Dist, environ: Mappin
     """Train and publish (train/job.py), then log the summary line on rank 0."""
     metrics = job.run(cfg, sources, dist, environ, blocked_exit=blocked_exit)
     if metrics and dist.is_main:
-        event(final_line(metrics, cfg.output_dir / "model"), **metrics)
+        logs.area("done").info(final_line(metrics, cfg.output_dir / "model"), **metrics)

@@ -93,7 +93,8 @@ class TrainConfig:
     compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
                        "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")
-    log_format: str = opt("text", "Log lines as plain text or one JSON object per line.", choices=("text", "json"))
+    log_format: str = opt("text", "Log lines as plain text, each 'area: message', or one JSON object per line (time, "
+                                  "level, area, message and the line's fields).", choices=("text", "json"))
     nproc_per_node: str = opt("1", "Processes per node (an integer, or auto: one per visible GPU).")
     nnodes: str = opt("1", "Nodes in a multi-node run (an integer, or min:max for elastic PyTorchJobs) "
                            "[from PET_NNODES or the Indexed Job's completions when unset].")

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
+from entrypoint import logs
 from entrypoint.data.formats import chat_template, convention
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
 from entrypoint.errors import DataError
 from entrypoint.fsutil import COMPLETE
 
-log = logging.getLogger("entrypoint.data")
+log = logs.area("data")
 # 3: streamed token shards read through np.memmap, per-document hashed split
 # 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
 FORMAT_VERSION = 4
@@ -77,7 +77,7 @@ def wait_for_builder(cache_dir: Path, pre: str, stop=None, poll_seconds: float =
     pointer, waited = cache_dir / f"ready-{pre}", 0.0
     while not pointer.is_file():
         if waited and waited % 60 < poll_seconds:
-            log.info("data: waiting for another process to build the dataset cache (%.0f s)", waited)
+            log.info(f"waiting for another process to build the dataset cache ({waited:.0f} s)")
         if stop is not None:
             stop.raise_if_requested("while waiting for the dataset cache")
         time.sleep(poll_seconds)

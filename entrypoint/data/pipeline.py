@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from entrypoint import fsutil
+from entrypoint import fsutil, logs
 from entrypoint.data import formats, shards
 from entrypoint.data.cache import FORMAT_VERSION, cache_key, pre_key, wait_for_builder
 from entrypoint.data.options import DataOptions
@@ -35,7 +34,7 @@ from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import WorkProgress
 from entrypoint.runtime.cpus import tokenizing_workers
 
-log = logging.getLogger(__name__)
+log = logs.area("data")
 PROGRESS_SECONDS = 10.0  # between progress lines while tokenizing
 
 
@@ -69,7 +68,7 @@ def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, 
     start = time.perf_counter()
     if not builds:
         target = wait_for_builder(opts.data_cache_dir, pre_key(opts, tokenizer, *discover(opts), block_size), stop)
-        log.info("data: cache hit %s, built by another process", target.name)
+        log.info(f"cache hit {target.name}, built by another process")
         return load(opts, target, start, hit=True)
     stats = prepare_shard(opts, tokenizer, block_size, stop=stop)
     return load(opts, opts.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
@@ -113,12 +112,11 @@ def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0,
                   tokenizing_workers(opts.preprocessing_workers))
     target = build.target
     if not (target / COMPLETE).is_file():
-        log.info("data: cache miss; reading %s%s", train_src.describe(),
-                 f" (shard {shard} of {num_shards})" if num_shards > 1 else "")
+        log.info(f"cache miss; reading {train_src.describe()}"
+                 f"{f' (shard {shard} of {num_shards})' if num_shards > 1 else ''}")
         build_shard(build)
         if not finalize(build, time.perf_counter() - start):
-            log.info("data: shard %d of %d written to %s; the cache is complete once every shard is", shard,
-                     num_shards, target)
+            log.info(f"shard {shard} of {num_shards} written to {target}; the cache is complete once every shard is")
             return None
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
     else:
@@ -127,8 +125,8 @@ def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0,
     fsutil.write_atomic(opts.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
     if stats.cache_hit:
-        log.info("data: cache hit %s (%d train %s, %d validation rows) in %.2f s", target.name, stats.train_rows,
-                 "blocks" if opts.packing else "rows", stats.valid_rows, stats.prepare_seconds)
+        log.info(f"cache hit {target.name} ({stats.train_rows} train {'blocks' if opts.packing else 'rows'}, "
+                 f"{stats.valid_rows} validation rows) in {stats.prepare_seconds:.2f} s")
     return stats
 
 
@@ -193,7 +191,7 @@ def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
     total = sum(shards.text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
-    log.info("data: tokenizing %.1f MiB of text with %d processes into %s", total / 2**20, workers, name)
+    log.info(f"tokenizing {total / 2**20:.1f} MiB of text with {workers} processes into {name}")
     writer = shards.ShardWriter(staging, build.block_size, masked=fmt != formats.TEXT)
     try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
@@ -246,9 +244,9 @@ def finalize(build: Build, seconds: float) -> bool:
     except OSError as exc:
         raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
                           "free space or set --cache-dir to a writable place.") from None
-    log.info("data: %d documents -> %d tokens -> %d %s of %d tokens (%d remainder tokens dropped), cached as %s",
-             stats.train_documents, stats.train_tokens, stats.train_rows, "blocks" if opts.packing else "rows",
-             block_size, stats.dropped_tokens, target.name)
+    log.info(f"{stats.train_documents} documents -> {stats.train_tokens} tokens -> {stats.train_rows} "
+             f"{'blocks' if opts.packing else 'rows'} of {block_size} tokens ({stats.dropped_tokens} remainder tokens "
+             f"dropped), cached as {target.name}")
     return True
 
 
@@ -288,7 +286,6 @@ def load(opts: DataOptions, target: Path, start: float, hit: bool):
     valid = TokenDataset(layout, "valid", isolate=stats.isolated)
     capped = valid.capped(opts.max_eval_tokens)
     if capped is not valid:
-        log.info("data: evaluation scores %d of %d validation rows (%d of %d tokens, evenly spaced; "
-                 "--max-eval-tokens %d)", len(capped), len(valid), capped.tokens(), valid.tokens(),
-                 opts.max_eval_tokens)
+        log.info(f"evaluation scores {len(capped)} of {len(valid)} validation rows ({capped.tokens()} of "
+                 f"{valid.tokens()} tokens, evenly spaced; --max-eval-tokens {opts.max_eval_tokens})")
     return train, capped, stats

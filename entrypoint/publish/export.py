@@ -15,19 +15,18 @@ after that is ExportError (exit 10, EXPORT). Credentials are never logged nor ac
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from entrypoint import logs
 from entrypoint.config.destinations import SCHEMES, Destination, parse
 from entrypoint.errors import ExportError
 from entrypoint.fsutil import COMPLETE
-from entrypoint.logs import event
 from entrypoint.publish.outputs import MODEL_DIR
 
-log = logging.getLogger(__name__)
+log = logs.area("export")
 
 ATTEMPTS = 5  # per file: the first try and 4 retries
 BACKOFF = 1.0  # s before the first retry, doubled each time (1 + 2 + 4 + 8 = 15 s at most per file)
@@ -59,11 +58,11 @@ def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: floa
                                       f"the model is published locally at {model_dir}; {store.fix(exc)} and rerun "
                                       "the same command to export it without retraining.") from None
                 delay = backoff * 2 ** (attempt - 1)
-                event(f"export: {what} failed ({reason}); retry {attempt} of {attempts - 1} in {delay:.0f} s")
+                log.info(f"{what} failed ({reason}); retry {attempt} of {attempts - 1} in {delay:.0f} s")
                 time.sleep(delay)
 
     if retried("reading COMPLETE", lambda: store.read(COMPLETE)) == marker:
-        event(f"export: {dest} already holds this model (its COMPLETE matches); nothing to upload")
+        log.info(f"{dest} already holds this model (its COMPLETE matches); nothing to upload")
         return False
     retried("removing the old COMPLETE", lambda: store.remove(COMPLETE))
     started, total = time.monotonic(), 0
@@ -72,8 +71,8 @@ def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: floa
         total += (model_dir / relative).stat().st_size
     retried(COMPLETE, lambda: store.write(COMPLETE, marker))
     seconds = time.monotonic() - started
-    event(f"export: {len(files)} files ({total / 1e6:.1f} MB) and {COMPLETE} to {dest} in {seconds:.1f} s",
-          export_to=str(dest), export_files=len(files), export_bytes=total, export_seconds=seconds)
+    log.info(f"{len(files)} files ({total / 1e6:.1f} MB) and {COMPLETE} to {dest} in {seconds:.1f} s",
+             export_to=str(dest), export_files=len(files), export_bytes=total, export_seconds=seconds)
     return True
 
 
@@ -97,7 +96,7 @@ class FsStore:
         self.dest = dest
         # aiohttp reports connections cut mid-request as "Task exception was never retrieved" tracebacks on the
         # asyncio logger; the failure itself reaches export() as an exception and is logged there, once.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        logs.quiet("asyncio")
 
     def fs(self):
         import fsspec

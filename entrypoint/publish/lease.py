@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import socket
 import threading
@@ -25,9 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
+from entrypoint import logs
 from entrypoint.errors import Busy, OutputError
 
-log = logging.getLogger(__name__)
+log = logs.area("lease")
 LEASE = ".finetune-lease.json"
 # A live holder touches its lease every 5 s. 30 s without a touch (six missed beats: an NFS server failover or
 # a long stall of the whole process) means it is gone. This bounds how long a SIGKILLed run (OOM kill, or the
@@ -159,7 +159,7 @@ class Lease:
             if dead or age > STALE_SECONDS:
                 reason = dead or f"its heartbeat stopped {age:.0f} s ago"
                 if self._bury(path, raw):
-                    log.warning("lease: took over %s from %s: %s", path.parent, holder_text(holder), reason)
+                    log.warning(f"took over {path.parent} from {holder_text(holder)}: {reason}")
                 continue
             busy = f"{label} {path.parent} is in use by {holder_text(holder)}"
             if self._alive_here(holder) or (watched is not None and watched != (raw, mtime)):
@@ -167,8 +167,8 @@ class Lease:
                            f"another {label}.")
             watched = watched or (raw, mtime)
             if not announced and age > 1.5 * HEARTBEAT_SECONDS:
-                log.warning("lease: %s; its heartbeat stopped %.0f s ago, so it is taken over in %.0f s unless "
-                            "it resumes", busy, age, STALE_SECONDS - age)
+                log.warning(f"{busy}; its heartbeat stopped {age:.0f} s ago, so it is taken over in "
+                            f"{STALE_SECONDS - age:.0f} s unless it resumes")
                 announced = True
             time.sleep(_POLL_SECONDS)
 
@@ -245,13 +245,13 @@ class Lease:
                     self.lost = (f"{path.parent} was taken over by {holder_text(holder)} after this run's "
                                  f"heartbeat stalled over {STALE_SECONDS:.0f} s; the other run now owns it, so "
                                  "this one stops without publishing.")
-                    log.error("lease: %s", self.lost)
+                    log.error(self.lost)
                     self.held.remove(path)
                     continue
                 try:
                     os.utime(path)
                 except OSError as exc:
-                    log.warning("lease: cannot refresh %s (%s); retrying in %.0f s", path, exc, HEARTBEAT_SECONDS)
+                    log.warning(f"cannot refresh {path} ({exc}); retrying in {HEARTBEAT_SECONDS:.0f} s")
 
 
 def held_by_another(directory: Path) -> bool:

@@ -18,16 +18,16 @@ If the launcher itself is killed, its workers die with it (`die_with_launcher`).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass
 
+from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ExitCode, FinetuneError
 
-log = logging.getLogger(__name__)
+log = logs.area("launch")
 PORT = 29500  # torchrun's default rendezvous port
 
 # The Job's terminationGracePeriodSeconds (k8s/base/job.yaml): seconds from the kubelet's SIGTERM to its SIGKILL.
@@ -97,7 +97,7 @@ def run_torchrun(args: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     restarts = get_args_parser().parse_args(args).max_restarts  # what torchrun will use, PET_MAX_RESTARTS included
-    log.info("launch: torchrun %s (worker group restarts allowed: %d)", " ".join(args), restarts)
+    log.info(f"torchrun {' '.join(args)} (worker group restarts allowed: {restarts})")
     os.environ[LAUNCHER_PID] = str(os.getpid())
     # The agent forwards SIGTERM to the workers (or stops them when one fails), then SIGKILLs any left after this
     # many seconds: a step and a checkpoint save, ending inside the Job's grace period.
@@ -179,8 +179,8 @@ def die_with_launcher() -> None:
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("launch: prctl(PR_SET_PDEATHSIG) failed (errno %d); workers may outlive a killed launcher",
-                    ctypes.get_errno())
+        log.warning(f"prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}); workers may outlive a killed "
+                    "launcher")
         return
     if str(os.getppid()) != os.environ.get(LAUNCHER_PID, str(os.getppid())):
         os.kill(os.getpid(), signal.SIGKILL)  # the launcher died before the request was in place

@@ -11,19 +11,18 @@ training seconds), so a resume continues only the same run and metrics cover the
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 import struct
 import zipfile
 from pathlib import Path
 
-from entrypoint import fsutil
+from entrypoint import fsutil, logs
 from entrypoint.errors import ConfigError
-from entrypoint.logs import event
 from entrypoint.train import identity
 
-log = logging.getLogger(__name__)
+log = logs.area("checkpoint")
+resume_log = logs.area("resume")
 MARKER = "finetune-complete.json"
 SET_ASIDE = "previous-run"  # where a fresh start moves the checkpoints of the run it replaces
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -84,7 +83,7 @@ def latest_complete(directory: Path) -> Path | None:
         reason = problem(path)
         if reason is None:
             return path
-        log.warning("checkpoint: skipping %s: %s", path.name, reason)
+        log.warning(f"skipping {path.name}: {reason}")
     return None
 
 
@@ -103,7 +102,7 @@ def choose(cfg, run: dict, world_size: int) -> Path | None:
 
     A checkpoint of another identity is a ConfigError naming what changed, unless --overwrite (start fresh)."""
     if not cfg.resume:
-        event("resume: disabled by --no-resume; starting fresh")
+        resume_log.info("disabled by --no-resume; starting fresh")
         return None
     found = latest_complete(cfg.model_checkpoint_dir)
     if found is None:
@@ -111,22 +110,22 @@ def choose(cfg, run: dict, world_size: int) -> Path | None:
     marker = read_marker(found)
     saved = marker.get("identity")
     if saved is None:
-        log.warning("resume: %s predates run identities; resuming it without comparing options", found.name)
+        resume_log.warning(f"{found.name} predates run identities; resuming it without comparing options")
     elif marker.get("run") != identity.digest(run):
         changed = "; ".join(identity.changes(saved, run)) or "the identity hash"
         if cfg.overwrite:
-            event(f"resume: --overwrite: {found.name} belongs to a run with other options ({changed}); starting "
-                  f"fresh", checkpoint=str(found), changed=changed)
+            resume_log.info(f"--overwrite: {found.name} belongs to a run with other options ({changed}); starting "
+                            "fresh", checkpoint=str(found), changed=changed)
             return None
         raise ConfigError(f"{found} was saved by a run with other options ({changed}); rerun with its options to "
                           f"resume it, or start over with --no-resume (its checkpoints move to {SET_ASIDE}/) or "
                           "another --checkpoint-dir.")
     saved_world = marker.get("world_size")
     if saved_world and saved_world != world_size:
-        event(f"resume: {found.name} was saved by {saved_world} processes and this run has {world_size}: "
-              "continuing, but the resume is no longer exact (batches per step and data order differ)",
-              saved_world_size=saved_world, world_size=world_size)
-    event(f"resume: from {found}", checkpoint=str(found))
+        resume_log.info(f"{found.name} was saved by {saved_world} processes and this run has {world_size}: "
+                        "continuing, but the resume is no longer exact (batches per step and data order differ)",
+                        saved_world_size=saved_world, world_size=world_size)
+    resume_log.info(f"from {found}", checkpoint=str(found))
     return found
 
 
@@ -141,6 +140,6 @@ def set_aside(directory: Path) -> Path | None:
     target.mkdir()
     for path in old:
         path.rename(target / path.name)
-    event(f"checkpoint: moved {len(old)} checkpoint(s) of the previous run to {target} (delete it to free the "
-          "space)", set_aside=str(target))
+    log.info(f"moved {len(old)} checkpoint(s) of the previous run to {target} (delete it to free the space)",
+             set_aside=str(target))
     return target

@@ -13,14 +13,14 @@ At the end, the final evaluation must be finite and within TOLERANCE of the eval
 
 from __future__ import annotations
 
-import logging
 import math
 
 from transformers import TrainerCallback
 
+from entrypoint import logs
 from entrypoint.errors import Diverged
 
-log = logging.getLogger(__name__)
+log = logs.area("guard")
 BAD_WINDOWS = 3
 # Relative: the final eval loss may exceed the untrained model's by 5% (e.g. 3.00 -> 3.15 nats/token) before the
 # model counts as worse. Evaluation is deterministic, so this covers a slightly overfitted model, not noise.
@@ -85,8 +85,8 @@ class DivergenceGuard(TrainerCallback):
             self.bad = 0
             return control
         self.bad += 1
-        log.warning("guard: %s at step %d (%d of %d bad logging windows in a row stop the run)", what,
-                    state.global_step, self.bad, BAD_WINDOWS)
+        log.warning(f"{what} at step {state.global_step} ({self.bad} of {BAD_WINDOWS} bad logging windows in a row "
+                    "stop the run)", step=state.global_step)
         if self.bad >= BAD_WINDOWS:
             self.problem = (f"training diverged: {what} in {self.bad} logging windows in a row, up to step "
                             f"{state.global_step}; the model was not published; {ADVICE}.")
@@ -108,10 +108,10 @@ def check_final(metrics: dict, publish_worse: bool) -> None:
                    f"(by more than {TOLERANCE:.0%})")
     else:
         if initial is None:
-            log.info("guard: no evaluation at step 0 to compare the final one with; only finiteness was checked")
+            log.info("no evaluation at step 0 to compare the final one with; only finiteness was checked")
         return
     if publish_worse:
-        log.warning("guard: %s; publishing anyway because of --publish-worse", problem)
+        log.warning(f"{problem}; publishing anyway because of --publish-worse")
         return
     raise Diverged(f"training diverged: {problem}; the model was not published; {ADVICE}; or pass "
                    "--publish-worse to publish it anyway.")

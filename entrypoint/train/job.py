@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 
+from entrypoint import logs
 from entrypoint.config.options import as_dict
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline
@@ -19,7 +19,7 @@ from entrypoint.data.collate import PackedCollator, PaddingCollator
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
 from entrypoint.fsutil import COMPLETE
-from entrypoint.logs import event, is_tty
+from entrypoint.logs import is_tty
 from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
@@ -32,7 +32,8 @@ from entrypoint.train.preflight import Checked, check_compile, preflight
 from entrypoint.train.progress import ProgressLog
 from entrypoint.train.trainer import FinetuneTrainer, TokenCounter
 
-log = logging.getLogger(__name__)
+model_log, data_log = logs.area("model"), logs.area("data")
+resume_log, publish_log = logs.area("resume"), logs.area("publish")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     with stop.interruptible("during model loading"):
-        event(f"model: loading {cfg.model}")
+        model_log.info(f"loading {cfg.model}")
         model = load_model(cfg, attention_for(stats.isolated, plan.precision))
     stop.raise_if_requested("before training started")
     context = Context(cfg, plan, dist, stop, stats)
@@ -108,9 +109,9 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
 def log_data(stats, cfg: TrainConfig, plan: RunPlan) -> None:
     """One line on what the data is and how the loss treats it; refuse isolation the architecture cannot do."""
     answers_only = stats.data_format != "text" and not cfg.train_on_prompt
-    event(f"data: {stats.data_format} data, documents {'' if stats.isolated else 'not '}isolated"
-          f"{', loss on completions and assistant turns only' if answers_only else ''}",
-          data_format=stats.data_format, isolate_documents=stats.isolated)
+    data_log.info(f"{stats.data_format} data, documents {'' if stats.isolated else 'not '}isolated"
+                  f"{', loss on completions and assistant turns only' if answers_only else ''}",
+                  data_format=stats.data_format, isolate_documents=stats.isolated)
     if stats.isolated and (problem := formats.isolation_problem(plan.model_config.model_type)):
         raise ConfigError(problem)
 
@@ -152,7 +153,7 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
     card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), results)
 
     def save(directory: Path) -> None:
-        event(f"publish: writing the model to {directory}")
+        publish_log.info(f"writing the model to {directory}")
         save_published(trainer.model, tokenizer, directory)
 
     lease.check()
@@ -180,8 +181,8 @@ def train_or_finish(cfg: TrainConfig, trainer, progress: ProgressLog, resume: Pa
     step, last = checkpoints.step_of(resume), trainer.last_step()
     if step < last:
         return trainer.train(resume_from_checkpoint=str(resume))
-    event(f"resume: {resume.name} is at step {step}, the last is {last}: publishing it without training",
-          step=step, max_steps=last)
+    resume_log.info(f"{resume.name} is at step {step}, the last is {last}: publishing it without training",
+                    step=step, max_steps=last)
     result = trainer.finish_from(resume)
     progress.restore(trainer.state)
     return result
@@ -207,8 +208,8 @@ def already_published(cfg: TrainConfig) -> bool:
     if not (cfg.output_dir / outputs.MODEL_DIR).exists():
         return False
     if marker and marker.get("config_hash") == config_hash(cfg) and not cfg.overwrite:
-        event(f"done already: {cfg.output_dir / outputs.MODEL_DIR} was published by this configuration; "
-              "nothing to do (use --overwrite to train again)")
+        publish_log.info(f"done already, {cfg.output_dir / outputs.MODEL_DIR} was published by this configuration; "
+                         "nothing to do (use --overwrite to train again)")
         return True
     if not cfg.overwrite:
         raise ConfigError(f"{cfg.output_dir / outputs.MODEL_DIR} holds a model from a different configuration; "

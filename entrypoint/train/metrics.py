@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from entrypoint.logs import event
+from entrypoint import logs
 from entrypoint.train import mfu as flops
+
+log = logs.area("compile")
 
 
 def perplexity(loss: float) -> float:
@@ -46,8 +48,8 @@ class StepTimer(TrainerCallback):
             self.periods.append(now - self.ended)
         self.ended = now
         if self.compiled and len(self.seconds) == 2:
-            event(f"compile: first step took {self.seconds[0]:.1f} s, the next {self.seconds[1]:.2f} s",
-                  first_step_seconds=self.seconds[0])
+            log.info(f"first step took {self.seconds[0]:.1f} s, the next {self.seconds[1]:.2f} s",
+                     first_step_seconds=self.seconds[0])
 
     def step_seconds(self, quantile: float = 0.5) -> float | None:
         """An optimizer step's wall time at `quantile` (nearest rank) of the periods, or of the steps when there
@@ -166,9 +168,9 @@ def whole_run_train_loss(history: list[dict], first_step: int, session_loss: flo
 
 
 def final_line(metrics: dict, model_dir) -> str:
-    """The run's last log line: what a person reads first in `kubectl logs`."""
+    """The run's last log line (in the `done` area): what a person reads first in `kubectl logs`."""
     mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-    return (f"done: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} on "
+    return (f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} on "
             f"{metrics.get('data_format', 'text')} data, "
             f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
             f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "

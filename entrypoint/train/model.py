@@ -11,17 +11,17 @@ The model is loaded the way a GPU runs it fastest with the same results: causal 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
+from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ModelLoadError
 from entrypoint.train.loss import causal_lm_loss
 from entrypoint.train.preflight import needs_remote_code, remote_code_error
 
-log = logging.getLogger(__name__)
+log = logs.area("model")
 ADAPTER_DIR = "adapter"
 
 # Default LoRA targets per architecture (config.model_type): the attention and MLP projections. Unknown
@@ -138,7 +138,7 @@ def _from_pretrained(auto, cfg: TrainConfig, attention: str):
     faster = fast_gelu(config) if cfg.tanh_gelu else {}
     if faster:
         config.update(faster)
-        log.info("model: %s GELU as %s (--no-tanh-gelu keeps gelu_new)", ", ".join(faster), TANH_GELU)
+        log.info(f"{', '.join(faster)} GELU as {TANH_GELU} (--no-tanh-gelu keeps gelu_new)")
     model = _load(auto, cfg, config, attention)
     model.replaced_gelu = list(faster)  # save_published names gelu_new again, as the base model did
     return model
@@ -157,7 +157,7 @@ def _load(auto, cfg: TrainConfig, config, attention: str):
         try:
             return auto.from_pretrained(cfg.model, attn_implementation=attention, **kwargs)
         except (ImportError, ValueError) as exc:  # the architecture or the installed flash_attn does not support it
-            log.warning("model: %s unavailable (%s); using sdpa", attention, str(exc).splitlines()[0][:160])
+            log.warning(f"{attention} unavailable ({str(exc).splitlines()[0][:160]}); using sdpa")
     return auto.from_pretrained(cfg.model, attn_implementation="sdpa", **kwargs)
 
 

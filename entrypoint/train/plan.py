@@ -17,14 +17,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from entrypoint import logs
 from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover
-from entrypoint.logs import event
 from entrypoint.runtime.cpus import tokenizing_workers
 from entrypoint.train import mfu
 from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss
 from entrypoint.train.preflight import Checked
+
+log = logs.area("plan")
 
 # `--compile auto` compiles when the run is long enough to repay it. Assumed, not measured here (no GPU):
 # compiling GPT-2 124M takes about a minute, and compiled steps are at least 15% faster on a GPU. A compile time
@@ -76,7 +78,7 @@ class RunPlan:
         return {k: v for k, v in asdict(self).items() if k != "model_config"}
 
     def log(self) -> None:
-        event(f"plan: {self.line()}", **self.fields())
+        log.info(self.line(), **self.fields())
 
 
 def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = True) -> RunPlan:

@@ -9,7 +9,6 @@ checkpoint has no completion marker and the next run resumes from the one before
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import socket
 import threading
@@ -19,9 +18,11 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
+from entrypoint import logs
 from entrypoint.errors import Preempted
 
-log = logging.getLogger(__name__)
+log = logs.area("preemption")
+eval_log = logs.area("eval")
 
 
 class Interrupted(BaseException):
@@ -74,21 +75,21 @@ class StopRequest:
             time.sleep(BLOCKED_STOP_S)
             if self._peer_wait:
                 name = self.signal_name or signal.Signals(received[-1]).name
-                log.warning("preemption: %s received %d s ago while waiting for the other processes to start "
-                            "training; leaving now (nothing needs saving)", name, BLOCKED_STOP_S)
+                log.warning(f"{name} received {BLOCKED_STOP_S} s ago while waiting for the other processes to "
+                            "start training; leaving now (nothing needs saving)")
                 self.blocked_exit(f"stopped by {name} before training started; nothing needed saving; rerun the "
                                   "same command.")
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal_name:
-            log.warning("preemption: %s received while already stopping; the checkpoint save continues", name)
+            log.warning(f"{name} received while already stopping; the checkpoint save continues")
             return
         self.signal_name = name
         if self._interruptible:
-            log.warning("preemption: %s received; stopping now (nothing needs saving)", name)
+            log.warning(f"{name} received; stopping now (nothing needs saving)")
             raise Interrupted
-        log.warning("preemption: %s received; finishing the current optimizer step, then saving a checkpoint", name)
+        log.warning(f"{name} received; finishing the current optimizer step, then saving a checkpoint")
 
     @property
     def requested(self) -> bool:
@@ -135,7 +136,7 @@ class StopEvaluation(TrainerCallback):
     def on_prediction_step(self, args, state, control, **kwargs):
         if self.started != state.global_step:
             self.started = state.global_step
-            log.info("eval: evaluating at step %d", state.global_step)
+            eval_log.info(f"evaluating at step {state.global_step}", step=state.global_step)
         if self.stop.requested and not self.finishing:
             raise Preempted(f"stopped by {self.stop.signal_name} during the evaluation at step {state.global_step}; "
                             "the last complete checkpoint is kept; rerun the same command to resume.")
@@ -169,7 +170,7 @@ class StopOnSignal(TrainerCallback):
             control.should_log = True  # the loss since the last log goes into the checkpoint's history, not lost
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            log.warning("preemption: stopping at step %d and saving a checkpoint", state.global_step)
+            log.warning(f"stopping at step {state.global_step} and saving a checkpoint", step=state.global_step)
         return control
 
     def _agreed(self, args, state) -> bool:

@@ -7,8 +7,11 @@ import time
 
 from transformers import TrainerCallback
 
-from entrypoint.logs import duration, event
+from entrypoint import logs
+from entrypoint.logs import duration
 from entrypoint.train.metrics import perplexity
+
+train_log, eval_log = logs.area("train"), logs.area("eval")
 
 
 class ProgressLog(TrainerCallback):
@@ -43,8 +46,8 @@ class ProgressLog(TrainerCallback):
         self.restore(state)  # Trainer restores a checkpoint's state before this call
         self.start, self.training = time.perf_counter(), True
         # Trainer calls this after restoring a checkpoint: the line marks when resuming is done.
-        event(f"train: starting at step {state.global_step} of {state.max_steps}", step=state.global_step,
-              max_steps=state.max_steps)
+        train_log.info(f"starting at step {state.global_step} of {state.max_steps}", step=state.global_step,
+                       max_steps=state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
@@ -56,8 +59,8 @@ class ProgressLog(TrainerCallback):
             self.eval_seconds += logs.get("eval_runtime", 0.0)
         if "eval_loss" in logs:
             loss = logs["eval_loss"]
-            event(f"eval  step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}",
-                  step=state.global_step, eval_loss=loss, perplexity=perplexity(loss))
+            eval_log.progress(f"step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}",
+                              step=state.global_step, eval_loss=loss, perplexity=perplexity(loss))
         elif "loss" in logs and self.show_steps:
             elapsed = time.perf_counter() - self.start
             done = state.global_step - self.first_step
@@ -66,7 +69,8 @@ class ProgressLog(TrainerCallback):
             # Every rank consumes the same number of (packed) positions, so rank 0's count x world is the total.
             tokens = self.counter.tokens() * args.world_size / elapsed if elapsed > 0 else 0.0
             percent = 100 * state.global_step / max(1, state.max_steps)
-            event(f"train step {state.global_step}/{state.max_steps} ({percent:.0f}%) epoch {state.epoch:.2f} "
-                  f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} "
-                  f"eta {eta}", step=state.global_step, epoch=state.epoch, loss=logs["loss"],
-                  learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)
+            train_log.progress(f"step {state.global_step}/{state.max_steps} ({percent:.0f}%) "
+                               f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
+                               f"lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} eta {eta}",
+                               step=state.global_step, epoch=state.epoch, loss=logs["loss"],
+                               learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)

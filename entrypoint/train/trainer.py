@@ -12,12 +12,13 @@ import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from entrypoint import fsutil
+from entrypoint import fsutil, logs
 from entrypoint.errors import OutputError
-from entrypoint.logs import event
 from entrypoint.train import checkpoints, identity
 from entrypoint.train.guard import OverflowSteps
 from entrypoint.train.progress import ProgressLog
+
+log = logs.area("checkpoint")
 
 
 class TokenCounter:
@@ -153,8 +154,8 @@ class FinetuneTrainer(Trainer):
                       "world_size": self.args.world_size, "totals": totals}
             checkpoints.mark_complete(path, time.perf_counter() - start, record)
             seconds = time.perf_counter() - start
-            event(f"checkpoint: saved {path.name} in {seconds:.1f} s (size the grace period above this)",
-                  checkpoint=str(path), save_seconds=seconds)
+            log.info(f"saved {path.name} in {seconds:.1f} s (size the grace period above this)",
+                     checkpoint=str(path), save_seconds=seconds)
 
     def resume_totals(self, checkpoint: Path) -> None:
         """Start the whole-run totals where `checkpoint` left them (a checkpoint from before totals: from zero)."""

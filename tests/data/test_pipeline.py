@@ -239,7 +239,7 @@ def test_padded_batch_loss_counts_real_tokens_only(tokenizer, tiny_model, split_
 
 
 def test_second_prepare_with_the_same_inputs_is_a_cache_hit(tokenizer, split_dir, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="entrypoint.data")
+    caplog.set_level(logging.INFO, logger="finetune")
     train, valid, first = prepare(tokenizer, split_dir, tmp_path / "out")
     assert not first.cache_hit and "cache miss" in caplog.text
     caplog.clear()
@@ -259,7 +259,7 @@ def test_touching_a_file_without_changing_it_is_still_a_cache_hit(tokenizer, spl
 
 @pytest.mark.parametrize("change", ["file content", "block size", "packing", "tokenizer", "text split"])
 def test_changing_what_the_blocks_depend_on_rebuilds_them(tokenizer, split_dir, tmp_path, change, caplog):
-    caplog.set_level(logging.INFO, logger="entrypoint.data")
+    caplog.set_level(logging.INFO, logger="finetune")
     first = prepare(tokenizer, split_dir, tmp_path / "out")[2]
     options, block_size, tok = {}, BLOCK, tokenizer
     if change == "file content":

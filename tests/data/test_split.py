@@ -70,7 +70,7 @@ def test_capped_rows_are_evenly_spaced_under_the_cap_and_none_when_all_fit():
 
 
 def test_evaluation_scores_at_most_max_eval_tokens_the_same_rows_every_time(tokenizer, tmp_path, corpus_dir, caplog):
-    caplog.set_level(logging.INFO, logger="entrypoint.data")
+    caplog.set_level(logging.INFO, logger="finetune")
     cfg = TrainConfig(data_dir=corpus_dir, output_dir=tmp_path / "out", preprocessing_workers=1, max_eval_tokens=640)
     _, valid, stats = pipeline.prepare(DataOptions.of(cfg), tokenizer, 32)
     assert len(valid) == 20 < stats.valid_rows and valid.tokens() == 640

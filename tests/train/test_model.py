@@ -136,7 +136,7 @@ def test_an_attention_the_installation_cannot_provide_falls_back_to_sdpa_with_a_
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash_attn is installed here, so flash_attention_2 may load")
-    with caplog.at_level("WARNING", logger="entrypoint.train.model"):
+    with caplog.at_level("WARNING", logger="finetune"):
         model = load_model(TrainConfig(model=str(tiny_model)), attention="flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
     assert "flash_attention_2 unavailable" in caplog.text
