@@ -121,3 +121,47 @@ def test_modules_that_only_format_parse_or_check_import_neither_torch_nor_transf
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"importing {LIGHT} also imported {result.stdout.strip()}"
+
+
+# Tests mirror the package: entrypoint/data/pipeline.py is tested in tests/data/test_pipeline.py. A module whose
+# behaviour is proven through another one's tests is listed here with where, so a reader finds them.
+TESTED_THROUGH = {
+    "cli/commands.py": ["e2e/test_cli.py", "commands/test_commands.py"],
+    "cli/params.py": ["e2e/test_cli.py", "config/test_config.py"],
+    "cli/running.py": ["e2e/test_cli.py", "test_errors.py", "e2e/test_stop_together.py"],
+    "commands/generate.py": ["commands/test_commands.py", "data/test_formats.py"],
+    "commands/init_model.py": ["commands/test_commands.py"],
+    "commands/train.py": ["e2e/test_cli.py", "runtime/test_launch.py"],
+    "config/options.py": ["config/test_config.py"],
+    "config/schema.py": ["config/test_config.py", "project/test_docs.py"],
+    "config/destinations.py": ["publish/test_export.py", "commands/test_commands.py"],
+    "data/cache.py": ["data/test_pipeline.py", "data/test_shards.py"],
+    "data/collate.py": ["data/test_pipeline.py", "data/test_records.py", "train/test_attention.py"],
+    "data/corpus.py": ["commands/test_commands.py", "data/test_sftcorpus.py"],
+    "data/tokendataset.py": ["data/test_shards.py"],
+    "publish/outputs.py": ["e2e/test_signals.py", "train/test_job.py"],
+    "train/checkpoints.py": ["train/test_preemption.py", "train/test_identity.py"],
+    "train/preflight.py": ["commands/test_commands.py", "runtime/test_toolchain.py", "train/test_plan.py"],
+    "train/progress.py": ["train/test_job.py", "train/test_preemption.py"],
+    "train/trainer.py": ["train/test_preemption.py", "train/test_steps.py"],
+}
+
+
+def test_every_module_has_its_test_file_or_says_where_it_is_tested():
+    tests = REPO / "tests"
+    missing, stale = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name.startswith("__"):
+            continue
+        relative = path.relative_to(PACKAGE)
+        own = tests / relative.parent / f"test_{path.name}"
+        elsewhere = TESTED_THROUGH.get(relative.as_posix())
+        if own.is_file() and elsewhere:
+            stale.append(f"{relative} has {own.relative_to(REPO)}: drop it from TESTED_THROUGH")
+        elif not own.is_file() and not elsewhere:
+            missing.append(f"{relative}: add {own.relative_to(REPO)}")
+        for where in elsewhere or []:
+            if not (tests / where).is_file():
+                stale.append(f"{relative}: tests/{where} does not exist")
+    unknown = sorted(set(TESTED_THROUGH) - {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")})
+    assert not missing and not stale and not unknown, "\n".join(missing + stale + unknown)
