@@ -1,5 +1,5 @@
-"""Logs that read well in `kubectl logs`: plain timestamped lines (or one JSON object a line), progress as
-periodic lines with step, loss, learning rate, tokens/s and ETA, and a progress bar only on a terminal.
+"""Logs that read well in `kubectl logs`: plain timestamped lines (or one JSON object a line), long work as periodic
+progress lines (`WorkProgress`; the training steps' lines are train/progress.py's), a progress bar only on a terminal.
 
 Every line belongs to an area of the job (data, model, resume, checkpoint, ...). A module takes its area's logger
 once, at its top, and passes the values worth querying as keyword fields:
