@@ -9,7 +9,7 @@ document (split into block-sized pieces when longer) is its own row, training ba
 length (job.py), and the collator (collate.py) pads per batch, masking pad positions out of the labels by the
 attention mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
-The cache key (datacache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
+The cache key (cache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
 and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
 """
 
