@@ -10,7 +10,7 @@ length (job.py), and the collator (collate.py) pads per batch, masking pad posit
 attention mask, never by token id, so real EOS tokens stay targets even when pad == eos.
 
 The cache key (cache.py) covers the inputs' bytes, the tokenizer, every option that changes the result,
-and FORMAT_VERSION: bump it whenever data.py or shards.py changes what they write.
+and FORMAT_VERSION: bump it whenever pipeline.py or shards.py changes what they write.
 """
 
 from __future__ import annotations
