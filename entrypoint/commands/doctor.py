@@ -11,7 +11,8 @@ from pathlib import Path
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data.options import DataOptions
-from entrypoint.data.sources import discover, fingerprint
+from entrypoint.data.mixture import discover
+from entrypoint.data.sources import fingerprint
 from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError
 from entrypoint.publish.export import probe
 from entrypoint.publish.outputs import check_writable
@@ -101,7 +102,7 @@ def _data(cfg):
     train, valid = discover(DataOptions.of(cfg))
     fingerprint(train)  # reads every byte: proves the files are readable and UTF-8
     size = sum(p.stat().st_size for p in train.files)
-    detail = f"{train.describe()} ({size / 1e6:.1f} MB), validation: " + (
+    detail = f"{train.describe()}{f' ({size / 1e6:.1f} MB)' if train.files else ''}, validation: " + (
         valid.describe() if valid else f"{cfg.validation_split}% held out")
     return detail, False
 

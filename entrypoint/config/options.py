@@ -128,6 +128,9 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     if cfg.early_stopping_patience and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
+    if cfg.dataset and (cfg.train_file or cfg.valid_file):
+        problems.append("--dataset replaces --data-dir's files, so --train-file and --valid-file cannot be given with "
+                        "it; to mix files with datasets, give each file as a --dataset value (--dataset PATH:WEIGHT).")
     problems += url_problems(cfg.export_to)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}

@@ -35,6 +35,16 @@ class TrainConfig:
         multiple=True)
     valid_file: tuple[str, ...] = opt(
         (), "Validation files or globs; without one, --validation-split percent is held out.", multiple=True)
+    dataset: tuple[str, ...] = opt(
+        (), "A dataset by name instead of --data-dir's files: a Hugging Face Hub id (org/name), a local dataset "
+        "repository (a folder of data files, optionally with a README.md card) or one data file; NAME:WEIGHT mixes "
+        "several by share of training tokens (repeat, or space-separated in the env var).", multiple=True)
+    dataset_config: str | None = opt(None, "Config (subset) of every --dataset, as its card's configs name them "
+                                     "[default: the dataset's default].")
+    dataset_split: str = opt("train", "Split of every --dataset to train on; its validation split (validation, valid, "
+                             "val or dev) evaluates when present, else --validation-split percent is held out.")
+    dataset_revision: str | None = opt(None, "Hub branch, tag or commit of every --dataset from the Hub "
+                                       "[default: main, resolved to its commit for the cache key].")
     text_field: str = opt("text", "Field holding the text in .jsonl/.json/.csv/.parquet/saved datasets.")
     txt_split: str = opt("line", "How .txt files divide into documents.", choices=("line", "paragraph", "file"))
     validation_split: float = opt(5.0, "Percent of documents held out for evaluation when no --valid-file.",
@@ -109,7 +119,7 @@ class TrainConfig:
                                  "(checkpoints of other options move to previous-run/ and training starts fresh).")
     publish_worse: bool = opt(False, "Publish even when the final evaluation is non-finite or worse than the "
                               "untrained model's (otherwise exit 8, DIVERGED).")
-    hub_token: str | None = opt(None, "Hugging Face token for gated or private models.", secret=True)
+    hub_token: str | None = opt(None, "Hugging Face token for gated or private models and datasets.", secret=True)
     export_to: str | None = opt(None, "After publishing, upload model/ to s3://bucket/prefix, gs://bucket/prefix or "
                                       "hf://namespace/repo, COMPLETE last (credentials from the environment).")
 

@@ -66,7 +66,7 @@ def pre_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_si
         for path in paths:
             st = path.stat()
             found.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-        return found
+        return found + [part.identity for part in source.parts]  # a Hub dataset's commit, a mixture's weights
 
     return _digest({**key_options(opts, tokenizer, valid, block_size), "train": stat(train),
                     "valid": stat(valid) if valid else None})

@@ -27,6 +27,11 @@ class DataOptions:
     isolate_documents: bool | None
     max_eval_tokens: int
     preprocessing_workers: int
+    dataset: tuple[str, ...] = ()
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    dataset_revision: str | None = None
+    hub_token: str | None = None
 
     @classmethod
     def of(cls, cfg, **decided) -> DataOptions:

@@ -19,14 +19,15 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint import fsutil, logs
-from entrypoint.data import formats, shards
+from entrypoint.data import formats, mixture, shards
 from entrypoint.data.cache import FORMAT_VERSION, cache_key, pre_key, wait_for_builder
 from entrypoint.data.options import DataOptions
-from entrypoint.data.sources import Source, discover, read_documents, record_format
+from entrypoint.data.mixture import discover
+from entrypoint.data.sources import Source, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
 from entrypoint.data.tokendataset import Layout, TokenDataset
 from entrypoint.errors import DataError, OutputError
@@ -53,6 +54,7 @@ class DataStats:
     data_format: str = "text"  # text, instruction or chat (FORMAT_NAMES)
     train_target_tokens: int = 0  # tokens of the training split that carry loss
     isolated: bool = False  # packed rows restart position ids at every document (set when loaded)
+    source_tokens: dict = field(default_factory=dict)  # --dataset label -> its tokens in the training split
 
 
 # formats.py's names -> the names users see in logs, metrics and the model card
@@ -124,6 +126,8 @@ def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0,
         stats.cache_hit = True
     fsutil.write_atomic(opts.data_cache_dir / f"ready-{pre}", key)
     stats.prepare_seconds = time.perf_counter() - start
+    if stats.source_tokens:
+        log.info(mixture.summary(stats.source_tokens))
     if stats.cache_hit:
         log.info(f"cache hit {target.name} ({stats.train_rows} train {'blocks' if opts.packing else 'rows'}, "
                  f"{stats.valid_rows} validation rows) in {stats.prepare_seconds:.2f} s")
@@ -141,7 +145,7 @@ def build_shard(build: Build) -> None:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
         jobs, fmt = _read_jobs(build, scratch)
-        ranges = [shards.share(docs, build.shard, build.num_shards) for docs, _, _ in jobs]
+        ranges = [shards.share(docs, build.shard, build.num_shards) for docs, *_ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
         # An identical shard already there (a retried pod, a racing builder) is kept. Not flushed: see finalize.
@@ -159,18 +163,20 @@ def build_shard(build: Build) -> None:
 
 
 def _read_jobs(build: Build, scratch: Path) -> tuple[list, str]:
-    """The documents to tokenize as (documents, split, hold-out) jobs, and their record format (formats.py),
-    which the validation data must share."""
+    """The documents to tokenize as (documents, split, hold-out, source label) jobs, and their record format
+    (formats.py), which the validation data must share."""
     opts, valid_src = build.opts, build.valid_src
+    if build.train_src.parts:  # datasets by name, maybe mixed
+        return mixture.read_jobs(build.train_src.parts, opts, build.tokenizer, scratch)
     train_docs = _documents(build.train_src, opts, scratch)
     fmt = _format(train_docs)
-    jobs = [(train_docs, "train", None if valid_src else (opts.validation_split, opts.seed))]
+    jobs = [(train_docs, "train", None if valid_src else (opts.validation_split, opts.seed), "")]
     if valid_src:
         valid_docs = _documents(valid_src, opts, scratch)
         if _format(valid_docs) != fmt:
             raise DataError(f"the training data is {FORMAT_NAMES[fmt]} but the validation data is "
                             f"{FORMAT_NAMES[_format(valid_docs)]}; give both in one format.")
-        jobs.append((valid_docs, "valid", None))
+        jobs.append((valid_docs, "valid", None, ""))
     return jobs, fmt
 
 
@@ -190,18 +196,21 @@ def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path
     dtype = shards.token_dtype(len(tokenizer))
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
-    total = sum(shards.text_bytes(docs, lo, hi) for (docs, _, _), (lo, hi) in zip(jobs, ranges, strict=True))
+    total = sum(shards.text_bytes(docs, lo, hi) for (docs, *_), (lo, hi) in zip(jobs, ranges, strict=True))
     log.info(f"tokenizing {total / 2**20:.1f} MiB of text with {workers} processes into {name}")
     writer = shards.ShardWriter(staging, build.block_size, masked=fmt != formats.TEXT)
     try:
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
-        for (docs, split, hold_out), (lo, hi) in zip(jobs, ranges, strict=True):
+        for (docs, split, hold_out, source), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
                              build.opts.train_on_prompt)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
                     for part, (tokens, lengths, mask) in result.items():
                         writer.add(part, tokens, lengths, mask)
+                        if source and part == "train":  # summed over shards by finalize, as every count is
+                            key = f"source {source}"
+                            writer.counts[key] = writer.counts.get(key, 0) + int(lengths.sum())
                     progress.update(nbytes, sum(len(piece[0]) for piece in result.values()))
         progress.close()
         (staging / "format").write_text(fmt)
@@ -226,12 +235,13 @@ def finalize(build: Build, seconds: float) -> bool:
         return False
     counts = {}
     for n in names:
-        for field, value in json.loads((target / n / "stats.json").read_text()).items():
-            counts[field] = counts.get(field, 0) + value
+        for count, value in json.loads((target / n / "stats.json").read_text()).items():
+            counts[count] = counts.get(count, 0) + value
     stats = summarize(opts, counts, block_size, holds_out=not build.valid_src)
     stats.prepare_seconds, stats.fingerprint = seconds, key
     fmt = (target / names[0] / "format").read_text()
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
+    stats.source_tokens = {k.removeprefix("source "): v for k, v in counts.items() if k.startswith("source ")}
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": opts.packing,
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
     try:

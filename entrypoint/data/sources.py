@@ -35,11 +35,14 @@ class Source:
     files: tuple[Path, ...] = ()
     saved_dataset: Path | None = None
     split: str = "train"  # which split of a saved DatasetDict
+    parts: tuple = ()  # datasets named by --dataset (mixture.Part); `files` then holds their local files
 
     def __bool__(self) -> bool:
-        return bool(self.files or self.saved_dataset)
+        return bool(self.files or self.saved_dataset or self.parts)
 
     def describe(self) -> str:
+        if self.parts:
+            return "; ".join(part.describe(self.split) for part in self.parts)
         if self.saved_dataset:
             return f"saved dataset {self.saved_dataset}"
         return ", ".join(str(p) for p in self.files[:3]) + (f" and {len(self.files) - 3} more"
@@ -125,6 +128,8 @@ def fingerprint(source: Source) -> str:
     for path in paths:
         check_utf8 = source.saved_dataset is None and file_format(path) in TEXT_FORMATS
         digest.update(_hash_file(path, check_utf8).encode())
+    for part in source.parts:  # a dataset's name, revision, config, splits and weight
+        digest.update(part.identity.encode())
     return digest.hexdigest()
 
 
@@ -237,6 +242,12 @@ def _columns(ds, opts: DataOptions, where: str):
     if fields.text not in names and names & {fields.prompt, fields.completion}:
         formats.detect(names, fields)  # its message names every option
     return _text_column(ds, {opts.text_field: ("text", "--text-field")}, where)
+
+
+def canonical(ds, opts: DataOptions, where: str):
+    """Records of a loaded `datasets.Dataset` (a dataset by name, hubdata.py) reduced to their format's columns under
+    canonical names, exactly as records of a file are (`where` names them in errors)."""
+    return _columns(ds, opts, where)
 
 
 def _load_saved(source: Source, opts: DataOptions):

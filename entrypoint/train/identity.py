@@ -25,6 +25,12 @@ MAY_CHANGE = {
     "data_dir": "where the data is mounted; what it holds is the data fingerprint, which is part of the identity",
     "train_file": "which files are read; what they hold is the data fingerprint, which is part of the identity",
     "valid_file": "which files are read; what they hold is the data fingerprint, which is part of the identity",
+    "dataset": "which datasets are read; their revisions, contents and weights are the data fingerprint, which is "
+               "part of the identity",
+    "dataset_config": "which config is read; what it holds is the data fingerprint, which is part of the identity",
+    "dataset_split": "which split is read; what it holds is the data fingerprint, which is part of the identity",
+    "dataset_revision": "which revision is read; the commit it resolves to is in the data fingerprint, which is part "
+                        "of the identity",
     "cache_dir": "where tokenized data is cached; the cache key is the data fingerprint",
     "preprocessing_workers": "how many processes tokenize; the tokens are the same",
     "output_dir": "where the model is published",

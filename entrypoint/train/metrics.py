@@ -150,6 +150,7 @@ def summarize(run: RunRecord) -> dict:
         "data_cache_hit": stats.cache_hit,
         "train_documents": stats.train_documents,
         "dropped_tokens": stats.dropped_tokens,
+        **({"train_tokens_by_source": stats.source_tokens} if getattr(stats, "source_tokens", None) else {}),
     }
 
 

@@ -20,7 +20,7 @@ import torch
 from entrypoint import logs
 from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 from entrypoint.data.options import DataOptions
-from entrypoint.data.sources import discover
+from entrypoint.data.mixture import discover
 from entrypoint.runtime.cpus import tokenizing_workers
 from entrypoint.train import mfu
 from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss
