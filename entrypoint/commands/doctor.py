@@ -10,8 +10,8 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data.options import DataOptions
 from entrypoint.data.mixture import discover
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import fingerprint
 from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError
 from entrypoint.publish.export import probe

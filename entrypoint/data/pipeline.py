@@ -25,8 +25,8 @@ from pathlib import Path
 from entrypoint import fsutil, logs
 from entrypoint.data import formats, mixture, shards
 from entrypoint.data.cache import FORMAT_VERSION, cache_key, pre_key, wait_for_builder
-from entrypoint.data.options import DataOptions
 from entrypoint.data.mixture import discover
+from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
 from entrypoint.data.tokendataset import Layout, TokenDataset

@@ -19,8 +19,8 @@ import torch
 
 from entrypoint import logs
 from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
-from entrypoint.data.options import DataOptions
 from entrypoint.data.mixture import discover
+from entrypoint.data.options import DataOptions
 from entrypoint.runtime.cpus import tokenizing_workers
 from entrypoint.train import mfu
 from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss

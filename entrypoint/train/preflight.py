@@ -13,8 +13,8 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data.options import DataOptions
 from entrypoint.data.mixture import discover
+from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
 from entrypoint.publish.outputs import check_writable
 from entrypoint.runtime import cuda
