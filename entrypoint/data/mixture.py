@@ -126,7 +126,10 @@ def select(parts: tuple[Part, ...], docs: list, fmt: str, tokenizer, opts: DataO
     when no weights are given."""
     if all(part.weight is None for part in parts):
         return docs
-    means = [mean_tokens(d, fmt, tokenizer, opts.train_on_prompt) for d in docs]
+    # Training tokens per document: a source without its own validation split loses its held-out share.
+    means = [mean_tokens(d, fmt, tokenizer, opts.train_on_prompt)
+             * (1 if part.named.valid_split else 1 - opts.validation_split / 100)
+             for part, d in zip(parts, docs, strict=True)]
     total = sum(part.weight for part in parts)
     shares = [part.weight / total for part in parts]
     # Tokens of the whole mixture: the most every source's share allows without repeating a document.
@@ -135,7 +138,7 @@ def select(parts: tuple[Part, ...], docs: list, fmt: str, tokenizer, opts: DataO
     for index, (part, d, mean, share) in enumerate(zip(parts, docs, means, shares, strict=True)):
         keep = min(len(d), max(1, round(share * mixture / mean))) if mean else len(d)
         log.info(f"mixture: {part.label} weight {share:.3f}: {keep} of {len(d)} documents (about "
-                 f"{keep * mean:,.0f} tokens, {mean:.0f} per document)")
+                 f"{keep * mean:,.0f} training tokens, {mean:.0f} per document)")
         chosen.append(d if keep == len(d) else pick(d, keep, opts.seed, index))
     return chosen
 
