@@ -52,11 +52,12 @@ class Part:
 
     @property
     def identity(self) -> str:
-        """What the cache key needs beyond the local files' bytes: the name, what is read, a Hub commit, the
-        weight and the seed that picks the documents."""
+        """What the cache key needs beyond the local files' bytes: the name as given (it labels the source's
+        token count in the cache's stats), what is read, a Hub commit, the weight and the seed that picks the
+        documents."""
         n = self.named
-        return json.dumps([n.path, n.config, n.split, n.valid_split, None if n.local else n.revision, self.weight,
-                           self.seed if self.weight is not None else None])
+        return json.dumps([n.name, n.loader, n.config, n.split, n.valid_split, None if n.local else n.revision,
+                           self.weight, self.seed if self.weight is not None else None])
 
     def describe(self, split: str = "train") -> str:
         if split != "train":
@@ -73,6 +74,8 @@ def parse(values: tuple[str, ...]) -> list[tuple[str, float | None]]:
     for value in values:
         match = WEIGHT.fullmatch(value)
         name, weight = (match["name"], float(match["weight"])) if match else (value, None)
+        if not name.strip():
+            raise ConfigError("--dataset is empty; give a Hub id, a dataset folder or a data file.")
         if weight is not None and not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"--dataset {value}: the weight must be a number above 0, e.g. {name}:0.5.")
         parsed.append((name, weight))

@@ -40,6 +40,7 @@ def test_the_weight_is_a_trailing_number_and_everything_else_is_the_name():
     (("a:0.5", "b"), "give every --dataset a weight"),
     (("a:0", "b:1"), "above 0"),
     (("a:1", "a:2"), "given twice"),
+    (("",), "is empty"),
 ])
 def test_bad_weights_are_usage_errors_naming_the_fix(values, says):
     with pytest.raises(ConfigError, match=says) as exc:
