@@ -28,6 +28,7 @@ import numpy as np
 
 from entrypoint import logs
 from entrypoint.data import formats, hubdata, sources
+from entrypoint.data import split as splitting
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source
 from entrypoint.errors import ConfigError, DataError
@@ -105,7 +106,8 @@ def discover(opts: DataOptions) -> tuple[Source, Source]:
 
 def read_jobs(parts: tuple[Part, ...], opts: DataOptions, tokenizer, scratch: Path) -> tuple[list, str]:
     """The documents to tokenize as pipeline jobs (documents, split, hold-out, source label) and their record
-    format: each source's training documents (cut to its weight) and its own validation split or hold-out."""
+    format: each source's training documents (cut to its weight) and its own validation split or the documents
+    held out of them (split.held_out, as for files)."""
     train = [hubdata.read(p.named, p.named.split, opts, scratch) for p in parts]
     valid = [hubdata.read(p.named, p.named.valid_split, opts, scratch) if p.named.valid_split else None
              for p in parts]
@@ -118,10 +120,28 @@ def read_jobs(parts: tuple[Part, ...], opts: DataOptions, tokenizer, scratch: Pa
     fmt = next(iter(found.values()))
     jobs = []
     for part, docs, own in zip(parts, select(parts, train, fmt, tokenizer, opts), valid, strict=True):
-        jobs.append((docs, "train", None if own is not None else (opts.validation_split, opts.seed), part.label))
-        if own is not None:
-            jobs.append((own, "valid", None, part.label))
+        if own is None:  # held out here rather than as it streams, so every job has one split (see shares)
+            held = splitting.held_out(np.arange(len(docs), dtype=np.int64), opts.validation_split, opts.seed)
+            docs, own = rows(docs, np.flatnonzero(~held)), rows(docs, np.flatnonzero(held))
+        jobs += [(docs, "train", None, part.label), (own, "valid", None, part.label)]
     return jobs, fmt
+
+
+def shares(jobs: list, shard: int, num_shards: int) -> list[tuple[int, int]]:
+    """Each job's documents [lo, hi) in shard `shard` of `num_shards`: equal runs of each split's documents, its
+    jobs read one after another, so the shards' streams in shard order are exactly the single-process stream."""
+    totals: dict[str, int] = {}
+    for docs, split, *_ in jobs:
+        totals[split] = totals.get(split, 0) + len(docs)
+    done: dict[str, int] = {}
+    ranges = []
+    for docs, split, *_ in jobs:
+        base, total = done.get(split, 0), totals[split]
+        start, end = total * shard // num_shards - base, total * (shard + 1) // num_shards - base
+        lo, hi = min(max(start, 0), len(docs)), min(max(end, 0), len(docs))
+        ranges.append((lo, max(lo, hi)))
+        done[split] = base + len(docs)
+    return ranges
 
 
 def select(parts: tuple[Part, ...], docs: list, fmt: str, tokenizer, opts: DataOptions) -> list:
@@ -149,8 +169,12 @@ def select(parts: tuple[Part, ...], docs: list, fmt: str, tokenizer, opts: DataO
 def pick(docs, keep: int, seed: int, index: int):
     """`keep` documents of `docs`, a seeded random subset in their order, as a table of its own (preparation reads
     the Arrow table in order, so no indices mapping may remain)."""
-    rows = np.sort(np.random.default_rng([seed, index]).choice(len(docs), size=keep, replace=False))
-    return docs.select(rows).flatten_indices()
+    return rows(docs, np.sort(np.random.default_rng([seed, index]).choice(len(docs), size=keep, replace=False)))
+
+
+def rows(docs, indices: np.ndarray):
+    """The documents at `indices` (ascending) as a table of their own, in the scratch folder `docs` lives in."""
+    return docs.select(indices).flatten_indices()
 
 
 def mean_tokens(docs, fmt: str, tokenizer, train_on_prompt: bool) -> float:

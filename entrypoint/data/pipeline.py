@@ -145,7 +145,8 @@ def build_shard(build: Build) -> None:
         if stop is not None:  # reading the inputs below takes a while on large corpora
             stop.raise_if_requested("while preparing data; nothing was written")
         jobs, fmt = _read_jobs(build, scratch)
-        ranges = [shards.share(docs, build.shard, build.num_shards) for docs, *_ in jobs]
+        ranges = mixture.shares(jobs, build.shard, build.num_shards) if build.train_src.parts else \
+            [shards.share(docs, build.shard, build.num_shards) for docs, *_ in jobs]
         if stop is not None:
             stop.raise_if_requested("while preparing data; nothing was written")
         # An identical shard already there (a retried pod, a racing builder) is kept. Not flushed: see finalize.

@@ -86,3 +86,20 @@ def test_sources_of_different_formats_are_refused_naming_each(tokenizer, tmp_pat
     pairs = plain_repo(tmp_path / "pairs", {"train": [{"prompt": f"{i}?", "completion": "yes"} for i in range(50)]})
     with pytest.raises(DataError, match=r"different record formats .*text.*prompt-completion"):
         prepare(tokenizer, tmp_path, (str(repos[0]), str(pairs)))
+
+
+def test_a_sharded_build_of_a_mixture_equals_the_single_process_one(tokenizer, tmp_path, repos):
+    names = (f"{repos[0]}:0.5", f"{repos[1]}:0.5")
+
+    def opts(cache: str) -> DataOptions:
+        return DataOptions.of(TrainConfig(dataset=names, output_dir=tmp_path / "out", cache_dir=tmp_path / cache,
+                                          preprocessing_workers=1))
+
+    train, valid, stats = pipeline.prepare(opts("single"), tokenizer, BLOCK)
+    for shard in (1, 0):
+        last = pipeline.prepare_shard(opts("sharded"), tokenizer, BLOCK, shard, 2)
+    assert last is not None and last.fingerprint == stats.fingerprint
+    assert last.source_tokens == stats.source_tokens  # each shard's counts, summed
+    train2, valid2, _ = pipeline.prepare(opts("sharded"), tokenizer, BLOCK)
+    for one, two in ((train, train2), (valid, valid2)):
+        assert [r["input_ids"].tolist() for r in one] == [r["input_ids"].tolist() for r in two]
