@@ -49,9 +49,9 @@ class Named:
     files: tuple[Path, ...] = ()  # the local data files of the splits read (none for the Hub)
     data_files: str | None = None  # the file, when `name` is one file (`path` is then its loader)
 
-    def describe(self) -> str:
+    def describe(self, more: str = "") -> str:
         config = f", config {self.config}" if self.config else ""
-        return f"dataset {self.name} (revision {self.revision}{config}, split {self.split})"
+        return f"dataset {self.name} (revision {self.revision}{config}, split {self.split}{more})"
 
 
 def looks_local(name: str) -> bool:

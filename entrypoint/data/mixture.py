@@ -66,7 +66,7 @@ class Part:
                 f"{self.label}: held out"
         weight = f", weight {self.weight:g}" if self.weight is not None else ""
         own = f"its {self.named.valid_split} split" if self.named.valid_split else "held out"
-        return f"{self.named.describe()[:-1]}{weight}, validation {own})"
+        return self.named.describe(f"{weight}, validation {own}")
 
 
 def parse(values: tuple[str, ...]) -> list[tuple[str, float | None]]:
