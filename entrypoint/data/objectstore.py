@@ -41,6 +41,7 @@ from entrypoint.fsutil import COMPLETE
 from entrypoint.publish.export import FsStore
 
 log = logs.area("data")
+model_log = logs.area("model")
 STREAM_BLOCK = 8 << 20  # bytes per ranged GET while streaming an object (s3fs's default is 50 MiB)
 ROWS_PER_BATCH = 10_000  # documents per Arrow batch written to the scratch table
 MODELS_DIR = "models"  # under --cache-dir
@@ -363,7 +364,7 @@ def local_model(model: str, cache_dir: Path) -> str:
     key = fingerprint([objects[k] for k in sorted(objects)])[:24]
     target = cache_dir / MODELS_DIR / key
     if (target / COMPLETE).is_file():
-        log.info(f"model {model} unchanged since its download; loading {target}")
+        model_log.info(f"{model} unchanged since its download; loading {target}")
         return str(target)
 
     def download(staging: Path) -> str:
@@ -374,7 +375,7 @@ def local_model(model: str, cache_dir: Path) -> str:
         return json.dumps({"model": model, "objects": len(objects)})
 
     total = sum(f.size for f in objects.values())
-    log.info(f"downloading {model} ({len(objects)} objects, {total / 1e6:.1f} MB) into {target}")
+    model_log.info(f"downloading {model} ({len(objects)} objects, {total / 1e6:.1f} MB) into {target}")
     try:
         fsutil.publish_dir(target, download, if_exists="keep")
     except Exception as exc:  # the backends' own types; a local OSError names a file under the cache

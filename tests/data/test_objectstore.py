@@ -200,6 +200,42 @@ class Denied(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class ListsButDeniesReads(Denied):
+    """A store whose credentials may list the bucket (one object) but not read it: s3:ListBucket without
+    s3:GetObject, which only a read shows."""
+
+    def do_GET(self):
+        if "list-type=2" not in self.path:
+            return self._deny()
+        body = (b"<ListBucketResult><Name>private-data</Name><Prefix>corpus/</Prefix><KeyCount>1</KeyCount>"
+                b"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents><Key>corpus/train.txt</Key>"
+                b"<Size>6</Size><ETag>\"0f\"</ETag><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+                b"<StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_read_denied_after_a_listing_is_a_data_error_from_doctor_and_the_build(tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ListsButDeniesReads)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        opts = options(tmp_path, "s3://private-data/corpus")
+        train, _ = discover(opts)  # the listing is allowed
+        assert [f.name for f in train.files] == ["train.txt"]
+        with pytest.raises(DataError, match="s3://private-data/corpus/train.txt: access denied"):
+            objectstore.check_readable(train.files)
+        with pytest.raises(DataError, match="access denied"):
+            read_documents(train, opts, tmp_path / "scratch")
+    finally:
+        server.shutdown()
+
+
 def test_a_denied_listing_is_a_data_error_naming_the_permission(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Denied)
     threading.Thread(target=server.serve_forever, daemon=True).start()
