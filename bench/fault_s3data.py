@@ -20,8 +20,10 @@ def _upload(client, local: Path, prefix: str) -> None:
 
 
 def _train(lab: Lab, out: Path, extra: dict[str, str]) -> tuple[int, str]:
-    """Lab.train with the model in the store too (Lab.env takes a local model path)."""
-    env = {**lab.env(out, **extra), "FINETUNE_MODEL": f"s3://{BUCKET}/model"}
+    """Lab.train with the model in the store too (Lab.env takes a local model path) and a cache of the case's own,
+    so that the first run always starts from nothing."""
+    env = {**lab.env(out, **extra), "FINETUNE_MODEL": f"s3://{BUCKET}/model",
+           "FINETUNE_CACHE_DIR": str(out.parent / "cache")}
     done = subprocess.run([sys.executable, "-m", "entrypoint", "train"], env=env, capture_output=True, text=True,
                           timeout=600)
     return done.returncode, done.stderr

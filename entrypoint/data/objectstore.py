@@ -336,7 +336,10 @@ def _json_records(stream):
         return
     for line_number, raw in enumerate(_lines(first, stream), 1):
         if raw.strip():
-            record = json.loads(raw)
+            try:
+                record = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"line {line_number}: {exc}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"line {line_number} is not a JSON object")
             yield record

@@ -175,6 +175,13 @@ def test_invalid_text_in_an_object_is_a_data_error_naming_it(s3, bucket, tmp_pat
         read_documents(source, options(tmp_path, f"s3://{bucket}/p"), tmp_path / "scratch")
 
 
+def test_a_broken_json_line_is_a_data_error_naming_the_object_and_the_line(s3, bucket, tmp_path):
+    s3[0].put_object(Bucket=bucket, Key="p/train.jsonl", Body=b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    source, _ = discover(options(tmp_path, f"s3://{bucket}/p"))
+    with pytest.raises(DataError, match=f"cannot parse json object s3://{bucket}/p/train.jsonl: line 2"):
+        read_documents(source, options(tmp_path, f"s3://{bucket}/p"), tmp_path / "scratch")
+
+
 def test_a_saved_dataset_in_object_storage_is_refused_with_the_fix(s3, bucket, tmp_path):
     for key in ("saved/dataset_info.json", "saved/state.json", "saved/data-00000-of-00001.arrow"):
         s3[0].put_object(Bucket=bucket, Key=key, Body=b"{}")
