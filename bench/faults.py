@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fault_cases  # noqa: F401  (importing it registers every case in CASES, in table order)
+from bench import fault_cases, fault_s3data  # noqa: F401  (importing them registers every case, in table order)
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
 from tests.support.helpers import clean_env
 

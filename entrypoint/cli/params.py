@@ -53,7 +53,7 @@ def _option(name: str, f, config_class: type):
     elif kind is float:
         kwargs["type"] = click.FloatRange(min=meta.get("min"), max=meta.get("max"))
     elif kind is Path:
-        kwargs["type"] = click.Path(path_type=Path)
+        kwargs["type"] = PathOrURL() if meta.get("url") else click.Path(path_type=Path)
     return click.option(flag, name, **kwargs)
 
 
@@ -69,6 +69,18 @@ class IntOrAuto(click.ParamType):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         return self.ints.convert(value, param, ctx)
+
+
+class PathOrURL(click.Path):
+    """A local path, or an s3:// or gs:// URL kept as the string it is (a Path would fold its "//")."""
+
+    def __init__(self):
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "://" in value:
+            return value.strip()
+        return super().convert(value, param, ctx)
 
 
 def preset_option(fn):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data import objectstore
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import fingerprint
@@ -24,6 +25,7 @@ from entrypoint.train.preflight import (
     device_and_precision,
     hub_offline,
     load_model_config,
+    model_path,
     resolved,
 )
 
@@ -100,7 +102,9 @@ def _device(cfg, environ):
 
 def _data(cfg):
     train, valid = discover(DataOptions.of(cfg))
-    fingerprint(train)  # reads every byte: proves the files are readable and UTF-8
+    fingerprint(train)  # reads every byte: proves the files are readable and UTF-8 (objects: their listing)
+    if objectstore.remote(train.files + valid.files):
+        objectstore.check_readable(train.files + valid.files)
     size = sum(p.stat().st_size for p in train.files)
     detail = f"{train.describe()}{f' ({size / 1e6:.1f} MB)' if train.files else ''}, validation: " + (
         valid.describe() if valid else f"{cfg.validation_split}% held out")
@@ -113,9 +117,10 @@ def _writable(directory: Path, what: str):
 
 
 def _model(cfg):
-    model_config = load_model_config(cfg.model, cfg.hub_token)
-    if Path(cfg.model).is_dir():
-        _check_local_model(Path(cfg.model))
+    local = model_path(cfg)  # an s3:// or gs:// model is downloaded here, as train would
+    model_config = load_model_config(local, cfg.hub_token)
+    if Path(local).is_dir():
+        _check_local_model(Path(local))
     need = 2 * checkpoint_bytes(model_config)  # a new checkpoint is written before the oldest is rotated out
     free = free_disk(cfg.model_checkpoint_dir)
     params = checkpoint_bytes(model_config) // 12

@@ -59,6 +59,8 @@ def coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return None
     if f.metadata.get("auto") and str(value).strip().lower() == "auto":
         return "auto"
+    if f.metadata.get("url") and "://" in str(value):
+        return str(value).strip()
     kind = base_type(f)
     try:
         if f.metadata.get("multiple"):
@@ -132,6 +134,9 @@ def _check_train(cfg: TrainConfig) -> list[str]:
         problems.append("--dataset replaces --data-dir's files, so --train-file and --valid-file cannot be given with "
                         "it; to mix files with datasets, give each file as a --dataset value (--dataset PATH:WEIGHT).")
     problems += url_problems(cfg.export_to)
+    for value, option in ((cfg.data_dir, "--data-dir"), (cfg.model, "--model")):
+        if isinstance(value, str) and "://" in value:  # object storage; a local path or a Hub id otherwise
+            problems += url_problems(value, option)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:

@@ -18,7 +18,7 @@ AUTO_BASE_BATCH = 8  # --batch-size auto keeps AUTO_BASE_BATCH x --grad-accum se
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A config field: its default, its help line, and optional choices/min/max/secret/multiple/auto (an int
-    field that also takes the word auto)."""
+    field that also takes the word auto)/url (a Path field that also takes an s3:// or gs:// URL, kept a str)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -27,9 +27,11 @@ class TrainConfig:
     """What `train`, `prepare`, `doctor` and `config` run with."""
 
     # Model
-    model: str = opt("gpt2", "Base model: a Hugging Face Hub id or a local model directory.")
+    model: str = opt("gpt2", "Base model: a Hugging Face Hub id, a local model directory, or s3://bucket/prefix or "
+                             "gs://bucket/prefix (downloaded once into --cache-dir).")
     # Data
-    data_dir: Path = opt(Path("/data"), "Directory with the training text (train.txt, *.jsonl, ...).")
+    data_dir: Path | str = opt(Path("/data"), "Directory with the training text (train.txt, *.jsonl, ...), or "
+                               "s3://bucket/prefix or gs://bucket/prefix (read as streams).", url=True)
     train_file: tuple[str, ...] = opt(
         (), "Training files or globs, relative to --data-dir (repeat, or space-separated in the env var).",
         multiple=True)

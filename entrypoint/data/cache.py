@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from entrypoint import logs
+from entrypoint.data import objectstore
 from entrypoint.data.formats import chat_template, convention
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
@@ -62,6 +63,8 @@ def pre_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_si
     def stat(source: Source) -> list:
         paths = sorted(p for p in source.saved_dataset.rglob("*") if p.is_file()) if source.saved_dataset \
             else list(source.files)
+        if objectstore.remote(paths):  # objects: the listing is all there is, and all that is needed
+            return objectstore.describe(paths)
         found = []
         for path in paths:
             st = path.stat()

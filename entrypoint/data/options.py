@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from entrypoint.data.objectstore import RemoteDir, is_url
+
 
 @dataclass(frozen=True)
 class DataOptions:
     """Every field is the TrainConfig field (or property) of the same name; see `--help` for each one's meaning."""
 
-    data_dir: Path
+    data_dir: Path | RemoteDir  # an s3:// or gs:// --data-dir reads as a RemoteDir (objectstore.py)
     train_file: tuple[str, ...]
     valid_file: tuple[str, ...]
     data_cache_dir: Path  # --cache-dir, or <output-dir>/cache
@@ -37,5 +39,8 @@ class DataOptions:
     def of(cls, cfg, **decided) -> DataOptions:
         """The data options of `cfg`, a TrainConfig (untyped here: data/ does not import the schema), with
         `decided` in place of its values (the run plan's `preprocessing_workers`)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)} | decided)
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls)} | decided
+        if is_url(values["data_dir"]):
+            values["data_dir"] = RemoteDir(values["data_dir"])
+        return cls(**values)
 

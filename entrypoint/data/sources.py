@@ -16,9 +16,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.data import formats
+from entrypoint.data import formats, objectstore
 from entrypoint.data.options import DataOptions
-from entrypoint.errors import DataError, OutputError
+from entrypoint.errors import DataError, FinetuneError, OutputError
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_FORMATS = {"text", "json", "csv"}  # checked for UTF-8 before loading
@@ -62,7 +62,8 @@ def _expand(opts: DataOptions, patterns: tuple[str, ...], option: str) -> Source
     files: list[Path] = []
     for pattern in patterns:
         full = pattern if Path(pattern).is_absolute() else str(opts.data_dir / pattern)
-        matches = sorted(Path(m) for m in glob.glob(full, recursive=True))
+        matches = opts.data_dir.glob(pattern) if isinstance(opts.data_dir, objectstore.RemoteDir) \
+            else sorted(Path(m) for m in glob.glob(full, recursive=True))
         if not matches:
             raise DataError(f"{option} {pattern!r} matches nothing under {opts.data_dir}; "
                             "check the name, or give a path relative to --data-dir.")
@@ -105,6 +106,9 @@ def discover(opts: DataOptions) -> tuple[Source, Source]:
         present = ", ".join(sorted(p.name for p in opts.data_dir.iterdir())[:8]) or "nothing"
         raise DataError(f"no training data in {opts.data_dir} (found: {present}); add train.txt (or .jsonl, "
                         ".csv, .parquet) or set --train-file.")
+    if train.saved_dataset and isinstance(opts.data_dir, objectstore.RemoteDir):
+        raise DataError(f"{train.saved_dataset} is a datasets.save_to_disk folder, which is not read from object "
+                        "storage; save it as Parquet (Dataset.to_parquet) there, or copy it to a local --data-dir.")
     if opts.valid_file:
         valid = _expand(opts, opts.valid_file, "--valid-file")
     elif train.saved_dataset:
@@ -122,6 +126,8 @@ def _stem(path: Path) -> str:
 
 def fingerprint(source: Source) -> str:
     """A hash of the inputs' bytes (not their names or times), checking text files are UTF-8 on the way."""
+    if objectstore.remote(source.files):  # objects: their names, sizes and ETags, without a GET
+        return objectstore.fingerprint(source.files)
     digest = hashlib.blake2b(digest_size=16)
     paths = sorted(p for p in source.saved_dataset.rglob("*") if p.is_file()) if source.saved_dataset \
         else list(source.files)
@@ -194,15 +200,18 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
         parts = []
         by_loader: dict[str, list[str]] = {}
         for path in source.files:
-            by_loader.setdefault(file_format(path), []).append(str(path))
+            by_loader.setdefault(file_format(path), []).append(path if objectstore.remote([path]) else str(path))
         for loader, files in sorted(by_loader.items()):
             kwargs = {"sample_by": {"file": "document"}.get(opts.txt_split, opts.txt_split)} if loader == "text" \
                 else {}
             try:
                 # cache_dir is a fresh scratch folder per build (data.prepare): datasets keys its own cache on
                 # path and mtime, so a shared one could serve stale rows for bytes changed under an unchanged mtime.
-                part = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir),
-                                             **kwargs)
+                part = objectstore.dataset(loader, files, opts.txt_split, cache_dir) \
+                    if objectstore.remote(files) else \
+                    datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir), **kwargs)
+            except FinetuneError:
+                raise
             except Exception as exc:  # the loaders raise many types; all mean "this file cannot be parsed"
                 cause = exc.__cause__ or exc
                 if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

@@ -60,7 +60,7 @@ def text_files(source: Source, txt_split: str) -> TextFiles | None:
     """The source as TextFiles when every input is an uncompressed `.txt` split by line or paragraph, else None."""
     if source.saved_dataset or txt_split not in MODES:
         return None
-    if not all(file_format(p) == "text" and p.suffix.lower() != ".gz" for p in source.files):
+    if not all(isinstance(p, Path) and file_format(p) == "text" and p.suffix.lower() != ".gz" for p in source.files):
         return None
     return TextFiles(source.files, txt_split, sum(p.stat().st_size for p in source.files))
 

@@ -19,7 +19,7 @@ from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ModelLoadError
 from entrypoint.train.loss import causal_lm_loss
-from entrypoint.train.preflight import needs_remote_code, remote_code_error
+from entrypoint.train.preflight import model_path, needs_remote_code, remote_code_error
 
 log = logs.area("model")
 ADAPTER_DIR = "adapter"
@@ -42,7 +42,7 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_path(cfg), token=cfg.hub_token, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         if needs_remote_code(exc):
             raise remote_code_error(cfg.model) from None
@@ -134,7 +134,7 @@ def use_chunked_loss(model) -> None:
 def _from_pretrained(auto, cfg: TrainConfig, attention: str):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.model, token=cfg.hub_token, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(model_path(cfg), token=cfg.hub_token, trust_remote_code=False)
     faster = fast_gelu(config) if cfg.tanh_gelu else {}
     if faster:
         config.update(faster)
@@ -155,10 +155,10 @@ def _load(auto, cfg: TrainConfig, config, attention: str):
     kwargs = {"config": config, "dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
     if attention != "sdpa":
         try:
-            return auto.from_pretrained(cfg.model, attn_implementation=attention, **kwargs)
+            return auto.from_pretrained(model_path(cfg), attn_implementation=attention, **kwargs)
         except (ImportError, ValueError) as exc:  # the architecture or the installed flash_attn does not support it
             log.warning(f"{attention} unavailable ({str(exc).splitlines()[0][:160]}); using sdpa")
-    return auto.from_pretrained(cfg.model, attn_implementation="sdpa", **kwargs)
+    return auto.from_pretrained(model_path(cfg), attn_implementation="sdpa", **kwargs)
 
 
 def varlen_attention(model) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
+from entrypoint.data import objectstore
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
@@ -73,6 +74,12 @@ def remote_code_error(model: str) -> ModelLoadError:
     return ModelLoadError(f"{model!r} needs its own Python code (transformers' trust_remote_code); finetune never "
                           "runs code shipped with a model and has no --trust-remote-code flag: use a model whose "
                           "architecture transformers supports natively.")
+
+
+def model_path(cfg: TrainConfig) -> str:
+    """What transformers loads --model from: the option itself, or for s3:// and gs:// the folder under
+    --cache-dir it was downloaded to (once per content; objectstore.local_model)."""
+    return objectstore.local_model(cfg.model, cfg.data_cache_dir)
 
 
 def load_model_config(model: str, token: str | None):
@@ -198,7 +205,7 @@ def resolved(cfg: TrainConfig, environ: Mapping[str, str]) -> Checked:
 def model_and_block_size(cfg: TrainConfig) -> tuple[object, int]:
     """The model's config and the block size to train with: --block-size, or the model's context up to
     MAX_DEFAULT_BLOCK."""
-    model_config = load_model_config(cfg.model, cfg.hub_token)
+    model_config = load_model_config(model_path(cfg), cfg.hub_token)
     positions = context_length(model_config)
     if cfg.block_size and cfg.block_size > positions:
         raise ConfigError(f"--block-size {cfg.block_size} exceeds the model's {positions} positions; "

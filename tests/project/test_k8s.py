@@ -814,3 +814,73 @@ def test_kueue_component_queues_every_workload_suspended(overlay, tmp_path):
             assert model_problems(obj) == [], overlay
         elif obj["kind"] == "Job":
             kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+# The overlays k8s/components/object-storage runs: all but cpu-smoke (its init containers write the data to /data)
+# and prepare (a cache on an emptyDir would vanish with its pod).
+OBJECT_STORAGE_OVERLAYS = [o for o in OVERLAYS if o not in ("cpu-smoke", "prepare")]
+# FINETUNE_CHECKPOINT_TO is issue 22's contract for --checkpoint-to, built beside this component.
+STORE_ENV = ("FINETUNE_DATA_DIR", "FINETUNE_CHECKPOINT_TO", "FINETUNE_EXPORT_TO")
+
+
+def render_with_component(overlay: str, component: str, tmp_path: Path) -> list[dict]:
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources:\n  - {}\ncomponents:\n  - {}\n".format(os.path.relpath(K8S / "overlays" / overlay, tmp_path),
+                                                           os.path.relpath(K8S / "components" / component, tmp_path)))
+    return [d for d in yaml.safe_load_all(_render(str(tmp_path))) if d]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OBJECT_STORAGE_OVERLAYS)
+def test_object_storage_component_keeps_nothing_on_shared_volumes(overlay, tmp_path, monkeypatch):
+    objects = render_with_component(overlay, "object-storage", tmp_path)
+    assert sorted(o["kind"] for o in objects) == sorted([o["kind"] for o in render(overlay)] + ["ServiceAccount"])
+    env = config_map(objects)
+    assert all(env[name].startswith("s3://") for name in STORE_ENV), env
+    assert len({env[name] for name in STORE_ENV}) == 3, "data, checkpoints and the model need their own prefixes"
+    unknown = sorted(set(env) - TRAIN_FIELD_ENV - {"FINETUNE_PRESET", "FINETUNE_CHECKPOINT_TO"})
+    assert not unknown, f"not finetune options: {unknown}"
+    templates = pod_templates(objects)
+    assert templates
+    for where, template in templates:
+        spec = template["spec"]
+        assert all("emptyDir" in v for v in spec["volumes"]), f"{overlay}: {where}: {spec['volumes']}"
+        assert spec["serviceAccountName"] == "finetune", "workload identity annotates this account"
+        assert restricted_violations(spec) == [], f"{overlay}: {where}"
+        train = training_container(spec)
+        assert {"secretRef": {"name": "finetune-object-storage", "optional": True}} in train["envFrom"]
+        # The emptyDirs on the node's disk fit the pod's ephemeral storage, so the kubelet does not evict it.
+        on_disk = sum(_gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"]
+                      if v["emptyDir"].get("medium") != "Memory")
+        for kind in ("requests", "limits"):
+            assert on_disk <= _gib(train["resources"][kind]["ephemeral-storage"]), f"{overlay}: {where}"
+        command, cfg = parse_command(train, pod_env(train, objects), monkeypatch)
+        assert command == "train" and str(cfg.data_dir) == env["FINETUNE_DATA_DIR"] == "s3://finetune/data"
+        assert cfg.export_to == env["FINETUNE_EXPORT_TO"]
+        if "checkpoint_to" in options.fields(config.TrainConfig):
+            assert cfg.checkpoint_to == env["FINETUNE_CHECKPOINT_TO"]
+        mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
+        assert cfg.output_dir.is_relative_to("/output") and mounts["/output"] == "output"
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS and obj["kind"] in CRD_MODELS:
+            assert model_problems(obj) == [], overlay
+        elif (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+@needs_kubectl
+def test_object_storage_component_refuses_an_overlay_whose_volumes_moved(tmp_path):
+    """The custom resources' volumes are patched by position after a JSON-patch test of the name there: an overlay
+    that reorders them fails the build instead of turning the wrong volume into an emptyDir."""
+    moved, overlay = tmp_path / "moved", tmp_path / "on-top"
+    moved.mkdir()
+    (moved / "kustomization.yaml").write_text(
+        "resources:\n  - {}\npatches:\n  - target: {{kind: JobSet}}\n    patch: |-\n"
+        "      - op: move\n        from: /spec/replicatedJobs/0/template/spec/template/spec/volumes/0\n"
+        "        path: /spec/replicatedJobs/0/template/spec/template/spec/volumes/-\n"
+        .format(os.path.relpath(K8S / "overlays" / "jobset", moved)))
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text("resources:\n  - ../moved\ncomponents:\n  - {}\n".format(
+        os.path.relpath(K8S / "components" / "object-storage", overlay)))
+    result = subprocess.run([KUBECTL, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "test" in result.stderr.lower(), result.stderr
