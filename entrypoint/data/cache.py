@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from entrypoint import logs
+from entrypoint.data import records
 from entrypoint.data.formats import chat_template, convention
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, fingerprint
@@ -23,7 +24,8 @@ from entrypoint.fsutil import COMPLETE
 log = logs.area("data")
 # 3: streamed token shards read through np.memmap, per-document hashed split
 # 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
-FORMAT_VERSION = 4
+# 5: Alpaca, ShareGPT and pretokenized records
+FORMAT_VERSION = 5
 
 
 def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) -> dict:
@@ -41,6 +43,8 @@ def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) ->
         "record_fields": [opts.prompt_field, opts.completion_field, opts.messages_field],
         "train_on_prompt": opts.train_on_prompt,
         "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
+        "records": records.RENDERING,  # how Alpaca and ShareGPT records render and pretokenized rows are read
+        "vocab_size": opts.vocab_size,  # pretokenized ids are checked against it
         # The held-out split depends on these only when there is no validation input.
         "split": None if valid else [opts.validation_split, opts.seed],
     }

@@ -3,7 +3,7 @@ it can be used and tested without the training job's options (and the schema can
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 
@@ -27,10 +27,13 @@ class DataOptions:
     isolate_documents: bool | None
     max_eval_tokens: int
     preprocessing_workers: int
+    # Not an option: the model's vocabulary (its embedding rows), which pretokenized ids must stay below. The run
+    # passes its model config's; None: the tokenizer's length (pipeline.prepare fills it in).
+    vocab_size: int | None = None
 
     @classmethod
     def of(cls, cfg, **decided) -> DataOptions:
         """The data options of `cfg`, a TrainConfig (untyped here: data/ does not import the schema), with
-        `decided` in place of its values (the run plan's `preprocessing_workers`)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)} | decided)
+        `decided` in place of its values (the run plan's `preprocessing_workers`, the model's `vocab_size`)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.default is MISSING} | decided)
 
