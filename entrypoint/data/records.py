@@ -146,7 +146,8 @@ def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], c
                   cache_file_name=str(cache_file), desc=f"reading {fmt} records")
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
+    """A text file (gzip-compressed when it ends in .gz) opened for reading as UTF-8."""
     raw = path.open("rb")
     return io.TextIOWrapper(gzip.open(raw) if path.suffix == ".gz" else raw, encoding="utf-8")
 
@@ -158,7 +159,7 @@ def peek(path: Path, loader: str, limit: int) -> Iterator[tuple[str, dict]]:
         if loader == "parquet":
             yield from _peek_parquet(path, limit)
         elif loader == "csv":
-            with _open_text(path) as stream:
+            with open_text(path) as stream:
                 for n, record in enumerate(csv.DictReader(stream), 2):  # line 1 is the header
                     if n - 2 >= limit:
                         return
@@ -182,7 +183,7 @@ def _peek_parquet(path: Path, limit: int) -> Iterator[tuple[str, dict]]:
 
 
 def _peek_json(path: Path, limit: int) -> Iterator[tuple[str, dict]]:
-    with _open_text(path) as stream:
+    with open_text(path) as stream:
         head = stream.read(PEEK_BYTES)
         if head.lstrip().startswith("["):  # one JSON array: parsed whole (such files are small)
             records = json.loads(head + stream.read())
