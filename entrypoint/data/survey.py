@@ -15,6 +15,7 @@ from pathlib import Path
 
 from entrypoint.data import formats, records
 from entrypoint.data.options import DataOptions
+from entrypoint.data.pipeline import FORMAT_NAMES
 from entrypoint.data.sources import Source, discover, file_format, file_formats
 from entrypoint.errors import DataError
 
@@ -75,8 +76,8 @@ def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE) -> tuple[list
         split_formats[split] = {_family(r.fmt) for r in found if r.fmt}
     train, valid = split_formats.get("train", set()), split_formats.get("valid", set())
     if len(train) == 1 and len(valid) == 1 and train != valid:
-        problems.append(f"the training data is {train.pop()} but the validation data is {valid.pop()}; give both "
-                        "in one format.")
+        problems.append(f"the training data is {FORMAT_NAMES[train.pop()]} but the validation data is "
+                        f"{FORMAT_NAMES[valid.pop()]}; give both in one format.")
     return reports, problems
 
 
