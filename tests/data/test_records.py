@@ -428,3 +428,13 @@ def test_the_cache_key_changes_with_the_rendering_of_converted_records(tokenizer
     before = cache.cache_key(opts, tokenizer, train, valid, BLOCK)
     monkeypatch.setattr(records, "RENDERING", records.RENDERING + "+changed")
     assert cache.cache_key(opts, tokenizer, train, valid, BLOCK) != before
+
+
+def test_a_record_the_tokenizer_refuses_is_named_by_its_number(tokenizer, tmp_path):
+    no_system = llama_style(tokenizer, "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception("
+                                       "'no system turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    records = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}]}] * 4
+    records[2] = {"messages": [{"role": "system", "content": "Be brief."}, *records[0]["messages"]]}
+    with pytest.raises(DataError) as raised:
+        prepare(no_system, split_dir(tmp_path, records * 10, valid=4))
+    assert str(raised.value).startswith("record 3 of the training data: the chat template rejects this conversation")
