@@ -124,7 +124,7 @@ def _data_files(cfg) -> list:
         reports, problems = survey(DataOptions.of(cfg, vocab_size=vocab), tokenizer)
     except FinetuneError:
         return []
-    checks = [(f"data {r.path.name}", lambda r=r: _file_check(r.line(), r.problems)) for r in reports]
+    checks = [(f"data {r.label}", lambda r=r: _file_check(r.line(), r.problems)) for r in reports]
     if problems:
         checks.append(("data formats", lambda: _file_check("", problems)))
     return checks

@@ -283,7 +283,8 @@ def _load_saved(source: Source, opts: DataOptions, cache_dir: Path):
             raise DataError(f"saved dataset {source.saved_dataset} has splits {', '.join(loaded)} but no "
                             f"{source.split!r}; save one, or pass --train-file/--valid-file.")
         loaded = loaded[source.split]
-    return _columns(loaded, opts, source.describe(), cache_dir, lambda row: f"{source.describe()} row {row + 1}")
+    return _columns(loaded, opts, source.describe(), cache_dir,
+                    lambda row: f"{source.describe()} split {source.split!r} row {row + 1}")
 
 
 def _text_column(ds, wanted: dict[str, tuple[str, str]], where: str):

@@ -36,6 +36,11 @@ class FileReport:
     whole: bool = True  # every record was checked (the file has fewer than the limit)
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def label(self) -> str:
+        """The file's name; for a saved dataset's folder, with the split."""
+        return self.path.name if self.path.is_file() else f"{self.path.name} ({self.split})"
+
     def line(self) -> str:
         """What doctor prints for a file without problems."""
         what = "all of them" if self.whole else "the first of the file"
@@ -132,7 +137,7 @@ def _saved(source: Source, split: str, check: Check, limit: int) -> FileReport:
     report.fields = _fields_read(report.fmt, loaded.column_names, check.fields)
     rows = ((f"row {n + 1}", row) for n, row in enumerate(loaded.select(range(min(limit, len(loaded))))))
     report.whole = len(loaded) <= limit
-    _records(report, rows, check, lambda where: f"{source.describe()} {where}", limit)
+    _records(report, rows, check, lambda where: f"{source.describe()} split {source.split!r} {where}", limit)
     return report
 
 

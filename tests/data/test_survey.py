@@ -104,3 +104,15 @@ def test_text_files_are_counted_by_document(tokenizer, tmp_path):
     (tmp_path / "data" / "train.txt").write_text("one\ntwo\nthree\n")
     (report,), _ = survey.survey(options(tmp_path / "data"), tokenizer)
     assert (report.fmt, report.checked, report.problems) == ("text", 3, [])
+
+
+def test_a_saved_datasets_splits_are_read_and_a_bad_row_is_named_by_split_and_row(tokenizer, tmp_path):
+    import datasets
+
+    bad = samples.bad_records("sharegpt-empty-value")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(samples.SHAREGPT),
+                          "validation": datasets.Dataset.from_list(bad)}).save_to_disk(str(tmp_path / "saved"))
+    train, valid = survey.survey(options(tmp_path / "saved"), tokenizer)[0]
+    assert (train.label, train.fmt, train.checked, train.problems) == ("saved (train)", "sharegpt", 36, [])
+    assert valid.label == "saved (valid)" and len(valid.problems) == 1
+    assert valid.problems[0].startswith(f"saved dataset {tmp_path / 'saved'} split 'validation' row 4: turn 1")
