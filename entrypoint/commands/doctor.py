@@ -26,6 +26,7 @@ from entrypoint.train.preflight import (
     device_and_precision,
     hub_offline,
     load_model_config,
+    model_and_block_size,
     resolved,
     vocabulary,
 )
@@ -116,12 +117,13 @@ def _data_files(cfg) -> list:
     """One check per input file, reading its first records as train would (data/survey.py), and one for the
     inputs as a whole; none when the inputs cannot be found (the data check says why). Records are encoded with
     the model's tokenizer and pretokenized ids checked against its vocabulary, when the model loads."""
-    tokenizer = vocab = None
-    with contextlib.suppress(FinetuneError):  # the model check reports why it does not load
+    tokenizer = vocab = block_size = None
+    with contextlib.suppress(FinetuneError):  # the model and config checks report why these cannot be had
         tokenizer = load_tokenizer(cfg)
-        vocab = vocabulary(load_model_config(cfg.model, cfg.hub_token))
+        model_config, block_size = model_and_block_size(cfg)
+        vocab = vocabulary(model_config)
     try:
-        reports, problems = survey(DataOptions.of(cfg, vocab_size=vocab), tokenizer)
+        reports, problems = survey(DataOptions.of(cfg, vocab_size=vocab), tokenizer, block_size=block_size)
     except FinetuneError:
         return []
     checks = [(f"data {r.label}", lambda r=r: _file_check(r.line(), r.problems)) for r in reports]

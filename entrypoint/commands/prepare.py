@@ -43,7 +43,7 @@ def prepare(cfg: TrainConfig, shard: int, num_shards: int) -> str:
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
     opts = DataOptions.of(cfg, vocab_size=vocabulary(checked.model_config))  # as train's, so the cache keys agree
-    for report in survey.check(opts, tokenizer):  # every problem in the first records of each file, at once
+    for report in survey.check(opts, tokenizer, checked.block_size):  # every problem in the first records, at once
         log.info(f"{report.path}: {report.line()}")
     stats = pipeline.prepare_shard(opts, tokenizer, checked.block_size, shard, num_shards, stop=stop)
     if stats is None:

@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from entrypoint.data import formats, records
+from entrypoint.data import split as splitting
 from entrypoint.data.options import DataOptions
-from entrypoint.data.pipeline import FORMAT_NAMES
+from entrypoint.data.pipeline import FORMAT_NAMES, summarize
 from entrypoint.data.sources import Source, discover, file_format, file_formats
 from entrypoint.errors import DataError
 
@@ -35,6 +38,7 @@ class FileReport:
     checked: int = 0
     whole: bool = True  # every record was checked (the file has fewer than the limit)
     problems: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # each record's tokens (0: skipped), when encoded
 
     @property
     def label(self) -> str:
@@ -62,9 +66,11 @@ class Check:
         return formats.convention(self.tokenizer) if self.tokenizer is not None else None
 
 
-def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE) -> tuple[list[FileReport], list[str]]:
+def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE,
+           block_size: int | None = None) -> tuple[list[FileReport], list[str]]:
     """Every input file's report, and the problems of the inputs as a whole (a split mixing formats, training
-    and validation data in different formats). Raises DataError when the inputs cannot be found (sources.discover)."""
+    and validation data in different formats; with `block_size`, when every record was read, too few documents to
+    hold some out or too few tokens for a block). Raises DataError when the inputs cannot be found (discover)."""
     vocab = opts.vocab_size or (len(tokenizer) if tokenizer is not None else None)
     check = Check(formats.Fields.from_config(opts), tokenizer, opts.train_on_prompt, vocab)
     reports: list[FileReport] = []
@@ -83,12 +89,39 @@ def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE) -> tuple[list
     if len(train) == 1 and len(valid) == 1 and train != valid:
         problems.append(f"the training data is {FORMAT_NAMES[train.pop()]} but the validation data is "
                         f"{FORMAT_NAMES[valid.pop()]}; give both in one format.")
+    if block_size and not problems:
+        problems += _size_problems(opts, reports, block_size)
     return reports, problems
 
 
-def check(opts: DataOptions, tokenizer, limit: int = SAMPLE) -> list[FileReport]:
+def _size_problems(opts: DataOptions, reports: list[FileReport], block_size: int) -> list[str]:
+    """What pipeline.summarize would refuse in data read whole: counted from the records' encoded lengths, split
+    as training splits them. Nothing when a file was not read whole, had problems, or is `.txt` (whose documents
+    --txt-split decides)."""
+    if not reports or any(not r.whole or r.problems or file_format(r.path) == "text" or
+                          len(r.lengths) != r.checked for r in reports):
+        return []
+    lengths = {split: np.array([n for r in reports if r.split == split for n in r.lengths], dtype=np.int64)
+               for split in ("train", "valid")}
+    holds_out = not any(r.split == "valid" for r in reports)
+    if holds_out:
+        held = splitting.held_out(np.arange(len(lengths["train"])), opts.validation_split, opts.seed)
+        lengths = {"train": lengths["train"][~held], "valid": lengths["train"][held]}
+    counts = {}
+    for split, found in lengths.items():
+        found = found[found > 0]
+        counts |= {f"{split}_documents": len(found), f"{split}_tokens": int(found.sum()),
+                   f"{split}_rows": int((-(-found // block_size)).sum())}
+    try:
+        summarize(opts, counts, block_size, holds_out)
+    except DataError as exc:
+        return list(exc.problems)
+    return []
+
+
+def check(opts: DataOptions, tokenizer, block_size: int | None = None, limit: int = SAMPLE) -> list[FileReport]:
     """The reports of `survey`, or one DataError carrying every problem found (prepare's check before it starts)."""
-    reports, problems = survey(opts, tokenizer, limit)
+    reports, problems = survey(opts, tokenizer, limit, block_size)
     problems = [p for r in reports for p in r.problems] + problems
     if problems:
         raise DataError(*problems)
@@ -167,11 +200,15 @@ def _records(report: FileReport, rows, check: Check, where: Callable[[str], str]
         report.checked += 1
         try:
             record = convert(record) if convert else record
-            if fmt == formats.TEXT and not record.get(check.fields.text):
-                continue  # empty documents are skipped, as training does
-            if conv is not None and fmt != formats.PRETOKENIZED:
+            text = record.get(check.fields.text) if fmt == formats.TEXT else None
+            if fmt == formats.TEXT and not (text and (not isinstance(text, str) or text.strip())):
+                report.lengths.append(0)  # empty documents are skipped, as training does
+            elif fmt == formats.PRETOKENIZED:
+                report.lengths.append(len(record["input_ids"]))
+            elif conv is not None:
                 fields = check.fields if convert is None else formats.Fields()
-                formats.encode(record, fmt, check.tokenizer, conv, fields, check.train_on_prompt)
+                encoded = formats.encode(record, fmt, check.tokenizer, conv, fields, check.train_on_prompt)
+                report.lengths.append(len(encoded.ids))
         except DataError as exc:
             seen.setdefault(exc.problems[0], [location, 0])[1] += 1
     for problem, (location, count) in list(seen.items())[:MAX_PROBLEMS]:

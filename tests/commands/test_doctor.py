@@ -50,7 +50,8 @@ def test_doctor_reads_each_good_file_names_its_format_and_passes(tmp_path, tiny_
     records = {"alpaca": samples.ALPACA, "sharegpt": samples.SHAREGPT}.get(fmt) or samples.pretokenized(tokenizer)
     samples.write_records(tmp_path / "data", "train", records, suffix)
     lines = []
-    diagnose(TrainConfig(model=str(tiny_model), data_dir=tmp_path / "data", output_dir=tmp_path / "out"), lines.append)
+    diagnose(TrainConfig(model=str(tiny_model), data_dir=tmp_path / "data", output_dir=tmp_path / "out",
+                         block_size=32), lines.append)
     assert data_lines(lines) == [f"ok    data train.{suffix}: {fmt} data from "
                                  f"{', '.join(survey._fields_read(fmt, records[0], formats.Fields()))}; "
                                  f"{len(records)} records checked (all of them)"]
@@ -77,3 +78,14 @@ def test_the_doctor_command_exits_with_the_data_code_on_a_bad_file(tmp_path, tin
     assert result.returncode == ExitCode.DATA, result.stdout + result.stderr
     fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "line 4: turn 1 is from 'bot'" in fails[0] and "Traceback" not in result.stderr
+
+
+def test_doctor_fails_on_data_too_small_for_what_train_makes_of_it(tmp_path, tiny_model):
+    samples.write_records(tmp_path / "data", "train", samples.ALPACA[:3], "jsonl")
+    lines = []
+    with pytest.raises(DataError):
+        diagnose(TrainConfig(model=str(tiny_model), data_dir=tmp_path / "data", output_dir=tmp_path / "out"),
+                 lines.append)
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        "FAIL  data formats: only 3 document(s), too few to hold out 5% for validation; add --valid-file, add text, "
+        "or split .txt by line (--txt-split line)."]

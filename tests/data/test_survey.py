@@ -116,3 +116,18 @@ def test_a_saved_datasets_splits_are_read_and_a_bad_row_is_named_by_split_and_ro
     assert (train.label, train.fmt, train.checked, train.problems) == ("saved (train)", "sharegpt", 36, [])
     assert valid.label == "saved (valid)" and len(valid.problems) == 1
     assert valid.problems[0].startswith(f"saved dataset {tmp_path / 'saved'} split 'validation' row 4: turn 1")
+
+
+def test_data_read_whole_is_checked_for_enough_documents_and_tokens_as_training_counts_them(tokenizer, tmp_path):
+    samples.write_records(tmp_path / "few", "train", samples.SHAREGPT[:2], "jsonl")
+    assert survey.survey(options(tmp_path / "few"), tokenizer, block_size=32)[1] == [
+        "only 2 document(s), too few to hold out 5% for validation; add --valid-file, add text, or split .txt by "
+        "line (--txt-split line)."]
+    samples.write_records(tmp_path / "short", "train", samples.ALPACA, "jsonl")
+    samples.write_records(tmp_path / "short", "valid", [{"instruction": "Hi.", "output": "Yo."}], "jsonl")
+    assert survey.survey(options(tmp_path / "short"), tokenizer, block_size=32)[1] == [
+        "the validation text has fewer than --block-size 32 tokens, so no full block can be made; add text, lower "
+        "--block-size, or use --no-packing."]
+    assert survey.survey(options(tmp_path / "short", packing=False), tokenizer, block_size=32)[1] == []
+    assert survey.survey(options(tmp_path / "short"), tokenizer, block_size=8)[1] == []
+    assert survey.survey(options(tmp_path / "short"), tokenizer, limit=10, block_size=32)[1] == []  # not read whole
