@@ -82,9 +82,9 @@ def with_vocabulary(opts: DataOptions, tokenizer) -> DataOptions:
 
 
 def token_dtype(opts: DataOptions, tokenizer, fmt: str):
-    """The cache's token dtype: wide enough for the tokenizer's ids, or the model's for pretokenized rows."""
-    return shards.token_dtype(max(len(tokenizer), opts.vocab_size or 0) if fmt == formats.PRETOKENIZED
-                              else len(tokenizer))
+    """The cache's token dtype: wide enough for the tokenizer's ids, or for the model's vocabulary (which every
+    pretokenized id was checked to be below) for pretokenized rows."""
+    return shards.token_dtype(opts.vocab_size if fmt == formats.PRETOKENIZED else len(tokenizer))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def peek(path: Path, loader: str, limit: int) -> Iterator[tuple[str, dict]]:
                     yield f"line {n}", record
         else:
             yield from _peek_json(path, limit)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, zlib.error) as exc:
         raise DataError(f"cannot read {path} ({str(exc).splitlines()[0][:120]}); fix or remove the file.") from None
 
 

@@ -438,3 +438,14 @@ def test_a_record_the_tokenizer_refuses_is_named_by_its_number(tokenizer, tmp_pa
     with pytest.raises(DataError) as raised:
         prepare(no_system, split_dir(tmp_path, records * 10, valid=4))
     assert str(raised.value).startswith("record 3 of the training data: the chat template rejects this conversation")
+
+
+def test_pretokenized_rows_are_cached_by_the_vocabulary_not_the_tokenizer(tokenizer, tmp_path):
+    directory = split_dir(tmp_path, samples.pretokenized(tokenizer))
+    cfg = TrainConfig(data_dir=directory, output_dir=tmp_path / "out", preprocessing_workers=1)
+    first, _, stats = pipeline.prepare(DataOptions.of(cfg, vocab_size=600), tokenizer, BLOCK)
+    # Another tokenizer with the same vocabulary size: the rows are the same, so the cache is.
+    again, _, hit = pipeline.prepare(DataOptions.of(cfg, vocab_size=600), llama_style(tokenizer), BLOCK)
+    assert hit.cache_hit and hit.fingerprint == stats.fingerprint
+    assert collated(again)["input_ids"].tolist() == collated(first)["input_ids"].tolist()
+    assert not pipeline.prepare(DataOptions.of(cfg, vocab_size=700), tokenizer, BLOCK)[2].cache_hit
