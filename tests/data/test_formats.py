@@ -51,7 +51,7 @@ def test_alpaca_sharegpt_and_pretokenized_records_are_detected_before_their_look
     (["question", "answer"], "use --prompt-field question --completion-field answer"),
     (["instruction", "input"], "look like Alpaca records but have no 'output'"),
     (["dialog", "id"], "use --messages-field dialog"),
-    (["tokens"], "pretokenized rows in 'tokens'; name that column input_ids"),
+    (["tokens"], "pretokenized rows in 'tokens' (fields: tokens); name that column input_ids"),
 ])
 def test_fields_that_look_like_a_known_format_get_its_name_and_option(keys, says):
     with pytest.raises(DataError) as err:
