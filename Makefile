@@ -9,6 +9,8 @@ DEMO_DIR ?= .demo
 # make demo-sft: where its model goes, and the signature it answers at the end.
 SFT_OUTPUT_DIR ?= output-sft
 SFT_PROMPT ?= def getsource(object):
+# make demo-alpaca: the same, from Alpaca records.
+ALPACA_OUTPUT_DIR ?= output-alpaca
 PYTEST_ARGS ?=
 # make bench on CPU: a tiny GPT-2 (50,257-token vocabulary), 2 optimizer steps a side (4 x 8 x 512 tokens each),
 # 128 validation lines, 3 runs a side; about 10 minutes on 2 cores. On a GPU: BENCH_ARGS='--size gpt2 --epochs 3'
@@ -64,6 +66,19 @@ demo-sft: install ## Teach a tiny model to answer a function's signature with it
 	prompt="$$(printf '%s\n_' '$(SFT_PROMPT)')"; \
 		$(FINETUNE) generate --model-dir $(SFT_OUTPUT_DIR)/model --prompt "$${prompt%_}" --max-new-tokens 40
 
+.PHONY: demo-alpaca
+demo-alpaca: install ## demo-sft from Alpaca records (instruction, input, output): doctor reads them, train renders them.
+	$(FINETUNE) corpus --output-dir $(DEMO_DIR)/data
+	$(FINETUNE) corpus --alpaca --output-dir $(DEMO_DIR)/alpaca-data
+	$(FINETUNE) init-model --corpus $(DEMO_DIR)/data/train.txt --output-dir $(DEMO_DIR)/tiny-gpt2
+	$(FINETUNE) doctor --preset demo-sft --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/alpaca-data \
+		--output-dir $(ALPACA_OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+	$(FINETUNE) train --preset demo-sft --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/alpaca-data \
+		--output-dir $(ALPACA_OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+	@# An Alpaca prompt is the instruction then a newline (docs/data.md); $$(...) would strip the newline.
+	prompt="$$(printf '%s\n_' '$(SFT_PROMPT)')"; \
+		$(FINETUNE) generate --model-dir $(ALPACA_OUTPUT_DIR)/model --prompt "$${prompt%_}" --max-new-tokens 40
+
 .PHONY: test
 test: install ## Run the test suite (Docker tests skip with a reason when no engine is reachable).
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -98,7 +113,7 @@ lock: ## Re-resolve the newest dependencies into constraints.txt.
 
 .PHONY: clean
 clean: ## Remove the virtualenv, demo files, output, benchmark files and caches.
-	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(SFT_OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(SFT_OUTPUT_DIR) $(ALPACA_OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container

@@ -175,15 +175,21 @@ def init_model(**params):
 @click.option("--instructions", is_flag=True, envvar="FINETUNE_INSTRUCTIONS", show_envvar=True,
               help="Write train.jsonl and valid.jsonl instead: prompt = a function's signature, completion = the "
               "first paragraph of its docstring (instruction data).")
+@click.option("--alpaca", is_flag=True, envvar="FINETUNE_ALPACA", show_envvar=True,
+              help="Write the --instructions pairs as Alpaca records (instruction, input, output), which train "
+              "renders to the same prompts.")
 @handled()
-def corpus(output_dir, max_documents, instructions):
+def corpus(output_dir, max_documents, instructions, alpaca):
     """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
     tests: real prose on every machine, nothing downloaded)."""
     from entrypoint.data import corpus as plain
     from entrypoint.data import sftcorpus
 
-    counts = (sftcorpus if instructions else plain).build(output_dir, max_documents)
-    kind = "prompt/completion records" if instructions else "documents"
+    if instructions or alpaca:
+        counts = sftcorpus.build(output_dir, max_documents, alpaca=alpaca)
+    else:
+        counts = plain.build(output_dir, max_documents)
+    kind = "Alpaca records" if alpaca else "prompt/completion records" if instructions else "documents"
     click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation {kind} in {output_dir}")
 
 

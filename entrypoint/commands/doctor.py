@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import shutil
@@ -14,19 +15,23 @@ from entrypoint.data import objectstore
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import fingerprint
-from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError
+from entrypoint.data.survey import survey
+from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError
 from entrypoint.publish.export import probe
 from entrypoint.publish.outputs import check_writable
 from entrypoint.runtime import cuda
 from entrypoint.runtime.toolchain import find
+from entrypoint.train.model import load_tokenizer
 from entrypoint.train.plan import decide
 from entrypoint.train.preflight import (
     check_model_dir,
     device_and_precision,
     hub_offline,
     load_model_config,
+    model_and_block_size,
     model_path,
     resolved,
+    vocabulary,
 )
 
 SHM_MIN = 1 << 30  # bytes; DataLoader workers pass batches through /dev/shm and Docker's default is 64 MiB
@@ -51,6 +56,8 @@ def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = N
     report("config", lambda: _config(cfg))
     report("device", lambda: (_device(cfg, environ), False))
     report("data", lambda: _data(cfg))
+    for name, check in _data_files(cfg):
+        report(name, check)
     for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir")):
         report(what, lambda d=directory, w=what: _writable(d, w))
     report("model", lambda: _model(cfg))
@@ -109,6 +116,31 @@ def _data(cfg):
     detail = f"{train.describe()}{f' ({size / 1e6:.1f} MB)' if train.files else ''}, validation: " + (
         valid.describe() if valid else f"{cfg.validation_split}% held out")
     return detail, False
+
+
+def _data_files(cfg) -> list:
+    """One check per input file, reading its first records as train would (data/survey.py), and one for the
+    inputs as a whole; none when the inputs cannot be found (the data check says why). Records are encoded with
+    the model's tokenizer and pretokenized ids checked against its vocabulary, when the model loads."""
+    tokenizer = vocab = block_size = None
+    with contextlib.suppress(FinetuneError):  # the model and config checks report why these cannot be had
+        tokenizer = load_tokenizer(cfg)
+        model_config, block_size = model_and_block_size(cfg)
+        vocab = vocabulary(model_config)
+    try:
+        reports, problems = survey(DataOptions.of(cfg, vocab_size=vocab), tokenizer, block_size=block_size)
+    except FinetuneError:
+        return []
+    checks = [(f"data {r.label}", lambda r=r: _file_check(r.line(), r.problems)) for r in reports]
+    if problems:
+        checks.append(("data formats", lambda: _file_check("", problems)))
+    return checks
+
+
+def _file_check(line: str, problems: list[str]):
+    if problems:
+        raise DataError(*problems)
+    return line, False
 
 
 def _writable(directory: Path, what: str):

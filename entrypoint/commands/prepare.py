@@ -7,14 +7,17 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+from entrypoint import logs
 from entrypoint.config.platforms import shard_default
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data import pipeline
+from entrypoint.data import pipeline, survey
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError
 from entrypoint.train.model import load_tokenizer
 from entrypoint.train.preemption import StopRequest
-from entrypoint.train.preflight import check_model_dir, preflight
+from entrypoint.train.preflight import check_model_dir, preflight, vocabulary
+
+log = logs.area("data")
 
 
 def settle(cfg: TrainConfig, shard: int | None, num_shards: int,
@@ -39,7 +42,10 @@ def prepare(cfg: TrainConfig, shard: int, num_shards: int) -> str:
     checked = preflight(cfg, trains=False)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(cfg)
-    stats = pipeline.prepare_shard(DataOptions.of(cfg), tokenizer, checked.block_size, shard, num_shards, stop=stop)
+    opts = DataOptions.of(cfg, vocab_size=vocabulary(checked.model_config))  # as train's, so the cache keys agree
+    for report in survey.check(opts, tokenizer, checked.block_size):  # every problem in the first records, at once
+        log.info(f"{report.path}: {report.line()}")
+    stats = pipeline.prepare_shard(opts, tokenizer, checked.block_size, shard, num_shards, stop=stop)
     if stats is None:
         return (f"prepared: shard {shard} of {num_shards} in {cfg.data_cache_dir}; the cache is complete once "
                 "every shard is written")

@@ -14,37 +14,53 @@ import time
 from pathlib import Path
 
 from entrypoint import logs
-from entrypoint.data import objectstore
-from entrypoint.data.formats import chat_template, convention
+from entrypoint.data import objectstore, records
+from entrypoint.data.formats import PRETOKENIZED, Fields, chat_template, convention
 from entrypoint.data.options import DataOptions
-from entrypoint.data.sources import Source, fingerprint
+from entrypoint.data.sources import Source, file_formats, fingerprint
 from entrypoint.errors import DataError
 from entrypoint.fsutil import COMPLETE
 
 log = logs.area("data")
 # 3: streamed token shards read through np.memmap, per-document hashed split
 # 4: BOS where the tokenizer adds one; instruction and chat records with a per-token loss mask
-FORMAT_VERSION = 4
+# 5: Alpaca, ShareGPT and pretokenized records
+FORMAT_VERSION = 5
 
 
-def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int) -> dict:
+def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int, pretokenized: bool = False) -> dict:
     """Everything besides the inputs that changes what a build writes. (--isolate-documents does not: position
-    ids come from the documents' lengths when the cache is read.)"""
-    return {
+    ids come from the documents' lengths when the cache is read.) `pretokenized` inputs are not tokenized: of the
+    tokenizer and the options that say how to read text, none is in their key."""
+    common = {
         "format": FORMAT_VERSION,
-        "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
-        "eos": tokenizer.eos_token_id,
         "block_size": block_size,
         "packing": opts.packing,
+        "records": records.RENDERING,  # how Alpaca and ShareGPT records render and pretokenized rows are read
+        "vocab_size": opts.vocab_size,  # pretokenized ids are checked against it
+        # The held-out split depends on these only when there is no validation input.
+        "split": None if valid else [opts.validation_split, opts.seed],
+    }
+    if pretokenized:
+        return common
+    return common | {
+        "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
+        "eos": tokenizer.eos_token_id,
         "txt_split": opts.txt_split,
         "text_field": opts.text_field,
         "bos": convention(tokenizer).bos_id,
         "record_fields": [opts.prompt_field, opts.completion_field, opts.messages_field],
         "train_on_prompt": opts.train_on_prompt,
         "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
-        # The held-out split depends on these only when there is no validation input.
-        "split": None if valid else [opts.validation_split, opts.seed],
     }
+
+
+def all_pretokenized(opts: DataOptions, *inputs: Source) -> bool:
+    """Whether every input file holds pretokenized rows (by its first record; a saved dataset counts as not)."""
+    fields = Fields.from_config(opts)
+    found = [fmt for source in inputs if source for fmt in file_formats(source.files, fields).values()]
+    return bool(found) and not any(source.saved_dataset for source in inputs) and \
+        all(fmt == PRETOKENIZED for fmt in found)
 
 
 def _digest(parts: dict) -> str:
@@ -54,7 +70,8 @@ def _digest(parts: dict) -> str:
 def cache_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_size: int) -> str:
     """The content key: reads every input byte (and checks text is UTF-8)."""
     inputs = {"train": fingerprint(train), "valid": fingerprint(valid) if valid else None}
-    return _digest({**key_options(opts, tokenizer, valid, block_size), **inputs})
+    return _digest({**key_options(opts, tokenizer, valid, block_size, all_pretokenized(opts, train, valid)),
+                    **inputs})
 
 
 def pre_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_size: int) -> str:
@@ -71,8 +88,8 @@ def pre_key(opts: DataOptions, tokenizer, train: Source, valid: Source, block_si
             found.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         return found + [part.identity for part in source.parts]  # a Hub dataset's commit, a mixture's weights
 
-    return _digest({**key_options(opts, tokenizer, valid, block_size), "train": stat(train),
-                    "valid": stat(valid) if valid else None})
+    return _digest({**key_options(opts, tokenizer, valid, block_size, all_pretokenized(opts, train, valid)),
+                    "train": stat(train), "valid": stat(valid) if valid else None})
 
 
 def wait_for_builder(cache_dir: Path, pre: str, stop=None, poll_seconds: float = 1.0) -> Path:

@@ -1,4 +1,4 @@
-"""Records -> token ids and labels: plain text, prompt/completion pairs and chat transcripts.
+"""Records -> token ids and labels: plain text, prompt/completion pairs, chat transcripts and pretokenized rows.
 
 Pure functions, no I/O: the data pipeline reads records, calls `detect` once per input and `encode` per record,
 then `pack` cuts the encoded documents into training blocks.
@@ -10,6 +10,10 @@ Conventions, per the tokenizer:
   precedes it), prompt tokens, and every chat turn but the assistant's, unless `train_on_prompt`.
 - prompt and completion are tokenized separately and joined with nothing between them: the data supplies any
   separator (a newline, a space) at the end of the prompt, exactly as it will at inference.
+- pretokenized rows carry their ids and labels already (records.py checks them): nothing is added.
+
+Alpaca and ShareGPT records are detected here and converted to instruction and chat records by records.py before
+they reach `encode`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from dataclasses import dataclass
 from entrypoint.errors import DataError, ModelLoadError
 
 TEXT, INSTRUCTION, CHAT = "text", "prompt-completion", "chat"
+ALPACA, SHAREGPT, PRETOKENIZED = "alpaca", "sharegpt", "pretokenized"
+# The fields each fixed-name format is detected by, and those it reads
+ALPACA_FIELDS = ("instruction", "output")
+ALPACA_READS = ("system", "instruction", "input", "output")
+SHAREGPT_FIELD = "conversations"
+PRETOKENIZED_READS = ("input_ids", "labels", "attention_mask")
 IGNORE = -100  # the label value transformers' loss skips
 
 # Used when the tokenizer has no chat template of its own. A conversation renders as
@@ -77,19 +87,57 @@ class Encoded:
 
 
 def detect(keys: Iterable[str], fields: Fields = Fields()) -> str:
-    """The format of records with these fields: chat if the messages field is present, else prompt/completion
-    if both of those are, else text. Raises DataError naming the options when none fits."""
+    """The format of records with these fields, the first that fits: chat (the messages field), ShareGPT
+    (`conversations`), pretokenized (`input_ids`), prompt/completion (both fields), Alpaca (`instruction` and
+    `output`), text. Raises DataError naming the option to use (`hint`) when none fits."""
     keys = set(keys)
     if fields.messages in keys:
         return CHAT
+    if SHAREGPT_FIELD in keys:
+        return SHAREGPT
+    if "input_ids" in keys:
+        return PRETOKENIZED
     if fields.prompt in keys and fields.completion in keys:
         return INSTRUCTION
+    if all(name in keys for name in ALPACA_FIELDS):
+        return ALPACA
     if fields.text in keys:
         return TEXT
     found = ", ".join(sorted(keys)) or "none"
-    raise DataError(f"records have no {fields.text!r}, {fields.prompt!r}+{fields.completion!r} or "
-                    f"{fields.messages!r} field (found: {found}); name yours with --text-field, --prompt-field and "
-                    "--completion-field, or --messages-field.")
+    raise DataError(hint(keys, fields) or (
+        f"records have no {fields.text!r}, {fields.prompt!r}+{fields.completion!r} or {fields.messages!r} field "
+        f"(found: {found}); name yours with --text-field, --prompt-field and --completion-field, or "
+        "--messages-field."))
+
+
+# Field names that say which format a record was meant to be, when detect finds none.
+PROMPT_LIKE = ("instruction", "question", "query", "input", "prompt", "context")
+ANSWER_LIKE = ("output", "answer", "response", "completion", "chosen", "target")
+CHAT_LIKE = ("messages", "conversation", "conversations", "dialog", "dialogue", "chat", "turns")
+IDS_LIKE = ("tokens", "token_ids", "ids", "input_ids")
+
+
+def hint(keys: Iterable[str], fields: Fields = Fields()) -> str | None:
+    """What records with these fields (none of a known format) look like, and the option that reads them; None
+    when they look like nothing known."""
+    keys = set(keys)
+    found = ", ".join(sorted(keys))
+    chat = next((k for k in CHAT_LIKE if k in keys), None)
+    if chat:
+        return (f"records look like chat records in {chat!r} (fields: {found}); use --messages-field {chat}.")
+    prompt = next((k for k in PROMPT_LIKE if k in keys), None)
+    answer = next((k for k in ANSWER_LIKE if k in keys and k != prompt), None)
+    if prompt == "instruction" and not answer:
+        return (f"records look like Alpaca records but have no 'output' field (fields: {found}); add the answer "
+                "as 'output', or name the fields with --prompt-field instruction --completion-field NAME.")
+    if prompt and answer:
+        return (f"records look like prompt/completion records in {prompt!r} and {answer!r} (fields: {found}); use "
+                f"--prompt-field {prompt} --completion-field {answer}.")
+    ids = next((k for k in IDS_LIKE if k in keys), None)
+    if ids:
+        return (f"records look like pretokenized rows in {ids!r} (fields: {found}); name that column input_ids "
+                "(with optional labels and attention_mask).")
+    return None
 
 
 def isolate_by_default(fmt: str, requested: bool | None) -> bool:
@@ -131,6 +179,9 @@ def encode(record: Mapping, fmt: str, tokenizer, conv: Convention, fields: Field
     if fmt == INSTRUCTION:
         prompt, completion = _string(record, fields.prompt), _string(record, fields.completion)
         return _finish([(prompt, train_on_prompt), (completion, True)], tokenizer, conv, eos_is_target=True)
+    if fmt == PRETOKENIZED:  # records.pretokenized checked and normalised the row
+        labels = list(record["labels"])
+        return Encoded(list(record["input_ids"]), [IGNORE, *labels[1:]])
     if fmt == CHAT:
         messages = _messages(record, fields.messages)
         segments = chat_segments(messages, tokenizer)

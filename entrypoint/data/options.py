@@ -8,6 +8,8 @@ from pathlib import Path
 
 from entrypoint.data.objectstore import RemoteDir, is_url
 
+NOT_OPTIONS = ("vocab_size",)  # fields the run decides, not TrainConfig options
+
 
 @dataclass(frozen=True)
 class DataOptions:
@@ -34,12 +36,15 @@ class DataOptions:
     dataset_split: str = "train"
     dataset_revision: str | None = None
     hub_token: str | None = None
+    # Not an option: the model's vocabulary (its embedding rows), which pretokenized ids must stay below. The run
+    # passes its model config's; None: the tokenizer's length (pipeline.prepare fills it in).
+    vocab_size: int | None = None
 
     @classmethod
     def of(cls, cfg, **decided) -> DataOptions:
         """The data options of `cfg`, a TrainConfig (untyped here: data/ does not import the schema), with
-        `decided` in place of its values (the run plan's `preprocessing_workers`)."""
-        values = {f.name: getattr(cfg, f.name) for f in fields(cls)} | decided
+        `decided` in place of its values (the run plan's `preprocessing_workers`, the model's `vocab_size`)."""
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in NOT_OPTIONS} | decided
         if is_url(values["data_dir"]):
             values["data_dir"] = RemoteDir(values["data_dir"])
         return cls(**values)

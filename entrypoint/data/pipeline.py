@@ -19,7 +19,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from entrypoint import fsutil, logs
@@ -58,7 +58,8 @@ class DataStats:
 
 
 # formats.py's names -> the names users see in logs, metrics and the model card
-FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat"}
+FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat",
+                formats.PRETOKENIZED: "pretokenized"}
 
 
 def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, stop=None):
@@ -68,12 +69,24 @@ def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, 
     (no collective is open yet, so a long tokenization cannot hit a NCCL timeout). `stop` (a StopRequest) is
     checked between pieces of work: a signal ends the build within seconds, leaving no partial cache."""
     start = time.perf_counter()
+    opts = with_vocabulary(opts, tokenizer)
     if not builds:
         target = wait_for_builder(opts.data_cache_dir, pre_key(opts, tokenizer, *discover(opts), block_size), stop)
         log.info(f"cache hit {target.name}, built by another process")
         return load(opts, target, start, hit=True)
     stats = prepare_shard(opts, tokenizer, block_size, stop=stop)
     return load(opts, opts.data_cache_dir / f"blocks-{stats.fingerprint}", start, hit=stats.cache_hit)
+
+
+def with_vocabulary(opts: DataOptions, tokenizer) -> DataOptions:
+    """`opts` with the vocabulary pretokenized ids are checked against: the model's, else the tokenizer's length."""
+    return opts if opts.vocab_size else replace(opts, vocab_size=len(tokenizer))
+
+
+def token_dtype(opts: DataOptions, tokenizer, fmt: str):
+    """The cache's token dtype: wide enough for the tokenizer's ids, or for the model's vocabulary (which every
+    pretokenized id was checked to be below) for pretokenized rows."""
+    return shards.token_dtype(opts.vocab_size if fmt == formats.PRETOKENIZED else len(tokenizer))
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0,
     processes (or one per CPU). Returns the cache's statistics once every shard is present (this call completing
     it, or an earlier one), else None."""
     start = time.perf_counter()
+    opts = with_vocabulary(opts, tokenizer)
     train_src, valid_src = discover(opts)
     pre = pre_key(opts, tokenizer, train_src, valid_src, block_size)
     key = cache_key(opts, tokenizer, train_src, valid_src, block_size)
@@ -194,7 +208,7 @@ def _format(docs) -> str:
 def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path) -> None:
     """Tokenize each job's documents [lo, hi) into the shard directory `staging`, logging progress as its name."""
     tokenizer, name, stop, workers = build.tokenizer, build.name, build.stop, build.workers
-    dtype = shards.token_dtype(len(tokenizer))
+    dtype = token_dtype(build.opts, tokenizer, fmt)
     backend = shards.backend(tokenizer)
     bos = formats.convention(tokenizer).bos_id
     total = sum(shards.text_bytes(docs, lo, hi) for (docs, *_), (lo, hi) in zip(jobs, ranges, strict=True))
@@ -228,7 +242,6 @@ def shard_name(shard: int, num_shards: int) -> str:
 def finalize(build: Build, seconds: float) -> bool:
     """When all shards are present, check the result, write stats.json and manifest.json, then COMPLETE."""
     opts, target, block_size, key = build.opts, build.target, build.block_size, build.key
-    dtype = shards.token_dtype(len(build.tokenizer)).name
     if (target / COMPLETE).is_file():
         return True
     names = [shard_name(i, build.num_shards) for i in range(build.num_shards)]
@@ -241,6 +254,7 @@ def finalize(build: Build, seconds: float) -> bool:
     stats = summarize(opts, counts, block_size, holds_out=not build.valid_src)
     stats.prepare_seconds, stats.fingerprint = seconds, key
     fmt = (target / names[0] / "format").read_text()
+    dtype = token_dtype(opts, build.tokenizer, fmt).name
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
     stats.source_tokens = {k.removeprefix("source "): v for k, v in counts.items() if k.startswith("source ")}
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": opts.packing,

@@ -2,7 +2,9 @@
 time (nothing is copied into the repository).
 
 Each public function with a docstring becomes one record: the prompt is its signature as a `def` line, the
-completion the first paragraph of its docstring. Sources are parsed with `ast`, never imported.
+completion the first paragraph of its docstring. Sources are parsed with `ast`, never imported. With `alpaca` the
+same pairs are written as Alpaca records (instruction: the signature, input: empty, output: the paragraph), which
+training renders to the same prompts (records.py's layout: the instruction, then a newline).
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def instruction_pairs(path: Path) -> Iterator[dict[str, str]]:
                 yield {"prompt": signature(node) + "\n", "completion": first}
 
 
-def build(output_dir: Path, max_records: int | None = None, valid_every: int = 20) -> dict[str, int]:
-    """Write train.jsonl and valid.jsonl (see corpus.write_split); the split and duplicates go by prompt (the same
-    signature in two modules is kept once). Returns record counts."""
-    records = ((record["prompt"], json.dumps(record)) for path in stdlib_files() for record in instruction_pairs(path))
+def as_alpaca(record: dict[str, str]) -> dict[str, str]:
+    """A prompt/completion pair as the Alpaca record that renders to it."""
+    return {"instruction": record["prompt"].removesuffix("\n"), "input": "", "output": record["completion"]}
+
+
+def build(output_dir: Path, max_records: int | None = None, valid_every: int = 20,
+          alpaca: bool = False) -> dict[str, int]:
+    """Write train.jsonl and valid.jsonl (see corpus.write_split), as prompt/completion or Alpaca records; the split
+    and duplicates go by prompt (the same signature in two modules is kept once). Returns record counts."""
+    records = ((record["prompt"], json.dumps(as_alpaca(record) if alpaca else record))
+               for path in stdlib_files() for record in instruction_pairs(path))
     return write_split(output_dir, records, ".jsonl", max_records, valid_every)

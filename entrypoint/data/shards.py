@@ -25,6 +25,7 @@ import numpy as np
 
 from entrypoint.data import formats, textfiles
 from entrypoint.data import split as splitting
+from entrypoint.errors import DataError
 from entrypoint.runtime import forkpool
 
 SPLITS = ("train", "valid")
@@ -147,13 +148,20 @@ def _tokenize_records(job: Job, first: int, last: int) -> tuple[dict, int]:
     """The per-record path (formats.encode): tokens, lengths and each token's loss mask."""
     table = job.docs.data.table.slice(first, last - first)
     conv = formats.Convention(job.bos, job.eos)
-    docs = [formats.encode(record, job.fmt, job.tokenizer, conv, train_on_prompt=job.train_on_prompt)
-            for record in table.to_pylist()]
+    docs = [_encode(job, conv, first + n, record) for n, record in enumerate(table.to_pylist())]
     lengths = np.fromiter((len(d.ids) for d in docs), dtype=np.int64, count=len(docs))
     total = int(lengths.sum())
     tokens = np.fromiter(itertools.chain.from_iterable(d.ids for d in docs), dtype=job.dtype, count=total)
     mask = np.fromiter((label != formats.IGNORE for d in docs for label in d.labels), dtype=np.uint8, count=total)
     return _route(job, np.arange(first, last, dtype=np.int64), tokens, lengths, mask), table.nbytes
+
+
+def _encode(job: Job, conv: formats.Convention, index: int, record: dict) -> formats.Encoded:
+    try:
+        return formats.encode(record, job.fmt, job.tokenizer, conv, train_on_prompt=job.train_on_prompt)
+    except DataError as exc:  # which record: the files are one table here (`finetune doctor` names file and line)
+        data = "validation" if job.target == "valid" else "training"
+        raise DataError(f"record {index + 1} of the {data} data: {exc.problems[0]}") from None
 
 
 def _route(job: Job, indices: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None) -> dict:

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.data import formats, objectstore
+from entrypoint.data import formats, objectstore, records
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import DataError, FinetuneError, OutputError
 
@@ -195,8 +195,9 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
     import datasets
 
     if source.saved_dataset:
-        ds = _load_saved(source, opts)
+        ds = _load_saved(source, opts, cache_dir)
     else:
+        file_formats(source.files, formats.Fields.from_config(opts))  # one format, or which file is which
         parts = []
         by_loader: dict[str, list[str]] = {}
         for path in source.files:
@@ -221,7 +222,8 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
                 raise DataError(f"cannot parse {loader} file(s) {files[0]}: {first}; fix or remove the file.") \
                     from None
             parts.append(_text_column(part, {"text": ("text", "--txt-split")}, files[0]) if loader == "text"
-                         else _columns(part, opts, files[0]))
+                         else _columns(part, opts, files[0], cache_dir,
+                                       records.locator([Path(f) for f in files], loader)))
         found = {record_format(p) for p in parts}
         if len(found) > 1:
             raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(found))}); train on one "
@@ -231,25 +233,58 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
     return ds.flatten_indices() if ds._indices is not None else ds
 
 
+def file_formats(files: tuple[Path, ...], fields: formats.Fields) -> dict[Path, str]:
+    """Each file's data format, from its first record (formats.detect; None where none fits, which loading then
+    reports). Raises a DataError listing which file is which when they are not all of one format."""
+    found: dict[Path, str | None] = {}
+    for path in files:
+        loader = file_format(path)
+        try:
+            found[path] = formats.TEXT if loader == "text" else formats.detect(records.first_keys(path, loader),
+                                                                               fields)
+        except DataError:
+            found[path] = None
+    kinds = {fmt for fmt in found.values() if fmt}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{path.name}: {fmt}" for path, fmt in found.items() if fmt)
+        raise DataError(f"one split mixes data formats ({listing}); train on one format at a time: move the others "
+                        "out of the folder, or choose files with --train-file and --valid-file.")
+    return found
+
+
 def record_format(ds) -> str:
-    """text, prompt-completion or chat (formats.py's names) for a dataset from read_documents."""
+    """text, prompt-completion, chat or pretokenized (formats.py's names) for a dataset from read_documents."""
     if "messages" in ds.column_names:
         return formats.CHAT
+    if "input_ids" in ds.column_names:
+        return formats.PRETOKENIZED
     return formats.INSTRUCTION if "prompt" in ds.column_names else formats.TEXT
 
 
-def _columns(ds, opts: DataOptions, where: str):
-    """A loaded file's records reduced to the columns of their format (formats.detect), under canonical names."""
+def _columns(ds, opts: DataOptions, where: str, cache_dir: Path, locate):
+    """A loaded file's records reduced to the columns of their format (formats.detect), under canonical names;
+    Alpaca, ShareGPT and pretokenized records converted (records.convert, `locate(row)` saying where a bad one is)."""
     fields = formats.Fields.from_config(opts)
     names = set(ds.column_names)
-    if fields.messages in names:
+    try:
+        fmt = formats.detect(names, fields)
+    except DataError:
+        fmt = None
+    if fmt in (formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return records.convert(ds, fmt, opts.vocab_size, locate,
+                               cache_dir / f"converted-{len(list(cache_dir.glob('converted-*')))}.arrow")
+    if fmt == formats.CHAT:
         ds = ds.select_columns([fields.messages])
         return ds.rename_column(fields.messages, "messages") if fields.messages != "messages" else ds
-    if fields.prompt in names and fields.completion in names:
+    if fmt == formats.INSTRUCTION:
         return _text_column(ds, {fields.prompt: ("prompt", "--prompt-field"),
                                  fields.completion: ("completion", "--completion-field")}, where)
-    if fields.text not in names and names & {fields.prompt, fields.completion}:
-        formats.detect(names, fields)  # its message names every option
+    if fmt is None and (formats.hint(names, fields) or names & {fields.prompt, fields.completion}):
+        try:
+            formats.detect(names, fields)
+        except DataError as exc:  # its message names the format the fields look like, or every option
+            raise DataError(f"{where}: {exc.problems[0]}") from None
     return _text_column(ds, {opts.text_field: ("text", "--text-field")}, where)
 
 
@@ -259,7 +294,7 @@ def canonical(ds, opts: DataOptions, where: str):
     return _columns(ds, opts, where)
 
 
-def _load_saved(source: Source, opts: DataOptions):
+def _load_saved(source: Source, opts: DataOptions, cache_dir: Path):
     import datasets
 
     loaded = datasets.load_from_disk(str(source.saved_dataset))
@@ -268,7 +303,8 @@ def _load_saved(source: Source, opts: DataOptions):
             raise DataError(f"saved dataset {source.saved_dataset} has splits {', '.join(loaded)} but no "
                             f"{source.split!r}; save one, or pass --train-file/--valid-file.")
         loaded = loaded[source.split]
-    return _columns(loaded, opts, source.describe())
+    return _columns(loaded, opts, source.describe(), cache_dir,
+                    lambda row: f"{source.describe()} split {source.split!r} row {row + 1}")
 
 
 def _text_column(ds, wanted: dict[str, tuple[str, str]], where: str):

@@ -28,7 +28,7 @@ from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
 from entrypoint.train.preemption import StopEvaluation, StopOnSignal, StopRequest
-from entrypoint.train.preflight import Checked, check_compile, preflight
+from entrypoint.train.preflight import Checked, check_compile, preflight, vocabulary
 from entrypoint.train.progress import ProgressLog
 from entrypoint.train.trainer import FinetuneTrainer, TokenCounter
 
@@ -87,7 +87,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
-    data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers)
+    data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers,
+                          vocab_size=vocabulary(checked.model_config))
     train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)

@@ -213,6 +213,11 @@ def model_and_block_size(cfg: TrainConfig) -> tuple[object, int]:
     return model_config, cfg.block_size or min(positions, MAX_DEFAULT_BLOCK)
 
 
+def vocabulary(model_config) -> int | None:
+    """The model's vocabulary: its embedding rows, which every token id must stay below (pretokenized data)."""
+    return getattr(model_config.get_text_config(), "vocab_size", None)
+
+
 def context_length(model_config) -> int:
     """The model's maximum sequence length. transformers' attribute maps give every architecture the standard
     name (GPT-2's n_positions reads as max_position_embeddings); a model without one gets MAX_DEFAULT_BLOCK."""

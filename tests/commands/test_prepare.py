@@ -8,7 +8,8 @@ import pytest
 
 from entrypoint.commands import prepare as preparing
 from entrypoint.config.schema import TrainConfig
-from entrypoint.errors import ConfigError
+from entrypoint.errors import ConfigError, DataError
+from tests.support import records as samples
 
 
 def test_a_shard_comes_from_the_indexed_jobs_completion_index_only_when_the_work_is_shared(tmp_path):
@@ -34,3 +35,20 @@ def test_prepare_fills_the_cache_and_says_what_it_prepared(tmp_path, tiny_model,
             signal.signal(sig, handler)
     assert line.startswith("prepared: ") and " rows of 64 tokens of text data in " in line, line
     assert list((tmp_path / "out" / "cache").glob("blocks-*/COMPLETE"))
+
+
+def test_prepare_reports_every_problem_in_the_first_records_of_each_file_before_tokenizing(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    role = samples.write_records(data, "train", samples.bad_records("sharegpt-unknown-role"), "jsonl")
+    end = samples.write_records(data, "valid", samples.bad_records("sharegpt-ends-with-user"), "jsonl")
+    cfg = TrainConfig(model=str(tiny_model), data_dir=data, output_dir=tmp_path / "out", preprocessing_workers=1)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(DataError) as raised:
+            preparing.prepare(cfg, 0, 1)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    problems = raised.value.problems
+    assert len(problems) == 2 and problems[0].startswith(f"{role} line 4: ") and problems[1].startswith(f"{end} line 4")
+    assert not list((tmp_path / "out" / "cache").glob("blocks-*"))

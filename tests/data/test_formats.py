@@ -38,6 +38,28 @@ def test_format_is_detected_from_the_fields_present():
     assert "found: body" in str(err.value) and "--prompt-field" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_alpaca_sharegpt_and_pretokenized_records_are_detected_before_their_lookalikes():
+    assert formats.detect(["instruction", "input", "output"]) == formats.ALPACA
+    assert formats.detect(["instruction", "output", "text"]) == formats.ALPACA  # tatsu-lab/alpaca has a text column
+    assert formats.detect(["conversations", "id"]) == formats.SHAREGPT
+    assert formats.detect(["input_ids", "attention_mask", "text"]) == formats.PRETOKENIZED
+    assert formats.detect(["messages", "conversations"]) == CHAT  # the --messages-field names it
+    assert formats.detect(["prompt", "completion", "instruction", "output"]) == INSTRUCTION
+
+
+@pytest.mark.parametrize("keys, says", [
+    (["question", "answer"], "use --prompt-field question --completion-field answer"),
+    (["instruction", "input"], "look like Alpaca records but have no 'output'"),
+    (["dialog", "id"], "use --messages-field dialog"),
+    (["tokens"], "pretokenized rows in 'tokens' (fields: tokens); name that column input_ids"),
+])
+def test_fields_that_look_like_a_known_format_get_its_name_and_option(keys, says):
+    with pytest.raises(DataError) as err:
+        formats.detect(keys)
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert formats.hint(["body", "id"]) is None
+
+
 def test_isolation_defaults_on_for_instruction_and_chat_and_off_for_text():
     assert [formats.isolate_by_default(f, None) for f in (TEXT, INSTRUCTION, CHAT)] == [False, True, True]
     assert formats.isolate_by_default(CHAT, False) is False and formats.isolate_by_default(TEXT, True) is True

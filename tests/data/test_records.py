@@ -1,6 +1,7 @@
-"""Instruction and chat records through the data pipeline (sources -> shards -> TokenDataset -> collators ->
-Trainer): loss masks in the cache, BOS/EOS by each tokenizer's convention, isolated documents, sharded builds,
-and what `finetune train` reports. Real files of every supported type, real tokenizers and real tiny models."""
+"""Instruction, chat, Alpaca and ShareGPT records and pretokenized rows through the data pipeline (sources -> shards ->
+TokenDataset -> collators -> Trainer): their conversions (records.py), loss masks in the cache, BOS/EOS by each
+tokenizer's convention, isolated documents, sharded builds, and what `finetune train` reports. Real files of every
+supported type, real tokenizers and real tiny models."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 import torch
 
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data import collate, formats, pipeline
+from entrypoint.data import cache, collate, formats, pipeline, records
 from entrypoint.data.formats import CHAT, IGNORE, INSTRUCTION, TEXT
 from entrypoint.data.options import DataOptions
+from entrypoint.data.sources import discover
+from entrypoint.errors import DataError
 from entrypoint.train.model import load_model
+from tests.support import records as samples
 from tests.support.archs import save_tiny_model
 from tests.support.helpers import finetune, train_env
 from tests.support.tokenizers import CHATML, llama_style
@@ -303,11 +307,145 @@ def test_text_records_are_still_text(tokenizer, tmp_path):
 
 
 def test_chat_records_in_a_csv_file_are_refused_in_one_line(tokenizer, tmp_path):
-    from entrypoint.errors import DataError
-
     directory = tmp_path / "data"
     write_records(directory, "train", [{"messages": json.dumps(c["messages"])} for c in CHATS], "csv")
     with pytest.raises(DataError) as raised:
         prepare(tokenizer, directory)
     assert "is not a non-empty list of messages" in str(raised.value) and "\n" not in str(raised.value)
     assert not list((directory.parent / "out" / "cache").glob(f"*/{pipeline.COMPLETE}"))
+
+
+# Alpaca and ShareGPT records and pretokenized rows (records.py): converted, then the same pipeline as above.
+
+def test_alpaca_layout_joins_system_instruction_and_input_by_blank_lines_and_ends_the_prompt_with_a_newline():
+    assert records.alpaca({"instruction": "Add 2 and 3.", "input": "", "output": "5"}) == {"prompt": "Add 2 and 3.\n",
+                                                                                         "completion": "5"}
+    full = {"system": "Be exact.", "instruction": "Add.", "input": "2 3", "output": "5"}
+    assert records.alpaca(full) == {"prompt": "Be exact.\n\nAdd.\n\n2 3\n", "completion": "5"}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_alpaca_records_train_as_their_prompt_completion_rendering_with_loss_on_the_output(tokenizer, tmp_path, kind):
+    train, _, stats = prepare(tokenizer, split_dir(tmp_path, samples.ALPACA, kind))
+    assert stats.data_format == "instruction" and stats.isolated
+    ids, labels = expected_stream(tokenizer, [records.alpaca(r) for r in samples.ALPACA[:-6]], INSTRUCTION)
+    batch = collated(train)
+    assert batch["input_ids"].flatten().tolist() == ids[:len(train) * BLOCK]
+    assert batch["labels"].flatten().tolist() == labels[:len(train) * BLOCK]
+    said = tokenizer.decode(batch["input_ids"][batch["labels"] != IGNORE])
+    assert "The number 1 does." in said and "Which" not in said and "Counting" not in said
+
+
+def test_alpaca_records_with_train_on_prompt_carry_loss_on_the_prompt_too(tokenizer, tmp_path):
+    train, _, stats = prepare(tokenizer, split_dir(tmp_path, samples.ALPACA), train_on_prompt=True)
+    _, labels = expected_stream(tokenizer, [records.alpaca(r) for r in samples.ALPACA[:-6]], INSTRUCTION, True)
+    assert collated(train)["labels"].flatten().tolist() == labels[:len(train) * BLOCK]
+    assert stats.train_target_tokens == stats.train_tokens + stats.dropped_tokens - (len(samples.ALPACA) - 6)
+
+
+def test_sharegpt_roles_map_to_chat_roles_and_role_content_turns_are_taken_too():
+    turns = [("system", "Be brief."), ("human", "Weather?"), ("function_call", '{"name": "weather"}'),
+             ("observation", "Sunny."), ("gpt", "Sunny."), ("user", "Thanks."), ("assistant", "Welcome.")]
+    converted = records.sharegpt({"conversations": [{"from": f, "value": v} for f, v in turns]})["messages"]
+    assert [m["role"] for m in converted] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert [m["content"] for m in converted] == [v for _, v in turns]
+    as_chat = records.sharegpt({"conversations": [{"role": "user", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]})
+    assert as_chat == {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_sharegpt_records_train_as_chat_with_loss_on_assistant_turns_only(tokenizer, tmp_path, kind):
+    train, _, stats = prepare(tokenizer, split_dir(tmp_path, samples.SHAREGPT, kind), block_size=64)
+    assert stats.data_format == "chat"
+    ids, labels = expected_stream(tokenizer, [records.sharegpt(r) for r in samples.SHAREGPT[:-6]], CHAT)
+    batch = collated(train)
+    assert batch["input_ids"].flatten().tolist() == ids[:len(train) * 64]
+    assert batch["labels"].flatten().tolist() == labels[:len(train) * 64]
+    said = tokenizer.decode(batch["input_ids"][batch["labels"] != IGNORE])
+    assert "Hello said 0 times." in said and "Be brief" not in said and "Again" not in said
+
+
+@pytest.mark.parametrize("name", list(samples.BAD))
+def test_a_bad_record_stops_preparation_in_one_line_naming_the_file(tokenizer, tmp_path, name):
+    path = samples.write_records(tmp_path / "data", "train", samples.bad_records(name), "jsonl")
+    with pytest.raises(DataError) as raised:
+        prepare(tokenizer, tmp_path / "data")
+    message = str(raised.value)
+    assert str(path) in message and "\n" not in message
+    if name != "alpaca-list-input":  # datasets' JSON reader refuses a column changing type before any record is read
+        assert all(word in message for word in samples.BAD[name][2]), message
+    assert not list((tmp_path / "out" / "cache").glob(f"*/{pipeline.COMPLETE}"))
+
+
+def pretokenized_stream(rows: list[dict]) -> tuple[list[int], list[int]]:
+    """The rows' ids without padding, and labels with each row's first token carrying no loss."""
+    ids, labels = [], []
+    for row in rows:
+        keep = [i for i, m in enumerate(row["attention_mask"]) if m]
+        ids += [row["input_ids"][i] for i in keep]
+        labels += [IGNORE] + [row["labels"][i] for i in keep[1:]]
+    return ids, labels
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_pretokenized_rows_are_taken_as_they_are_without_padding_and_with_their_labels(tokenizer, tmp_path, kind):
+    rows = samples.pretokenized(tokenizer)
+    # A Llama-style tokenizer would add BOS to text: not to rows that are already tokens.
+    train, _, stats = prepare(llama_style(tokenizer), split_dir(tmp_path, rows, kind))
+    assert stats.data_format == "pretokenized" and stats.isolated
+    ids, labels = pretokenized_stream(rows[:-6])
+    batch = collated(train)
+    assert batch["input_ids"].flatten().tolist() == ids[:len(train) * BLOCK]
+    assert batch["labels"].flatten().tolist() == labels[:len(train) * BLOCK]
+    said = tokenizer.decode(batch["input_ids"][batch["labels"] != IGNORE])
+    assert "Page 1." in said and "Which" not in said
+    assert stats.train_tokens + stats.dropped_tokens == len(ids)
+
+
+def test_pretokenized_ids_are_checked_against_the_models_vocabulary(tokenizer, tmp_path):
+    directory = split_dir(tmp_path, samples.pretokenized(tokenizer))
+    cfg = TrainConfig(data_dir=directory, output_dir=tmp_path / "out", preprocessing_workers=1)
+    with pytest.raises(DataError, match="outside the model's vocabulary of 100 ids"):
+        pipeline.prepare(DataOptions.of(cfg, vocab_size=100), tokenizer, BLOCK)
+    assert pipeline.prepare(DataOptions.of(cfg, vocab_size=len(tokenizer)), tokenizer, BLOCK)[2].train_rows > 0
+
+
+def test_a_folder_mixing_formats_lists_which_file_is_which(tokenizer, tmp_path):
+    directory = tmp_path / "data"
+    samples.write_records(directory, "alpaca", samples.ALPACA, "jsonl")
+    samples.write_records(directory, "chats", samples.SHAREGPT, "parquet")
+    (directory / "notes.txt").write_text("A line of text.\n")
+    with pytest.raises(DataError) as raised:
+        prepare(tokenizer, directory)
+    message = str(raised.value)
+    assert "alpaca.jsonl: alpaca; chats.parquet: sharegpt; notes.txt: text" in message and "--train-file" in message
+
+
+def test_the_cache_key_changes_with_the_rendering_of_converted_records(tokenizer, tmp_path, monkeypatch):
+    directory = split_dir(tmp_path, samples.ALPACA)
+    opts = DataOptions.of(TrainConfig(data_dir=directory, output_dir=tmp_path / "out"), vocab_size=512)
+    train, valid = discover(opts)
+    before = cache.cache_key(opts, tokenizer, train, valid, BLOCK)
+    monkeypatch.setattr(records, "RENDERING", records.RENDERING + "+changed")
+    assert cache.cache_key(opts, tokenizer, train, valid, BLOCK) != before
+
+
+def test_a_record_the_tokenizer_refuses_is_named_by_its_number(tokenizer, tmp_path):
+    no_system = llama_style(tokenizer, "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception("
+                                       "'no system turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    records = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}]}] * 4
+    records[2] = {"messages": [{"role": "system", "content": "Be brief."}, *records[0]["messages"]]}
+    with pytest.raises(DataError) as raised:
+        prepare(no_system, split_dir(tmp_path, records * 10, valid=4))
+    assert str(raised.value).startswith("record 3 of the training data: the chat template rejects this conversation")
+
+
+def test_pretokenized_rows_are_cached_by_the_vocabulary_not_the_tokenizer(tokenizer, tmp_path):
+    directory = split_dir(tmp_path, samples.pretokenized(tokenizer))
+    cfg = TrainConfig(data_dir=directory, output_dir=tmp_path / "out", preprocessing_workers=1)
+    first, _, stats = pipeline.prepare(DataOptions.of(cfg, vocab_size=600), tokenizer, BLOCK)
+    # Another tokenizer with the same vocabulary size: the rows are the same, so the cache is.
+    again, _, hit = pipeline.prepare(DataOptions.of(cfg, vocab_size=600), llama_style(tokenizer), BLOCK)
+    assert hit.cache_hit and hit.fingerprint == stats.fingerprint
+    assert collated(again)["input_ids"].tolist() == collated(first)["input_ids"].tolist()
+    assert not pipeline.prepare(DataOptions.of(cfg, vocab_size=700), tokenizer, BLOCK)[2].cache_hit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import json
 
-from entrypoint.data import formats, sftcorpus
+from entrypoint.data import formats, records, sftcorpus
 
 
 def test_records_pair_a_signature_with_the_first_docstring_paragraph(tmp_path):
@@ -32,3 +32,12 @@ def test_a_split_without_validation_records_writes_no_empty_valid_file(tmp_path)
     counts = sftcorpus.build(tmp_path, max_records=5, valid_every=2**33)
     assert counts == {"train": 5, "valid": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
+def test_alpaca_records_render_to_the_same_prompt_completion_pairs(tmp_path):
+    sftcorpus.build(tmp_path / "pairs", max_records=100)
+    sftcorpus.build(tmp_path / "alpaca", max_records=100, alpaca=True)
+    pairs = [json.loads(line) for line in (tmp_path / "pairs" / "train.jsonl").read_text().splitlines()]
+    alpaca = [json.loads(line) for line in (tmp_path / "alpaca" / "train.jsonl").read_text().splitlines()]
+    assert formats.detect(alpaca[0]) == formats.ALPACA and set(alpaca[0]) == {"instruction", "input", "output"}
+    assert [records.alpaca(r) for r in alpaca] == pairs
