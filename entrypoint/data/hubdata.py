@@ -154,7 +154,7 @@ def read(named: Named, split: str, opts: DataOptions, scratch: Path):
         raise DataError(f"{where} cannot be read ({text}); fix or remove the file it names.") from None
     if len(ds) == 0:
         raise DataError(f"{where} has no records; pick another --dataset-split or add records.")
-    return canonical(ds, opts, where)
+    return canonical(ds, opts, where, scratch)
 
 
 def _records(kwargs: dict):

@@ -288,10 +288,11 @@ def _columns(ds, opts: DataOptions, where: str, cache_dir: Path, locate):
     return _text_column(ds, {opts.text_field: ("text", "--text-field")}, where)
 
 
-def canonical(ds, opts: DataOptions, where: str):
+def canonical(ds, opts: DataOptions, where: str, scratch: Path):
     """Records of a loaded `datasets.Dataset` (a dataset by name, hubdata.py) reduced to their format's columns under
-    canonical names, exactly as records of a file are (`where` names them in errors)."""
-    return _columns(ds, opts, where)
+    canonical names, exactly as records of a file are (`where` names them in errors; converted records are written
+    under `scratch`)."""
+    return _columns(ds, opts, where, scratch, lambda row: f"{where} record {row + 1}")
 
 
 def _load_saved(source: Source, opts: DataOptions, cache_dir: Path):

@@ -13,6 +13,7 @@ from entrypoint.data import formats, hubdata, mixture, pipeline
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, DataError, ExitCode
 from tests.support.datarepos import carded_repo, plain_repo, texts, write_split
+from tests.support.records import ALPACA, SHAREGPT
 
 BLOCK = 32
 PAIRS = [{"prompt": f"Question {i}: what follows {i}?\n", "completion": f"{i + 1} follows."} for i in range(40)]
@@ -47,6 +48,18 @@ def test_records_from_a_dataset_equal_the_same_records_from_a_file(tokenizer, tm
     by_name, by_name_valid, _ = prepare(tokenizer, options(tmp_path, str(repo)))
     cfg = TrainConfig(data_dir=files, output_dir=tmp_path / "out2", preprocessing_workers=1)
     by_file, by_file_valid, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, BLOCK)
+    assert [r["labels"].tolist() for r in by_name] == [r["labels"].tolist() for r in by_file]
+    assert [r["input_ids"].tolist() for r in by_name_valid] == [r["input_ids"].tolist() for r in by_file_valid]
+
+
+@pytest.mark.parametrize("records", [ALPACA, SHAREGPT], ids=["alpaca", "sharegpt"])
+def test_alpaca_and_sharegpt_records_from_a_dataset_equal_the_same_records_from_a_file(tokenizer, tmp_path, records):
+    repo = plain_repo(tmp_path / "repo", {"train": records[:-4], "validation": records[-4:]})
+    files = plain_repo(tmp_path / "files", {"train": records[:-4], "valid": records[-4:]})
+    by_name, by_name_valid, stats = prepare(tokenizer, options(tmp_path, str(repo)))
+    cfg = TrainConfig(data_dir=files, output_dir=tmp_path / "out2", preprocessing_workers=1)
+    by_file, by_file_valid, _ = pipeline.prepare(DataOptions.of(cfg), tokenizer, BLOCK)
+    assert stats.data_format == ("instruction" if records is ALPACA else "chat")
     assert [r["labels"].tolist() for r in by_name] == [r["labels"].tolist() for r in by_file]
     assert [r["input_ids"].tolist() for r in by_name_valid] == [r["input_ids"].tolist() for r in by_file_valid]
 
