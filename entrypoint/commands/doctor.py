@@ -12,7 +12,7 @@ from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import discover, fingerprint
-from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError
+from entrypoint.errors import ConfigError, FinetuneError, ModelLoadError, StoreUnavailable
 from entrypoint.publish.export import probe
 from entrypoint.publish.outputs import check_writable
 from entrypoint.runtime import cuda
@@ -53,6 +53,8 @@ def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = N
     report("model", lambda: _model(cfg))
     if cfg.export_to:
         report("export", lambda: (probe(cfg.export_to), False))
+    if cfg.checkpoint_to:
+        report("checkpoint store", lambda: (probe(cfg.checkpoint_to, "--checkpoint-to", StoreUnavailable), False))
     report("shared memory", _shm)
     if not failures:  # the plan needs the device, the data and the model that the checks above proved usable
         plans = []

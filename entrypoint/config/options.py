@@ -129,6 +129,7 @@ def _check_train(cfg: TrainConfig) -> list[str]:
         problems.append(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} "
                         "with early stopping, so the best evaluation has a checkpoint; change either.")
     problems += url_problems(cfg.export_to)
+    problems += url_problems(cfg.checkpoint_to, "--checkpoint-to")
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:
