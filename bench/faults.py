@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fault_cases  # noqa: F401  (importing it registers every case in CASES, in table order)
+from bench import fault_cases, fault_remote  # noqa: F401  (importing them registers every case, in table order)
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
 from tests.support.helpers import clean_env
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
         root.mkdir(parents=True, exist_ok=True)
         lab = prepare_lab(root)
+        stack.callback(lab.close)
         chosen = [c for c in CASES.values() if not args.only or any(s.lower() in c.name.lower() for s in args.only)]
         results = []
         for case in chosen:

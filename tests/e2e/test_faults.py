@@ -9,8 +9,10 @@ from bench.faults import CASES, Lab, Skip, verdict
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, tiny_model, corpus_dir) -> Lab:
-    return Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
+def lab(tmp_path_factory, tiny_model, corpus_dir):
+    lab = Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
+    yield lab  # one S3-protocol server for the module's --checkpoint-to cases, started by the first of them
+    lab.close()
 
 
 @pytest.mark.slow
@@ -30,5 +32,6 @@ def test_the_matrix_covers_every_fault_the_issue_names():
     names = " | ".join(CASES).lower()
     for fault in ("sigterm at a random step", "sigkill during a checkpoint save", "torn", "disk full", "read-only",
                   "rerun after success", "second run", "stale lease", "divergence", "--publish-worse",
-                  "model loading", "evaluation", "publishing", "misspelt"):
+                  "model loading", "evaluation", "publishing", "misspelt", "new node", "mid-upload", "retention",
+                  "same --checkpoint-to", "sigterm during an upload", "store goes away"):
         assert fault in names, fault

@@ -218,3 +218,11 @@ def test_urls_are_checked_with_the_option_named():
     (problem,) = url_problems("hf://acme/model", "--checkpoint-to")
     assert problem.startswith("--checkpoint-to") and "s3://bucket/prefix or gs://bucket/prefix" in problem
     assert remote.OPTION == "--checkpoint-to"
+
+
+def test_doctor_probe_names_the_option_and_the_store_exit_code(url):
+    from entrypoint.publish.export import probe
+
+    assert probe(url, "--checkpoint-to", StoreUnavailable).endswith("is writable")
+    with pytest.raises(StoreUnavailable, match=r"^--checkpoint-to s3://no-such-bucket/run is not writable"):
+        probe("s3://no-such-bucket/run", "--checkpoint-to", StoreUnavailable)
