@@ -171,9 +171,9 @@ def test_a_released_lease_is_taken_at_once_and_a_takeover_is_noticed_by_the_old_
     started = time.monotonic()
     second = RemoteLease(checkpoints, heartbeat=0.2)
     second.acquire()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < remote.STALE_SECONDS / 2, "the released lease was waited for"
     checkpoints.store.write(LEASE, foreign())  # another run took it over while this one stalled
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while second.lost is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert second.lost and "taken over by the run on host another-node" in second.lost
