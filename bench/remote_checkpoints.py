@@ -92,6 +92,8 @@ def figures(args, local: dict, remote: dict, fresh: dict, local_resume: dict) ->
         "upload_seconds_per_checkpoint": mean(uploads),
         "upload_megabytes_per_second": round(sum(megabytes) / sum(uploads), 1) if uploads else 0.0,
         "training_stall_seconds_per_checkpoint": round(stall_per_checkpoint, 2),
+        "wait_for_the_last_upload_before_publishing_seconds": mean(remote["fields"].get("final_upload_wait_seconds",
+                                                                                        [])),
         "train_seconds_local": round(local["train"], 1),
         "train_seconds_with_store": round(remote["train"], 1),
         "train_ratio_with_store_over_local": round(remote["train"] / local["train"], 2),
@@ -125,7 +127,8 @@ def run(arguments: list[str], env: dict[str, str], until: str | None = None) -> 
         message, now = record.get("message", ""), time.perf_counter() - start
         for key in ("save_seconds", "upload_seconds", "upload_bytes", "upload_wait_seconds", "download_seconds"):
             if key in record:
-                result["fields"].setdefault(key, []).append(record[key])
+                saving = key != "upload_wait_seconds" or record.get("upload_wait_before", "").startswith("saving")
+                result["fields"].setdefault(key if saving else "final_upload_wait_seconds", []).append(record[key])
         if message.startswith("train: starting"):
             result.setdefault("started", now)
         if message.startswith("train step"):

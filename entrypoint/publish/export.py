@@ -208,13 +208,17 @@ class FsStore:
 
     @staticmethod
     def permanent(exc: Exception) -> bool:
-        # fsspec backends map 403 to PermissionError and a missing bucket to FileNotFoundError; neither heals.
+        # fsspec backends map 403 to PermissionError and a missing bucket to FileNotFoundError; neither heals. A
+        # multipart upload the store no longer knows (NoSuchUpload: a completion retried after its answer timed out,
+        # measured with a 500 MB file on a loaded machine) is also FileNotFoundError, and uploading again heals it.
+        if isinstance(exc, FileNotFoundError) and "upload" in str(exc).lower():
+            return False
         return isinstance(exc, PermissionError | FileNotFoundError | ValueError)
 
     def fix(self, exc: Exception) -> str:
         if isinstance(exc, PermissionError):
             return "give the job's credentials write access to the bucket"
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) and self.permanent(exc):
             return f"create the bucket {self.dest.bucket} (or fix the name)"
         if self.dest.scheme == "s3":
             return "check AWS_ENDPOINT_URL, the network path to the store and the credentials"

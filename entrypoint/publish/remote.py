@@ -208,7 +208,8 @@ class Uploader:
         self.thread.join()
         waited = time.monotonic() - started
         self.stalls.append(waited)
-        log.info(f"waited {waited:.1f} s for the upload of {self.current}", upload_wait_seconds=waited)
+        log.info(f"waited {waited:.1f} s for the upload of {self.current}", upload_wait_seconds=waited,
+                 upload_wait_before=before)
         return waited
 
     def check(self) -> None:

@@ -226,3 +226,10 @@ def test_doctor_probe_names_the_option_and_the_store_exit_code(url):
     assert probe(url, "--checkpoint-to", StoreUnavailable).endswith("is writable")
     with pytest.raises(StoreUnavailable, match=r"^--checkpoint-to s3://no-such-bucket/run is not writable"):
         probe("s3://no-such-bucket/run", "--checkpoint-to", StoreUnavailable)
+
+
+def test_a_lost_multipart_upload_is_retried_but_a_missing_bucket_is_not():
+    from entrypoint.publish.export import FsStore
+
+    assert not FsStore.permanent(FileNotFoundError("The specified upload does not exist. The upload ID may be invalid"))
+    assert FsStore.permanent(FileNotFoundError("The specified bucket does not exist"))
