@@ -233,3 +233,15 @@ def test_a_lost_multipart_upload_is_retried_but_a_missing_bucket_is_not():
 
     assert not FsStore.permanent(FileNotFoundError("The specified upload does not exist. The upload ID may be invalid"))
     assert FsStore.permanent(FileNotFoundError("The specified bucket does not exist"))
+
+
+def test_doctor_probes_the_checkpoint_store(server, proxy, url, tmp_path, corpus_dir, tiny_model):
+    from tests.support.helpers import finetune, train_env
+
+    env = train_env(tiny_model, corpus_dir, tmp_path / "out", **server.env(proxy.port))
+    ok = finetune("doctor", env={**env, "FINETUNE_CHECKPOINT_TO": url})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"ok    checkpoint store: {url} is writable" in ok.stdout
+    bad = finetune("doctor", env={**env, "FINETUNE_CHECKPOINT_TO": "s3://no-such-bucket/run"})
+    assert bad.returncode == ExitCode.STORE
+    assert "FAIL  checkpoint store: --checkpoint-to s3://no-such-bucket/run is not writable" in bad.stdout
