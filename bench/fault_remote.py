@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from bench.fault_lab import Lab, Outcome, expect, fault, status_of
+from bench.fault_lab import CASES, Lab, Outcome, expect, fault, status_of
 
 MARKER = "finetune-complete.json"  # train/checkpoints.py's; bench imports nothing of the job at import time
 PREFIX = "run/"
@@ -159,3 +159,7 @@ def store_goes_away(lab: Lab) -> Outcome:
     expect(left.get(16) is True, f"the checkpoint the outage kept local never reached the store: {left}", log)
     return lab.outcome(root / "out", [first, second], log, note="exit 12 after the retries; the rerun uploaded "
                                                                 "checkpoint-16 and published")
+
+
+# The cases above, in table order: tests/e2e/test_remote_checkpoints.py runs them with one S3 server for the module.
+NAMES = [name for name, case in CASES.items() if case.run.__module__ == __name__]

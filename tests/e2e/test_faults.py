@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import pytest
 
+from bench import fault_remote
 from bench.faults import CASES, Lab, Skip, verdict
+
+LOCAL = [name for name in CASES if name not in fault_remote.NAMES]  # the rest: test_remote_checkpoints.py
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, tiny_model, corpus_dir):
     lab = Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
-    yield lab  # one S3-protocol server for the module's --checkpoint-to cases, started by the first of them
+    yield lab
     lab.close()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", LOCAL)
 def test_fault_ends_as_expected(lab, name):
     case = CASES[name]
     try:
