@@ -242,3 +242,7 @@ gpu-wheels: ## Download the wheels a GPU machine's system Python lacks into GPU_
 .PHONY: bench-resume
 bench-resume: install ## Seconds from process start to the first resumed step, GPT-2 124M shape on CPU.
 	$(VENV)/bin/python -m bench.resume --workdir $(BENCH_DIR) --json $(BENCH_DIR)/resume.json
+
+.PHONY: bench-remote
+bench-remote: install ## --checkpoint-to on a local S3 server: upload seconds, training stall, a new node's first step.
+	$(VENV)/bin/python -m bench.remote_checkpoints --workdir $(BENCH_DIR) --json $(BENCH_DIR)/remote.json

@@ -4,6 +4,7 @@ it comes; @fault registers a case in CASES with its expected outcome."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,6 +64,26 @@ class Lab:
     def __init__(self, root: Path, model: Path, data: Path):
         self.root, self.model, self.data = root, model, data
         self.mounts: list[Path] = []
+        self._servers = contextlib.ExitStack()
+
+    @cached_property
+    def store(self):
+        """One S3-protocol server on 127.0.0.1 for every --checkpoint-to case, behind a proxy that can cut it off
+        (tests/support/s3server.py); stopped by close()."""
+        from tests.support.s3server import Proxy, S3Server
+
+        server = self._servers.enter_context(S3Server())
+        return server, self._servers.enter_context(Proxy(server.port))
+
+    def bucket(self, name: str) -> dict[str, str]:
+        """A new bucket and the environment a run needs to use it as --checkpoint-to (through the proxy)."""
+        server, proxy = self.store
+        server.client().create_bucket(Bucket=name)
+        return {**server.env(proxy.port), "FINETUNE_CHECKPOINT_TO": f"s3://{name}/run"}
+
+    def close(self) -> None:
+        self.unmount_all()
+        self._servers.close()
 
     def fresh(self, name: str) -> Path:
         directory = self.root / "cases" / name
@@ -72,7 +93,7 @@ class Lab:
 
     def env(self, out: Path, **extra: str) -> dict[str, str]:
         return train_env(self.model if "FINETUNE_MODEL" not in extra else Path(extra.pop("FINETUNE_MODEL")),
-                         self.data, out, base=RUN, FINETUNE_CACHE_DIR=str(self.root / "cache"), **extra)
+                         self.data, out, base=RUN, **{"FINETUNE_CACHE_DIR": str(self.root / "cache"), **extra})
 
     def train(self, out: Path, *args: str, **extra: str) -> tuple[int, str]:
         done = subprocess.run([sys.executable, "-m", "entrypoint", "train", *args], env=self.env(out, **extra),

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fault_cases, fault_s3data  # noqa: F401  (importing them registers every case, in table order)
+# Importing the case modules registers every case, in table order.
+from bench import fault_cases, fault_remote, fault_s3data  # noqa: F401
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
 from tests.support.helpers import clean_env
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
         root.mkdir(parents=True, exist_ok=True)
         lab = prepare_lab(root)
+        stack.callback(lab.close)
         chosen = [c for c in CASES.values() if not args.only or any(s.lower() in c.name.lower() for s in args.only)]
         results = []
         for case in chosen:

@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     BUSY = 9  # another live run holds the output or checkpoint directory (its lease): nothing was touched
     EXPORT = 10  # the model is published locally but --export-to failed: rerun to export without retraining
     DRIVER = 11  # a GPU was expected but the NVIDIA driver is missing, too old for torch's CUDA, or CUDA is unusable
+    STORE = 12  # the --checkpoint-to store stayed unreachable through the retries: rerun to resume when it is back
 
 
 # What each code tells a user and a Job controller; the README table and k8s podFailurePolicy follow it.
@@ -39,6 +40,7 @@ DESCRIPTIONS = {
     ExitCode.BUSY: "another run is using the output or checkpoint directory",
     ExitCode.EXPORT: "model published locally but the upload to --export-to failed; rerun to export",
     ExitCode.DRIVER: "a GPU was expected but the NVIDIA driver is missing or too old, or CUDA is unusable",
+    ExitCode.STORE: "the --checkpoint-to store was unreachable through every retry; rerun to resume",
 }
 
 # A retry cannot fix these: the Job should fail at once rather than burn its backoffLimit. DIVERGED is
@@ -98,3 +100,7 @@ class ExportError(FinetuneError):
 
 class DriverError(FinetuneError):
     code = ExitCode.DRIVER
+
+
+class StoreUnavailable(FinetuneError):
+    code = ExitCode.STORE

@@ -16,7 +16,7 @@ from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import fingerprint
 from entrypoint.data.survey import survey
-from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError
+from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, StoreUnavailable
 from entrypoint.publish.export import probe
 from entrypoint.publish.outputs import check_writable
 from entrypoint.runtime import cuda
@@ -63,6 +63,8 @@ def diagnose(cfg: TrainConfig, echo=print, environ: Mapping[str, str] | None = N
     report("model", lambda: _model(cfg))
     if cfg.export_to:
         report("export", lambda: (probe(cfg.export_to), False))
+    if cfg.checkpoint_to:
+        report("checkpoint store", lambda: (probe(cfg.checkpoint_to, "--checkpoint-to", StoreUnavailable), False))
     report("shared memory", _shm)
     if not failures:  # the plan needs the device, the data and the model that the checks above proved usable
         plans = []

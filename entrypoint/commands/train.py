@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 
 from entrypoint import logs
 from entrypoint.config.schema import TrainConfig
+from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import Dist, run_torchrun, torchrun_arguments
-from entrypoint.train import job
+from entrypoint.train import checkpoints, job
 from entrypoint.train.metrics import final_line
 from entrypoint.train.preflight import preflight
 
@@ -20,6 +21,8 @@ def relaunch(cfg: TrainConfig, argv: list[str], environ: Mapping[str, str]) -> i
     if "LOCAL_RANK" in environ or (cfg.nproc_per_node, cfg.nnodes) == ("1", "1"):
         return None
     preflight(cfg, environ=environ)  # one clean error here rather than one per worker
+    if cfg.checkpoint_to:  # every node needs the files: its launcher fetches them before the workers choose
+        checkpoints.fetch(cfg, RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit))
     args = torchrun_arguments(cfg, argv)
     return run_torchrun(args) if args else None
 

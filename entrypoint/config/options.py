@@ -134,6 +134,7 @@ def _check_train(cfg: TrainConfig) -> list[str]:
         problems.append("--dataset replaces --data-dir's files, so --train-file and --valid-file cannot be given with "
                         "it; to mix files with datasets, give each file as a --dataset value (--dataset PATH:WEIGHT).")
     problems += url_problems(cfg.export_to)
+    problems += url_problems(cfg.checkpoint_to, "--checkpoint-to")
     for value, option in ((cfg.data_dir, "--data-dir"), (cfg.model, "--model")):
         if isinstance(value, str) and "://" in value:  # object storage; a local path or a Hub id otherwise
             problems += url_problems(value, option)

@@ -124,6 +124,10 @@ class TrainConfig:
     hub_token: str | None = opt(None, "Hugging Face token for gated or private models and datasets.", secret=True)
     export_to: str | None = opt(None, "After publishing, upload model/ to s3://bucket/prefix, gs://bucket/prefix or "
                                       "hf://namespace/repo, COMPLETE last (credentials from the environment).")
+    checkpoint_to: str | None = opt(None, "Mirror every complete checkpoint to s3://bucket/prefix or "
+                                          "gs://bucket/prefix while training, and resume from there on a node whose "
+                                          "--checkpoint-dir has nothing newer (one run per prefix; credentials from "
+                                          "the environment).")
 
     @property
     def model_checkpoint_dir(self) -> Path:

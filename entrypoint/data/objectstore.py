@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from entrypoint import fsutil, logs
 from entrypoint.config.destinations import Destination, parse
-from entrypoint.errors import DataError, ExportError, FinetuneError, ModelLoadError, OutputError
+from entrypoint.errors import DataError, ExportError, FinetuneError, ModelLoadError, OutputError, StoreUnavailable
 from entrypoint.fsutil import COMPLETE
 from entrypoint.publish.export import FsStore
 
@@ -68,8 +68,10 @@ def _failure(exc: Exception, url: str, option: str, error: type[FinetuneError]) 
     if isinstance(exc, FileNotFoundError):
         return error(f"{option} {url}: the bucket or object does not exist ({reason}); fix the URL, or upload "
                      "the files there.")
-    return error(f"{option} {url}: the store cannot be read ({reason}); check AWS_ENDPOINT_URL, the network path "
-                 "to the store and the credentials.")
+    # Neither denied nor missing: the store did not answer. Exit 12 (STORE), which a Job retries, not the data's
+    # permanent exit 3.
+    return StoreUnavailable(f"{option} {url}: the store cannot be read ({reason}); check AWS_ENDPOINT_URL, the "
+                            "network path to the store and the credentials.")
 
 
 def listing(url: str, option: str, error: type[FinetuneError]) -> dict[str, RemoteFile]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from entrypoint import logs
 from entrypoint.config.destinations import SCHEMES, Destination, parse
-from entrypoint.errors import ExportError
+from entrypoint.errors import ExportError, FinetuneError
 from entrypoint.fsutil import COMPLETE
 from entrypoint.publish.outputs import MODEL_DIR
 
@@ -48,18 +48,11 @@ def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: floa
     store = HubStore(dest) if dest.scheme == "hf" else FsStore(dest)
 
     def retried(what: str, action: Callable[[], object]):
-        for attempt in range(1, attempts + 1):
-            try:
-                return action()
-            except Exception as exc:  # each backend raises its own types; permanent() sorts them
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                if store.permanent(exc) or attempt == attempts:
-                    raise ExportError(f"export to {dest} failed at {what} after {attempt} attempt(s) ({reason}); "
-                                      f"the model is published locally at {model_dir}; {store.fix(exc)} and rerun "
-                                      "the same command to export it without retraining.") from None
-                delay = backoff * 2 ** (attempt - 1)
-                log.info(f"{what} failed ({reason}); retry {attempt} of {attempts - 1} in {delay:.0f} s")
-                time.sleep(delay)
+        def failed(attempt: int, reason: str, exc: Exception) -> ExportError:
+            return ExportError(f"export to {dest} failed at {what} after {attempt} attempt(s) ({reason}); the model "
+                               f"is published locally at {model_dir}; {store.fix(exc)} and rerun the same command "
+                               "to export it without retraining.")
+        return retrying(store, what, action, failed, attempts, backoff)
 
     if retried("reading COMPLETE", lambda: store.read(COMPLETE)) == marker:
         log.info(f"{dest} already holds this model (its COMPLETE matches); nothing to upload")
@@ -76,15 +69,31 @@ def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: floa
     return True
 
 
-def probe(url: str) -> str:
+def retrying(store, what: str, action: Callable[[], object], failed: Callable[[int, str, Exception], Exception],
+             attempts: int = ATTEMPTS, backoff: float = BACKOFF):
+    """action(), retried with exponential backoff while the store's failure may heal; then the exception
+    `failed(attempts made, one-line reason, the last exception)` builds is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:  # each backend raises its own types; permanent() sorts them
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if store.permanent(exc) or attempt == attempts:
+                raise failed(attempt, reason, exc) from None
+            delay = backoff * 2 ** (attempt - 1)
+            log.info(f"{what} failed ({reason}); retry {attempt} of {attempts - 1} in {delay:.0f} s")
+            time.sleep(delay)
+
+
+def probe(url: str, option: str = "--export-to", error: type[FinetuneError] = ExportError) -> str:
     """doctor: prove the destination is reachable and writable (write and delete a small object). Returns a
-    line describing it; raises ExportError naming the fix."""
-    dest = parse(url)
+    line describing it; raises `error` naming the fix."""
+    dest = parse(url, option)
     store = HubStore(dest) if dest.scheme == "hf" else FsStore(dest)
     try:
         return store.probe()
     except Exception as exc:  # any backend failure is reported as one line
-        raise ExportError(f"--export-to {dest} is not writable ({type(exc).__name__}: "
+        raise error(f"{option} {dest} is not writable ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {store.fix(exc)}.") from None
 
 
@@ -127,6 +136,70 @@ class FsStore:
     def write(self, relative: str, data: bytes) -> None:
         self.fs().pipe_file(self.dest.key(relative), data)
 
+    def get(self, relative: str, local: Path) -> None:
+        self.fs().get_file(self.dest.key(relative), str(local))
+
+    def listing(self) -> dict[str, int]:
+        """Every object under the prefix: path relative to it -> size in bytes."""
+        root = self.dest.key("")
+        try:
+            found = self.fs().find(root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name[len(root):].lstrip("/"): info.get("size", 0) for name, info in found.items()}
+
+    def remove_tree(self, relative: str) -> None:
+        """Every object under prefix/relative/ (nothing when there is none)."""
+        fs = self.fs()
+        keys = fs.find(self.dest.key(relative) + "/")
+        if keys:
+            fs.rm(keys)
+
+    def move_tree(self, relative: str, to: str, first: str = "") -> None:
+        """prefix/relative/ to prefix/to/ (server-side copies, then deletes), the object named `first` first."""
+        fs = self.fs()
+        keys = fs.find(self.dest.key(relative) + "/")
+        for key in sorted(keys, key=lambda k: k.rsplit("/", 1)[-1] != first):
+            fs.mv(key, self.dest.key(to) + key[len(self.dest.key(relative)):])
+
+    def stat(self, relative: str) -> tuple[bytes, str, float] | None:
+        """(content, ETag, the store's modification time in s since the epoch), or None when missing."""
+        fs, key = self.fs(), self.dest.key(relative)
+        try:
+            info = fs.info(key)
+            data = fs.cat_file(key)
+        except FileNotFoundError:
+            return None
+        modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
+        seconds = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+        return data, str(info.get("ETag") or info.get("generation") or ""), seconds
+
+    def create(self, relative: str, data: bytes) -> str | None:
+        """Write only if the object does not exist (S3 If-None-Match: *, GCS ifGenerationMatch=0): its ETag, or
+        None when it already exists."""
+        try:
+            return self._tag(self.fs().pipe_file(self.dest.key(relative), data, mode="create"), relative)
+        except FileExistsError:
+            return None
+
+    def replace(self, relative: str, data: bytes, etag: str) -> str | None:
+        """Write only if the object is still the version `etag` (S3 If-Match): the new ETag, or None when it is
+        not (another writer got there first). gcsfs takes no If-Match on a write: on gs:// the write is
+        unconditional, and a writer learns it lost by reading the object back (RemoteLease does at every beat)."""
+        condition = {"IfMatch": etag} if self.dest.scheme == "s3" else {}
+        try:
+            return self._tag(self.fs().pipe_file(self.dest.key(relative), data, **condition), relative)
+        except OSError as exc:
+            if "pre-condition" in str(exc) or isinstance(exc, FileNotFoundError):
+                return None
+            raise
+
+    def _tag(self, response, relative: str) -> str:
+        if isinstance(response, dict) and response.get("ETag"):
+            return str(response["ETag"])
+        found = self.stat(relative)
+        return found[1] if found else ""
+
     def probe(self) -> str:
         fs, key = self.fs(), self.dest.key(f".finetune-probe-{uuid.uuid4().hex[:12]}")
         fs.pipe_file(key, b"probe\n")
@@ -135,13 +208,17 @@ class FsStore:
 
     @staticmethod
     def permanent(exc: Exception) -> bool:
-        # fsspec backends map 403 to PermissionError and a missing bucket to FileNotFoundError; neither heals.
+        # fsspec backends map 403 to PermissionError and a missing bucket to FileNotFoundError; neither heals. A
+        # multipart upload the store no longer knows (NoSuchUpload: a completion retried after its answer timed out,
+        # measured with a 500 MB file on a loaded machine) is also FileNotFoundError, and uploading again heals it.
+        if isinstance(exc, FileNotFoundError) and "upload" in str(exc).lower():
+            return False
         return isinstance(exc, PermissionError | FileNotFoundError | ValueError)
 
     def fix(self, exc: Exception) -> str:
         if isinstance(exc, PermissionError):
             return "give the job's credentials write access to the bucket"
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) and self.permanent(exc):
             return f"create the bucket {self.dest.bucket} (or fix the name)"
         if self.dest.scheme == "s3":
             return "check AWS_ENDPOINT_URL, the network path to the store and the credentials"

@@ -54,6 +54,36 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def this_process() -> dict:
+    """Who holds a lease: host, PID (with its namespace and start time, which tell a live PID from a reused one),
+    start time and a random token."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+            "process_start": _process_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+
+
+def _same_machine(me: dict, holder: dict | None) -> bool:
+    return bool(holder and holder.get("host") == me["host"] and me["pid_namespace"]
+                and holder.get("pid_namespace") == me["pid_namespace"])
+
+
+def holder_dead(me: dict, holder: dict | None) -> str | None:
+    """Why the holder is certainly gone, or None: only a process on this host can be checked."""
+    if not _same_machine(me, holder):
+        return None
+    pid, start = holder.get("pid"), holder.get("process_start")
+    if (pid, start) == (me["pid"], me["process_start"]):
+        return "an earlier run in this same process left it"
+    if not isinstance(pid, int) or _process_start(pid) != start:
+        return f"process {pid} on this host is gone"
+    return None
+
+
+def holder_alive_here(me: dict, holder: dict | None) -> bool:
+    """The holder is a live process on this host (so its lease is certainly not stale)."""
+    return _same_machine(me, holder) and holder_dead(me, holder) is None
+
+
 def holder_text(holder: dict | None) -> str:
     if not holder:
         return "a run whose lease file is unreadable"
@@ -85,9 +115,7 @@ class Lease:
             unique.setdefault(Path(directory).resolve(), label)
         self.directories = unique
         self.stop = stop
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
-                   "process_start": _process_start(os.getpid()),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+        self.me = this_process()
         self.held: list[Path] = []
         self.lost: str | None = None
         self._done = threading.Event()
@@ -155,14 +183,14 @@ class Lease:
                 continue  # released between our attempt and our look: try again
             holder, raw, mtime = found
             age = self._now(mine) - mtime / 1e9
-            dead = self._dead(holder)
+            dead = holder_dead(self.me, holder)
             if dead or age > STALE_SECONDS:
                 reason = dead or f"its heartbeat stopped {age:.0f} s ago"
                 if self._bury(path, raw):
                     log.warning(f"took over {path.parent} from {holder_text(holder)}: {reason}")
                 continue
             busy = f"{label} {path.parent} is in use by {holder_text(holder)}"
-            if self._alive_here(holder) or (watched is not None and watched != (raw, mtime)):
+            if holder_alive_here(self.me, holder) or (watched is not None and watched != (raw, mtime)):
                 raise Busy(f"{busy} (heartbeat {max(age, 0):.0f} s ago); wait for it to end or stop it, or use "
                            f"another {label}.")
             watched = watched or (raw, mtime)
@@ -197,24 +225,6 @@ class Lease:
         """The filesystem's idea of now: touch a file of ours and read its modification time back."""
         os.utime(probe)
         return probe.stat().st_mtime
-
-    def _dead(self, holder: dict | None) -> str | None:
-        """Why the holder is certainly gone, or None: only a process on this host can be checked."""
-        if not self._same_machine(holder):
-            return None
-        pid, start = holder.get("pid"), holder.get("process_start")
-        if (pid, start) == (self.me["pid"], self.me["process_start"]):
-            return "an earlier run in this same process left it"
-        if not isinstance(pid, int) or _process_start(pid) != start:
-            return f"process {pid} on this host is gone"
-        return None
-
-    def _alive_here(self, holder: dict | None) -> bool:
-        return self._same_machine(holder) and self._dead(holder) is None
-
-    def _same_machine(self, holder: dict | None) -> bool:
-        return bool(holder and holder.get("host") == self.me["host"] and self.me["pid_namespace"]
-                    and holder.get("pid_namespace") == self.me["pid_namespace"])
 
     def _bury(self, path: Path, judged: bytes) -> bool:
         """Move a dead holder's lease aside; if what moved is not the lease judged dead (another run took it

@@ -87,6 +87,15 @@ def latest_complete(directory: Path) -> Path | None:
     return None
 
 
+def fetch(cfg, remote) -> Path | None:
+    """--checkpoint-to: download the newest complete remote checkpoint (publish.remote.RemoteCheckpoints) into
+    --checkpoint-dir when that holds nothing as new; `choose` then judges it like any local one."""
+    if not cfg.resume:
+        return None
+    local = latest_complete(cfg.model_checkpoint_dir)
+    return remote.restore(cfg.model_checkpoint_dir, step_of(local) if local else None)
+
+
 def read_marker(checkpoint: Path) -> dict:
     """The checkpoint's marker, or {} when it has none (or an unreadable one)."""
     return fsutil.read_marker(checkpoint / MARKER) or {}

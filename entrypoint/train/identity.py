@@ -57,6 +57,7 @@ MAY_CHANGE = {
     "overwrite": "whether to replace a published model",
     "hub_token": "a credential",
     "export_to": "where the published model is uploaded afterwards; the model is the same",
+    "checkpoint_to": "where checkpoints are mirrored; the checkpoints and the model are the same",
     "publish_worse": "whether a final model worse than the untrained one may be published: decides publishing, "
                      "not training",
 }
@@ -66,7 +67,7 @@ MAY_CHANGE = {
 # (a longer run, another world size) or where it goes, so a finished model needs --overwrite to be replaced.
 REPORTING = frozenset({"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir",
                        "cache_dir", "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile",
-                       "publish_worse", "export_to"})
+                       "publish_worse", "export_to", "checkpoint_to"})
 
 # How a changed identity value is named in the error, when it is not an option of the same name.
 LABELS = {"data": "data fingerprint (the files' contents, the tokenizer, --txt-split, --text-field, the split)",

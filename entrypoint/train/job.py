@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import is_tty
 from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
+from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
 from entrypoint.train import checkpoints, guard, identity, metrics, mfu
 from entrypoint.train.metrics import summarize
@@ -48,6 +50,15 @@ class Context:
     stats: pipeline.DataStats
 
 
+@dataclass(frozen=True)
+class Held:
+    """What rank 0 holds for the run: the lease on its directories and, with --checkpoint-to, the remote store
+    (its lease and uploader)."""
+
+    lease: Lease
+    remote: RemoteCheckpoints | None
+
+
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
         environ: Mapping[str, str] | None = None, blocked_exit: Callable[[str], None] | None = None) -> dict:
     """Train and publish; returns the metrics. Raises FinetuneError subclasses for user-facing failures.
@@ -65,12 +76,15 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
     # no interpreter finalization runs, where gloo's threads could abort the process (SIGABRT).
     if not dist.is_main:
         return _run(cfg, sources, dist, checked, stop, None)
-    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease:
-        return _run(cfg, sources, dist, checked, stop, lease)
+    remote = RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit, stop) \
+        if cfg.checkpoint_to else None
+    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease, \
+            remote or contextlib.nullcontext():
+        return _run(cfg, sources, dist, checked, stop, Held(lease, remote))
 
 
 def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked, stop: StopRequest,
-         lease: Lease | None) -> dict:
+         held: Held | None) -> dict:
     """The job's table of contents: plan -> data -> model -> Trainer -> train -> publish."""
     if already_published(cfg):
         if dist.is_main:  # a rerun after a failed export (exit 10) exports without retraining
@@ -93,6 +107,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
+    if held and held.remote and dist.world_size == 1:  # several processes: each node's launcher fetched it
+        checkpoints.fetch(cfg, held.remote)
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     with stop.interruptible("during model loading"):
         model_log.info(f"loading {cfg.model}")
@@ -101,9 +117,13 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     context = Context(cfg, plan, dist, stop, stats)
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=resume is None)
     trainer.run = run_identity
+    if held and held.remote:
+        trainer.uploader = held.remote.uploads
+        if resume is not None:
+            trainer.uploader.ensure(resume)  # one a store outage kept local goes up before training on
     results = summarize(train(context, trainer, progress, resume))
     if dist.is_main:
-        publish(context, trainer, tokenizer, progress, results, lease)
+        publish(context, trainer, tokenizer, progress, results, held.lease)
     return results
 
 
@@ -131,8 +151,10 @@ def train(context: Context, trainer, progress: ProgressLog, resume: Path | None)
             raise Diverged(divergence.problem)
         if stop.requested:
             saved = cfg.model_checkpoint_dir / f"checkpoint-{trainer.state.global_step}"
+            remote = f"; {trainer.uploader.finish_on_stop(saved)}" if trainer.uploader else ""
             raise Preempted(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of "
-                            f"{trainer.state.max_steps}; {saved} is complete; rerun the same command to resume.")
+                            f"{trainer.state.max_steps}; {saved} is complete{remote}; rerun the same command to "
+                            "resume.")
         final = final_evaluation(trainer, progress)
     except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuBLAS/cuDNN workspace that could not be allocated
         if not out_of_memory(exc):
@@ -152,6 +174,8 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
         outputs.plot_losses(cfg.output_dir, progress.history)  # the curve shows where it went wrong
         raise
     card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), results)
+    if trainer.uploader is not None:
+        trainer.uploader.finish()  # the last checkpoint is in the store before the model is published
 
     def save(directory: Path) -> None:
         publish_log.info(f"writing the model to {directory}")
@@ -176,6 +200,8 @@ def train_or_finish(cfg: TrainConfig, trainer, progress: ProgressLog, resume: Pa
         trainer.accelerator.wait_for_everyone()
         if dist.is_main:
             checkpoints.set_aside(cfg.model_checkpoint_dir)
+            if trainer.uploader is not None:
+                trainer.uploader.remote.set_aside()
         trainer.accelerator.wait_for_everyone()
         return trainer.train()
     trainer.resume_totals(resume)

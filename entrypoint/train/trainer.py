@@ -1,6 +1,7 @@
 """Trainer plus what the job adds to it: counting real tokens without a synchronisation per step, timing every
-checkpoint save and marking it complete (with the run's identity and whole-run totals), finishing from a checkpoint
-at the last step, and telling a full or failing disk apart from a bug."""
+checkpoint save and marking it complete (with the run's identity and whole-run totals), handing it to the
+--checkpoint-to uploader, finishing from a checkpoint at the last step, and telling a full or failing disk apart
+from a bug."""
 
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.counter = counter
         self.run = run or {}
+        self.uploader = None  # rank 0 with --checkpoint-to: publish.remote.Uploader, fed every complete checkpoint
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
         self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
 
@@ -134,8 +136,10 @@ class FinetuneTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _save_checkpoint(self, model, trial):
-        start = time.perf_counter()
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.uploader is not None:  # rotation below may delete the checkpoint an upload still reads
+            self.uploader.wait(f"saving {path.name}")
+        start = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)
         except Exception as exc:
@@ -156,6 +160,8 @@ class FinetuneTrainer(Trainer):
             seconds = time.perf_counter() - start
             log.info(f"saved {path.name} in {seconds:.1f} s (size the grace period above this)",
                      checkpoint=str(path), save_seconds=seconds)
+            if self.uploader is not None:
+                self.uploader.submit(path)
 
     def resume_totals(self, checkpoint: Path) -> None:
         """Start the whole-run totals where `checkpoint` left them (a checkpoint from before totals: from zero)."""

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import pytest
 
+from bench import fault_remote
 from bench.faults import CASES, Lab, Skip, verdict
+
+LOCAL = [name for name in CASES if name not in fault_remote.NAMES]  # the rest: test_remote_checkpoints.py
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, tiny_model, corpus_dir) -> Lab:
-    return Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
+def lab(tmp_path_factory, tiny_model, corpus_dir):
+    lab = Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
+    yield lab
+    lab.close()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", LOCAL)
 def test_fault_ends_as_expected(lab, name):
     case = CASES[name]
     try:
@@ -30,5 +35,6 @@ def test_the_matrix_covers_every_fault_the_issue_names():
     names = " | ".join(CASES).lower()
     for fault in ("sigterm at a random step", "sigkill during a checkpoint save", "torn", "disk full", "read-only",
                   "rerun after success", "second run", "stale lease", "divergence", "--publish-worse",
-                  "model loading", "evaluation", "publishing", "misspelt"):
+                  "model loading", "evaluation", "publishing", "misspelt", "new node", "mid-upload", "retention",
+                  "same --checkpoint-to", "sigterm during an upload", "store goes away"):
         assert fault in names, fault

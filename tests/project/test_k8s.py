@@ -819,7 +819,6 @@ def test_kueue_component_queues_every_workload_suspended(overlay, tmp_path):
 # The overlays k8s/components/object-storage runs: all but cpu-smoke (its init containers write the data to /data)
 # and prepare (a cache on an emptyDir would vanish with its pod).
 OBJECT_STORAGE_OVERLAYS = [o for o in OVERLAYS if o not in ("cpu-smoke", "prepare")]
-# FINETUNE_CHECKPOINT_TO is issue 22's contract for --checkpoint-to, built beside this component.
 STORE_ENV = ("FINETUNE_DATA_DIR", "FINETUNE_CHECKPOINT_TO", "FINETUNE_EXPORT_TO")
 
 
@@ -838,7 +837,7 @@ def test_object_storage_component_keeps_nothing_on_shared_volumes(overlay, tmp_p
     env = config_map(objects)
     assert all(env[name].startswith("s3://") for name in STORE_ENV), env
     assert len({env[name] for name in STORE_ENV}) == 3, "data, checkpoints and the model need their own prefixes"
-    unknown = sorted(set(env) - TRAIN_FIELD_ENV - {"FINETUNE_PRESET", "FINETUNE_CHECKPOINT_TO"})
+    unknown = sorted(set(env) - TRAIN_FIELD_ENV - {"FINETUNE_PRESET"})
     assert not unknown, f"not finetune options: {unknown}"
     templates = pod_templates(objects)
     assert templates
@@ -857,8 +856,7 @@ def test_object_storage_component_keeps_nothing_on_shared_volumes(overlay, tmp_p
         command, cfg = parse_command(train, pod_env(train, objects), monkeypatch)
         assert command == "train" and str(cfg.data_dir) == env["FINETUNE_DATA_DIR"] == "s3://finetune/data"
         assert cfg.export_to == env["FINETUNE_EXPORT_TO"]
-        if "checkpoint_to" in options.fields(config.TrainConfig):
-            assert cfg.checkpoint_to == env["FINETUNE_CHECKPOINT_TO"]
+        assert cfg.checkpoint_to == env["FINETUNE_CHECKPOINT_TO"]
         mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
         assert cfg.output_dir.is_relative_to("/output") and mounts["/output"] == "output"
     for obj in objects:
