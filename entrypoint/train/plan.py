@@ -242,6 +242,8 @@ def should_compile(cfg: TrainConfig, checked: Checked, train_rows: int, sequence
     """
     if cfg.compile != "auto":
         return cfg.compile == "on", f"--compile {cfg.compile}"
+    if cfg.quantize != "none":
+        return False, f"auto: not with --quantize {cfg.quantize} (Trainer refuses to train a compiled quantized model)"
     peak = mfu.peak_flops(checked.device, checked.precision) if checked.device != "cpu" else None
     if not peak:
         return False, "auto: not on a CUDA GPU with a known peak"
