@@ -141,7 +141,7 @@ def _check_train(cfg: TrainConfig) -> list[str]:
 
 def quantize_problems(cfg: TrainConfig) -> list[str]:
     """--quantize quantizes the frozen base under LoRA adapters: without adapters nothing could train."""
-    if cfg.quantize == "none":
+    if not cfg.quantize:
         return []
     if not cfg.lora_rank:
         return [f"--quantize {cfg.quantize} trains LoRA adapters on a quantized base and needs --lora-rank "

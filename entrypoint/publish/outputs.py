@@ -90,11 +90,11 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
 
 
 def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
+    adapters = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if config.get("lora_rank") else ()
     hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
                                     "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
-                                    "packing", "seed", "lora_rank", "lora_alpha", "lora_dropout",
-                                    "lora_target_modules", "quantize") if k in config and (config.get("lora_rank") or
-                                                                               not k.startswith(("lora_", "quantize")))}
+                                    "packing", "seed", *adapters, "quantize")
+             if k in config and (k != "quantize" or config[k])}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
              "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
@@ -141,8 +141,8 @@ def _loss_note(metrics: dict) -> str:
 
 
 def _quantized(config: dict) -> str:
-    quantize = config.get("quantize", "none")
-    if quantize == "none":
+    quantize = config.get("quantize")
+    if not quantize:
         return ""
     return (f" on the base model's weights quantized to {quantize} (QLoRA); they were merged into the unquantized "
             "base weights")

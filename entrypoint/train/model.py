@@ -124,17 +124,17 @@ def load_model(cfg: TrainConfig, attention: str = "sdpa", precision: str = "fp32
     # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
     model.config.use_cache = False
     use_chunked_loss(model)
-    if cfg.quantize != "none":
+    if cfg.quantize:
         model = prepare_quantized(model, cfg, precision)
     if cfg.lora_rank:
         model = add_lora(model, cfg)
     return model
 
 
-def quantization(quantize: str, precision: str):
+def quantization(quantize: str | None, precision: str):
     """bitsandbytes' settings for --quantize: 4bit is NF4 with double quantization (the QLoRA recipe), computing in
-    the plan's precision; 8bit is LLM.int8(). None for --quantize none."""
-    if quantize == "none":
+    the plan's precision; 8bit is LLM.int8(). None without --quantize."""
+    if not quantize:
         return None
     from transformers import BitsAndBytesConfig
 

@@ -242,7 +242,7 @@ def should_compile(cfg: TrainConfig, checked: Checked, train_rows: int, sequence
     """
     if cfg.compile != "auto":
         return cfg.compile == "on", f"--compile {cfg.compile}"
-    if cfg.quantize != "none":
+    if cfg.quantize:
         return False, f"auto: not with --quantize {cfg.quantize} (Trainer refuses to train a compiled quantized model)"
     peak = mfu.peak_flops(checked.device, checked.precision) if checked.device != "cpu" else None
     if not peak:
