@@ -138,9 +138,6 @@ def quantization(quantize: str | None, precision: str):
         return None
     from transformers import BitsAndBytesConfig
 
-    # On import, bitsandbytes looks for a packed CPU inference kernel on the Hub and warns when it cannot fetch it;
-    # prepare_quantized turns that path off, so the warning would only mislead.
-    logs.quiet("bitsandbytes.backends.cpu.ops")
     if quantize == "8bit":
         # LLM.int8() casts every layer input to fp16 and says so on each forward pass; said once here instead.
         logs.quiet("bitsandbytes.autograd._functions")
