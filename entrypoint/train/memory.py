@@ -185,3 +185,35 @@ def describe(mode: Mode, changed: Mode) -> str:
                "--batch-size 1 (and more --grad-accum for the same effective batch)" if changed.batch != mode.batch
                else ""]
     return " ".join(o for o in options if o)
+
+
+# Llama-family shapes (vocabulary 32000, grouped key/value heads where the models have them) for the table below.
+LLAMA_SHAPES = {
+    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_key_value_heads": 8},
+    "3B": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_key_value_heads": 8},
+    "8B": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_key_value_heads": 8},
+    "13B": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_key_value_heads": 40},
+    "70B": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_key_value_heads": 8},
+}
+GPUS = {"24 GiB (L4, RTX 4090)": 24, "40 GiB (A100 40G)": 40, "80 GiB (A100, H100)": 80, "141 GiB (H200)": 141}
+
+
+def which_mode_fits() -> str:
+    """A markdown table: for each model size and GPU memory, the first of full fine-tuning, LoRA and QLoRA (rank
+    16, bf16, one 2048-token sequence per step, gradient checkpointing on) whose estimate fits one GPU."""
+    from transformers import LlamaConfig
+
+    modes = (("full", Mode()), ("LoRA", Mode(lora=True)), ("QLoRA", Mode(lora=True, quantize="4bit")))
+    rows = ["| model | " + " | ".join(GPUS) + " |", "| --- |" + " --- |" * len(GPUS)]
+    for name, dims in LLAMA_SHAPES.items():
+        config = LlamaConfig(vocab_size=32000, num_attention_heads=dims["hidden_size"] // 128, **dims)
+        shape = shape_of(config, SUGGESTED_RANK, "all-linear")
+        cells = []
+        for gib in GPUS.values():
+            fitting = [(label, estimate(shape, replace(mode, precision="bf16", batch=1, block=2048,
+                                                       checkpointing=True), CUDA_RUNTIME).total)
+                       for label, mode in modes]
+            first = next(((label, total) for label, total in fitting if total <= gib * GIB), None)
+            cells.append(f"{first[0]} ({first[1] / GIB:.0f} GiB)" if first else "shard across GPUs")
+        rows.append(f"| {name} ({shape.parameters / 1e9:.1f}B) | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
