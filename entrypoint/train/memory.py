@@ -151,8 +151,8 @@ def runtime_bytes(device: str) -> int:
 
 
 def available_bytes(device: str) -> int:
-    """The memory one process may use: the GPU's, or on CPU the container's limit (cgroup v2 memory.max) or the
-    machine's RAM, whichever is smaller."""
+    """The memory one process may use: the GPU's, or on CPU its share (torchrun's LOCAL_WORLD_SIZE) of the
+    container's limit (cgroup v2 memory.max) or the machine's RAM, whichever is smaller."""
     if device != "cpu":
         return torch.cuda.get_device_properties(0).total_memory
     import psutil
@@ -160,7 +160,8 @@ def available_bytes(device: str) -> int:
     total = psutil.virtual_memory().total
     limit = Path("/sys/fs/cgroup/memory.max")
     text = limit.read_text().strip() if limit.is_file() and os.access(limit, os.R_OK) else "max"
-    return min(total, int(text)) if text.isdigit() else total
+    machine = min(total, int(text)) if text.isdigit() else total
+    return machine // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # CPU processes of one node share its RAM
 
 
 def what_fits(shape: Shape, mode: Mode, runtime: int, available: int) -> list[str]:

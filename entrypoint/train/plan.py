@@ -105,12 +105,16 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
                    model_config=checked.model_config, memory=memory, available_memory=available)
 
 
-def memory_plan(cfg: TrainConfig, checked: Checked, batch: int, world_size: int) -> tuple[Estimate, int]:
+def memory_plan(cfg: TrainConfig, checked: Checked, batch: int, world_size: int) -> tuple[Estimate | None, int | None]:
     """The estimated peak memory of one process and what the device has; a ConfigError naming what would fit
     when the estimate exceeds it, before any weight is loaded or data read. A --batch-size auto the probe did not
     size yet is checked at its fallback of 1."""
     targets = lora_targets(checked.model_config.model_type, cfg.lora_target_modules)
-    shape = memory.shape_of(checked.model_config, cfg.lora_rank or memory.SUGGESTED_RANK, targets)
+    try:
+        shape = memory.shape_of(checked.model_config, cfg.lora_rank or memory.SUGGESTED_RANK, targets)
+    except (AttributeError, TypeError, ValueError) as exc:  # a configuration without the usual size fields
+        log.warning(f"no memory estimate for {checked.model_config.model_type} ({type(exc).__name__}: {exc})")
+        return None, None
     mode = memory.Mode(lora=bool(cfg.lora_rank), lora_dropout=cfg.lora_dropout > 0, quantize=cfg.quantize,
                        precision=checked.precision,
                        batch=1 if cfg.batch_size == "auto" and checked.device != "cpu" else batch,
