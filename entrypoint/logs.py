@@ -87,6 +87,9 @@ def setup(log_format: str = "text", rank: int = 0) -> None:
     root.propagate = False
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
+    # bitsandbytes, imported by peft and transformers whenever it is installed, warns that it cannot fetch a packed
+    # CPU kernel from the Hub; train/model.py turns that kernel off (prepare_quantized), so the line only misleads.
+    quiet("bitsandbytes.backends.cpu.ops")
     if not is_tty():
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()

@@ -1,5 +1,6 @@
 """Regenerate the tables in docs/ that are facts of the code: each command's options (from the config schema
-through the click commands built from it) and the exit codes (from entrypoint/errors.py).
+through the click commands built from it), the exit codes (from entrypoint/errors.py) and which fine-tuning mode
+fits which GPU (from the memory plan's estimator, entrypoint/train/memory.py).
 
     python scripts/gen_docs.py           rewrite the generated regions in place
     python scripts/gen_docs.py --check   exit 1, naming the stale files, when a region differs (make test runs this)
@@ -52,9 +53,15 @@ def exit_codes_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def which_mode_fits() -> str:
+    from entrypoint.train.memory import which_mode_fits
+
+    return which_mode_fits()
+
+
 def generators() -> dict:
     tables = {f"options-{c}": (lambda c=c: options_table(c)) for c in ("train", "generate", "init-model", "corpus")}
-    return {**tables, "exit-codes": exit_codes_table}
+    return {**tables, "exit-codes": exit_codes_table, "which-mode-fits": which_mode_fits}
 
 
 def render(text: str) -> str:

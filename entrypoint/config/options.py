@@ -8,6 +8,7 @@ built-in default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -138,12 +139,29 @@ def _check_train(cfg: TrainConfig) -> list[str]:
     for value, option in ((cfg.data_dir, "--data-dir"), (cfg.model, "--model")):
         if isinstance(value, str) and "://" in value:  # object storage; a local path or a Hub id otherwise
             problems += url_problems(value, option)
+    problems += quantize_problems(cfg)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:
         problems.append(f"--report-to names unknown integration(s) {', '.join(sorted(unknown))}; "
                         "use tensorboard, wandb, mlflow, comet_ml, clearml, trackio or none.")
     return problems
+
+
+def quantize_problems(cfg: TrainConfig) -> list[str]:
+    """--quantize quantizes the frozen base under LoRA adapters: without adapters nothing could train."""
+    if not cfg.quantize:
+        return []
+    if not cfg.lora_rank:
+        return [f"--quantize {cfg.quantize} trains LoRA adapters on a quantized base and needs --lora-rank "
+                "(e.g. --lora-rank 16); drop --quantize for full fine-tuning."]
+    if cfg.compile == "on":
+        return [f"--compile on cannot train a quantized model (--quantize {cfg.quantize}): Trainer refuses a compiled "
+                "quantized model; use --compile auto or off."]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f"--quantize {cfg.quantize} needs the bitsandbytes package, which is not installed; "
+                "pip install bitsandbytes (the image has it)."]
+    return []
 
 
 def _dash(name: str) -> str:

@@ -102,6 +102,9 @@ class TrainConfig:
     lora_target_modules: str | None = opt(
         None, "Comma-separated module names LoRA adapts, or all-linear [default: the architecture's attention and "
         "MLP projections, all-linear for unknown architectures].")
+    quantize: str | None = opt(None, "Load the frozen base model quantized and train LoRA adapters on it (QLoRA): "
+                               "4bit (NF4, double quantization) or 8bit; needs --lora-rank [default: none, the "
+                               "weights as they are].", choices=("4bit", "8bit"))
     compile: str = opt("auto", "torch.compile the model; auto: only on a GPU, for runs long enough to repay the "
                        "compile time (reported as compile_seconds).", choices=("auto", "on", "off"))
     report_to: str = opt("tensorboard", "Trainer integrations, comma-separated (tensorboard, wandb, mlflow, none).")

@@ -90,11 +90,11 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
 
 
 def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
+    adapters = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if config.get("lora_rank") else ()
     hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
                                     "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
-                                    "packing", "seed", "lora_rank", "lora_alpha", "lora_dropout",
-                                    "lora_target_modules") if k in config and (config.get("lora_rank") or
-                                                                               not k.startswith("lora_"))}
+                                    "packing", "seed", *adapters, "quantize")
+             if k in config and (k != "quantize" or config[k])}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
              "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
@@ -140,15 +140,23 @@ def _loss_note(metrics: dict) -> str:
         else "; the loss covered prompts and answers alike"
 
 
+def _quantized(config: dict) -> str:
+    quantize = config.get("quantize")
+    if not quantize:
+        return ""
+    return (f" on the base model's weights quantized to {quantize} (QLoRA); they were merged into the unquantized "
+            "base weights")
+
+
 def _lora_note(base_model: str, config: dict) -> str:
     if not config.get("lora_rank"):
         return ""
     return f"""
 ## LoRA
 
-Trained with LoRA (rank {config["lora_rank"]}). The weights here are merged: the adapter is folded into the base
-weights, so this is an ordinary model and the lines above load it. The adapter alone is in `adapter/`, for use
-on top of `{base_model}` with peft:
+Trained with LoRA (rank {config["lora_rank"]}){_quantized(config)}. The weights here are merged: the adapter is
+folded into the base weights, so this is an ordinary model and the lines above load it. The adapter alone is in
+`adapter/`, for use on top of `{base_model}` with peft:
 
 ```python
 from peft import PeftModel

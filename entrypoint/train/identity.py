@@ -17,8 +17,8 @@ from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 # the old optimizer, schedule and data order with the new setting half applied.
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
             "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
-            "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "prompt_field", "completion_field",
-            "messages_field", "train_on_prompt", "isolate_documents")
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "quantize", "prompt_field",
+            "completion_field", "messages_field", "train_on_prompt", "isolate_documents")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {

@@ -112,7 +112,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     resume = checkpoints.choose(cfg, run_identity, dist.world_size)
     with stop.interruptible("during model loading"):
         model_log.info(f"loading {cfg.model}")
-        model = load_model(cfg, attention_for(stats.isolated, plan.precision))
+        model = load_model(cfg, attention_for(stats.isolated, plan.precision), plan.precision)
     stop.raise_if_requested("before training started")
     context = Context(cfg, plan, dist, stop, stats)
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=resume is None)

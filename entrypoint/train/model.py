@@ -11,6 +11,9 @@ The model is loaded the way a GPU runs it fastest with the same results: causal 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from entrypoint.train.preflight import model_path, needs_remote_code, remote_cod
 
 log = logs.area("model")
 ADAPTER_DIR = "adapter"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Default LoRA targets per architecture (config.model_type): the attention and MLP projections. Unknown
 # architectures get peft's all-linear (every linear layer but the output head).
@@ -102,13 +106,14 @@ def fast_gelu(config) -> dict[str, str]:
     return {name: TANH_GELU for name in ACTIVATION_FIELDS if getattr(config, name, None) == "gelu_new"}
 
 
-def load_model(cfg: TrainConfig, attention: str = "sdpa"):
-    """The model to train: the base model, wrapped with LoRA adapters when --lora-rank > 0."""
+def load_model(cfg: TrainConfig, attention: str = "sdpa", precision: str = "fp32"):
+    """The model to train: the base model, wrapped with LoRA adapters when --lora-rank > 0, its frozen weights
+    quantized by bitsandbytes with --quantize (QLoRA; `precision` is the plan's, the adapters' compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     try:
         # fp32 master weights; mixed precision comes from autocast (fp16/bf16 flags), not from the weights.
-        model = _from_pretrained(AutoModelForCausalLM, cfg, attention)
+        model = _from_pretrained(AutoModelForCausalLM, cfg, attention, quantization(cfg.quantize, precision))
     except Exception as exc:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError... for bad files
         if needs_remote_code(exc):
             raise remote_code_error(cfg.model) from None
@@ -119,8 +124,48 @@ def load_model(cfg: TrainConfig, attention: str = "sdpa"):
     # restarted position ids (isolated documents), and the cache holds every layer's keys and values.
     model.config.use_cache = False
     use_chunked_loss(model)
+    if cfg.quantize:
+        model = prepare_quantized(model, cfg, precision)
     if cfg.lora_rank:
         model = add_lora(model, cfg)
+    return model
+
+
+def quantization(quantize: str | None, precision: str):
+    """bitsandbytes' settings for --quantize: 4bit is NF4 with double quantization (the QLoRA recipe), computing in
+    the plan's precision; 8bit is LLM.int8(). None without --quantize."""
+    if not quantize:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        # LLM.int8() casts every layer input to fp16 and says so on each forward pass; said once here instead.
+        logs.quiet("bitsandbytes.autograd._functions")
+        log.info("8bit: bitsandbytes' LLM.int8() multiplies in fp16 (layer inputs are cast to it)")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES.get(precision, torch.float32))
+
+
+def prepare_quantized(model, cfg: TrainConfig, precision: str):
+    """peft's preparation for training on a quantized base: every base weight frozen, the weights bitsandbytes left
+    unquantized (norms, embeddings, the head) in fp32. Gradient checkpointing stays with TrainingArguments, and
+    add_lora makes the inputs require gradients when it is on. Publishing needs the unquantized base again
+    (save_published), so where it came from is kept on the model."""
+    from peft import prepare_model_for_kbit_training
+
+    with peft_quietly():
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        # On a CPU with AVX512-BF16, bitsandbytes evaluates 4-bit layers with a packed bf16 kernel and repacks the
+        # weights in place for it; training then runs on the repacked weights, so a run resumed after an evaluation
+        # would no longer match one that never stopped (measured: 1.4e-5 in the eval loss). One path, the one
+        # training uses, keeps the resume exact and evaluation in the plan's precision.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.unquantized_base = (cfg.model, cfg.hub_token, DTYPES.get(precision, torch.float32))
+    log.info(f"base weights quantized to {cfg.quantize} ({model.get_memory_footprint() / 2**20:.1f} MiB held); "
+             "LoRA adapters train on top", quantize=cfg.quantize, model_bytes=model.get_memory_footprint())
     return model
 
 
@@ -131,7 +176,7 @@ def use_chunked_loss(model) -> None:
         model.loss_function = causal_lm_loss
 
 
-def _from_pretrained(auto, cfg: TrainConfig, attention: str):
+def _from_pretrained(auto, cfg: TrainConfig, attention: str, quantized=None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path(cfg), token=cfg.hub_token, trust_remote_code=False)
@@ -139,12 +184,12 @@ def _from_pretrained(auto, cfg: TrainConfig, attention: str):
     if faster:
         config.update(faster)
         log.info(f"{', '.join(faster)} GELU as {TANH_GELU} (--no-tanh-gelu keeps gelu_new)")
-    model = _load(auto, cfg, config, attention)
+    model = _load(auto, cfg, config, attention, quantized)
     model.replaced_gelu = list(faster)  # save_published names gelu_new again, as the base model did
     return model
 
 
-def _load(auto, cfg: TrainConfig, config, attention: str):
+def _load(auto, cfg: TrainConfig, config, attention: str, quantized=None):
     from transformers import AttentionInterface
 
     if attention == CAUSAL:
@@ -153,6 +198,12 @@ def _load(auto, cfg: TrainConfig, config, attention: str):
         else:
             AttentionInterface.register(CAUSAL, causal_sdpa)
     kwargs = {"config": config, "dtype": torch.float32, "token": cfg.hub_token, "trust_remote_code": False}
+    if quantized is not None:
+        # bitsandbytes quantizes while loading, on the device the weights land on; Trainer never moves a quantized
+        # model, so each process loads onto its own GPU (LOCAL_RANK; torchrun sets it).
+        kwargs["quantization_config"] = quantized
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if attention != "sdpa":
         try:
             return auto.from_pretrained(model_path(cfg), attn_implementation=attention, **kwargs)
@@ -184,7 +235,8 @@ def add_lora(model, cfg: TrainConfig):
                       fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
     torch.manual_seed(cfg.seed)  # lora_A starts random: the same seed makes a run, and its rerun, repeatable
     try:
-        model = get_peft_model(model, lora)
+        with peft_quietly():
+            model = get_peft_model(model, lora)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise ModelLoadError(f"--lora-target-modules {cfg.lora_target_modules or ','.join(targets)}: "
                              f"{str(exc).splitlines()[0][:160]}; name modules the model has, or use all-linear."
@@ -194,6 +246,30 @@ def add_lora(model, cfg: TrainConfig):
         # gradient and the adapters inside them would get none.
         model.enable_input_require_grads()
     return model
+
+
+def merged_onto(base: tuple, adapter: Path):
+    """The adapter merged into the base model reloaded unquantized, in the plan's precision, on the CPU: what QLoRA
+    publishes. Merging into the dequantized NF4 weights instead would bake the quantization error (about 1e-2
+    relative per weight) into every layer of the published model; the original weights plus the trained update
+    keep the base model exact where the adapter is zero. The reload needs the base's size in CPU memory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name, token, dtype = base
+    log.info(f"merging the adapter into {name} reloaded unquantized ({str(dtype).removeprefix('torch.')})")
+    unquantized = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, token=token, trust_remote_code=False)
+    with peft_quietly():
+        return PeftModel.from_pretrained(unquantized, str(adapter)).merge_and_unload()
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`, and each process printed the FutureWarning
+    with its source line into the job's log; it says nothing about the run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_lora(model) -> bool:
@@ -210,7 +286,8 @@ def save_published(model, tokenizer, directory: Path) -> None:
     if is_lora(model):
         model.save_pretrained(directory / ADAPTER_DIR)
         (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's blank card; model/README.md says it
-        model = model.merge_and_unload()
+        base = getattr(model.get_base_model(), "unquantized_base", None)
+        model = merged_onto(base, directory / ADAPTER_DIR) if base else model.merge_and_unload()
     model.config.use_cache = True  # off only for training (load_model); generation wants it
     if model.config._attn_implementation == CAUSAL:
         model.set_attn_implementation("sdpa")  # CAUSAL is registered in this process only

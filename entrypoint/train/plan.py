@@ -21,9 +21,11 @@ from entrypoint import logs
 from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
+from entrypoint.errors import ConfigError
 from entrypoint.runtime.cpus import tokenizing_workers
-from entrypoint.train import mfu
-from entrypoint.train.model import add_lora, fast_gelu, use_chunked_loss
+from entrypoint.train import memory, mfu
+from entrypoint.train.memory import Estimate
+from entrypoint.train.model import add_lora, fast_gelu, lora_targets, use_chunked_loss
 from entrypoint.train.preflight import Checked
 
 log = logs.area("plan")
@@ -58,6 +60,8 @@ class RunPlan:
     world_size: int
     why: dict = field(default_factory=dict, compare=False)
     model_config: object = field(default=None, compare=False, repr=False)
+    memory: Estimate | None = field(default=None, compare=False)
+    available_memory: int | None = field(default=None, compare=False)
 
     @property
     def cuda(self) -> bool:
@@ -71,11 +75,13 @@ class RunPlan:
         return (f"device {self.device}, precision {self.precision}, block size {self.block_size}, {batch}, "
                 f"compile: {'on' if self.compile else 'off'} ({self.why.get('compile', '')}), "
                 f"TF32: {'on' if self.tf32 else 'off'}, workers: {self.preprocessing_workers} tokenizing, "
-                f"{self.dataloader_workers} loading")
+                f"{self.dataloader_workers} loading"
+                + (f", memory: {self.memory.line(self.available_memory)}" if self.memory else ""))
 
     def fields(self) -> dict:
         """The plan as JSON-able fields for structured logs."""
-        return {k: v for k, v in asdict(self).items() if k != "model_config"}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("model_config", "memory")}
+        return {**fields, **({"memory_estimate_bytes": self.memory.total} if self.memory else {})}
 
     def log(self) -> None:
         log.info(self.line(), **self.fields())
@@ -91,11 +97,37 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
         else 0
     compiled, compile_why = should_compile(cfg, checked, epoch_rows, batch * accumulation * world_size)
     why = {"compile": compile_why, **({"batch": batch_why} if batch_why else {})}
+    memory, available = memory_plan(cfg, checked, batch, world_size)
     return RunPlan(device=checked.device, precision=checked.precision, block_size=checked.block_size,
                    batch_size=batch, grad_accum=accumulation, compile=compiled, tf32=tf32_supported(),
                    preprocessing_workers=tokenizing_workers(cfg.preprocessing_workers),
                    dataloader_workers=GPU_LOADER_WORKERS if cuda else 0, world_size=world_size, why=why,
-                   model_config=checked.model_config)
+                   model_config=checked.model_config, memory=memory, available_memory=available)
+
+
+def memory_plan(cfg: TrainConfig, checked: Checked, batch: int, world_size: int) -> tuple[Estimate | None, int | None]:
+    """The estimated peak memory of one process and what the device has; a ConfigError naming what would fit
+    when the estimate exceeds it, before any weight is loaded or data read. A --batch-size auto the probe did not
+    size yet is checked at its fallback of 1."""
+    targets = lora_targets(checked.model_config.model_type, cfg.lora_target_modules)
+    try:
+        shape = memory.shape_of(checked.model_config, cfg.lora_rank or memory.SUGGESTED_RANK, targets)
+    except (AttributeError, TypeError, ValueError) as exc:  # a configuration without the usual size fields
+        log.warning(f"no memory estimate for {checked.model_config.model_type} ({type(exc).__name__}: {exc})")
+        return None, None
+    mode = memory.Mode(lora=bool(cfg.lora_rank), lora_dropout=cfg.lora_dropout > 0, quantize=cfg.quantize,
+                       precision=checked.precision,
+                       batch=1 if cfg.batch_size == "auto" and checked.device != "cpu" else batch,
+                       block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size)
+    runtime = memory.runtime_bytes(checked.device)
+    estimate, available = memory.estimate(shape, mode, runtime), memory.available_bytes(checked.device)
+    if estimate.total > available:
+        fits = memory.what_fits(shape, mode, runtime, available)
+        raise ConfigError(f"this run needs {estimate.line(available)} on {checked.device}; "
+                          + (f"it would fit with {' or '.join(fits)}." if fits else
+                             "nothing tried fits (LoRA, --quantize 4bit, checkpointing, batch 1): use a device with "
+                             "more memory or a smaller model."))
+    return estimate, available
 
 
 def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = True) -> tuple[int, int, str]:
@@ -242,6 +274,8 @@ def should_compile(cfg: TrainConfig, checked: Checked, train_rows: int, sequence
     """
     if cfg.compile != "auto":
         return cfg.compile == "on", f"--compile {cfg.compile}"
+    if cfg.quantize:
+        return False, f"auto: not with --quantize {cfg.quantize} (Trainer refuses to train a compiled quantized model)"
     peak = mfu.peak_flops(checked.device, checked.precision) if checked.device != "cpu" else None
     if not peak:
         return False, "auto: not on a CUDA GPU with a known peak"

@@ -1,0 +1,220 @@
+"""The memory plan: peak memory per device, estimated from the model's configuration before any weight loads.
+
+    weights      every parameter in fp32 (the master copy autocast reads), or for --quantize the linear layers
+                 at 4.13 bits (NF4 plus the double-quantized scales) or 8 bits and the rest in fp32
+    adapters     LoRA's A and B, fp32
+    gradients    one fp32 value per trainable parameter
+    optimizer    AdamW's two fp32 moments per trainable parameter
+    buckets      with several processes, DDP's gradient buckets: another copy of the trainable gradients
+    activations  what the backward pass keeps: per token and layer about 10 x width + 3 x MLP width values (the
+                 layer's input, norms, q/k/v, attention output, MLP input, hidden and activation), in the
+                 autocast dtype (fp32 holds 4 bytes, bf16/fp16 a mix of 2 and 4: 2.5); with gradient checkpointing
+                 only each layer's input plus one layer recomputed; plus one layer's worth of transient gradients
+    logits       the output head's logits and their gradient, for every token of the micro-batch
+    runtime      what the process holds before training: on CPU this process's resident memory now (Python,
+                 torch, transformers), on a GPU the CUDA context and library workspaces (0.6 GiB, assumed)
+
+A margin of 10% covers the allocator's fragmentation. tests/train/test_memory.py checks the estimate against
+measured peak memory on CPU; docs/performance.md has the figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from entrypoint import logs
+
+GIB = 2**30
+MARGIN = 1.10
+CUDA_RUNTIME = int(0.6 * GIB)  # context, cuBLAS/cuDNN workspaces: not measured here (no GPU)
+NF4_BYTES = 4.127 / 8  # 4 bits a weight, an 8-bit scale per 64 weights, and a 32-bit scale per 256 scales
+INT8_BYTES = 1.0 + 4 / 4096  # a byte a weight and an fp32 scale per row of (typically) 4096
+ACTIVATION_BYTES = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5}
+PER_TOKEN_WIDTHS = 10  # values of the model's width each layer keeps per token
+PER_TOKEN_MLP = 3  # values of the MLP's width each layer keeps per token
+LORA_COPIES, LORA_DROPOUT_COPIES = 1.2, 3.0
+SUGGESTED_RANK = 16  # the LoRA rank a run without LoRA is told would fit
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a model: parameter counts by role, and the sizes activations scale with."""
+
+    parameters: int
+    quantizable: int  # weights of the linear layers bitsandbytes would quantize (all but the output head)
+    adapters: int  # LoRA parameters at the configured rank and targets (0 without LoRA)
+    adapted_inputs: int  # the input widths of every adapted layer, summed over the model
+    layers: int
+    width: int
+    mlp_width: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the model trains: the options the estimate depends on."""
+
+    lora: bool = False
+    lora_dropout: bool = True
+    quantize: str | None = None
+    precision: str = "fp32"
+    batch: int = 8
+    block: int = 1024
+    checkpointing: bool = False
+    world_size: int = 1
+    fsdp: bool = False
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    buckets: int
+    activations: int
+    logits: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return int(sum(getattr(self, f.name) for f in fields(self)) * MARGIN)
+
+    def line(self, available: int | None) -> str:
+        parts = ", ".join(f"{f.name} {logs.size(getattr(self, f.name))}" for f in fields(self)
+                          if getattr(self, f.name))
+        of = f" of {logs.size(available)}" if available else ""
+        return f"about {logs.size(self.total)}{of} ({parts}; +10% margin)"
+
+
+def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
+    """The peak bytes one process holds training `shape` in `mode`."""
+    trainable = shape.adapters if mode.lora else shape.parameters
+    if mode.quantize:
+        per_weight = NF4_BYTES if mode.quantize == "4bit" else INT8_BYTES
+        weights = shape.quantizable * per_weight + (shape.parameters - shape.quantizable) * 4
+    else:
+        weights = shape.parameters * 4
+    shards = mode.world_size if mode.fsdp else 1
+    tokens = mode.batch * mode.block
+    per_layer = tokens * (PER_TOKEN_WIDTHS * shape.width + PER_TOKEN_MLP * shape.mlp_width) \
+        * ACTIVATION_BYTES[mode.precision]
+    if mode.lora:  # measured (bench/memory_plan.py): peft keeps about 1.2 copies of each adapted layer's input
+        # per token, and with dropout 3 (the dropped copy, its mask, and transients)
+        per_layer += tokens * shape.adapted_inputs / shape.layers * ACTIVATION_BYTES[mode.precision] \
+            * (LORA_DROPOUT_COPIES if mode.lora_dropout else LORA_COPIES)
+    kept = shape.layers * tokens * shape.width * 4 + per_layer if mode.checkpointing else shape.layers * per_layer
+    logit_bytes = 4 if mode.precision == "fp32" else 2
+    return Estimate(weights=int(weights / shards), adapters=shape.adapters * 4 if mode.lora else 0,
+                    gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,
+                    buckets=trainable * 4 if mode.world_size > 1 and not mode.fsdp else 0,
+                    activations=int(kept + per_layer), logits=tokens * shape.vocab * (logit_bytes + 4),
+                    runtime=runtime)
+
+
+def shape_of(model_config, lora_rank: int, targets: list[str] | str) -> Shape:
+    """Count a model's parameters by role on the meta device: no memory, no weights read, exact for any
+    architecture transformers can build from the configuration."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    head = model.get_output_embeddings()
+    quantizable = adapters = adapted_inputs = 0
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, torch.nn.Linear | Conv1D):
+            continue
+        quantizable += module.weight.numel()
+        if lora_rank and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets):
+            adapters += lora_rank * sum(module.weight.shape)  # A: rank x inputs, B: outputs x rank
+            adapted_inputs += module.weight.shape[0 if isinstance(module, Conv1D) else 1]
+    text = model_config.get_text_config()
+    width = getattr(text, "hidden_size", None) or text.n_embd
+    mlp = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or getattr(text, "n_inner", None)
+    return Shape(parameters=sum(p.numel() for p in model.parameters()), quantizable=quantizable, adapters=adapters,
+                 adapted_inputs=adapted_inputs, layers=text.num_hidden_layers, width=width, mlp_width=mlp or 4 * width,
+                 vocab=text.vocab_size)
+
+
+def runtime_bytes(device: str) -> int:
+    """What the process holds before the model: its resident memory now on CPU, the CUDA runtime on a GPU."""
+    if device != "cpu":
+        return CUDA_RUNTIME
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def available_bytes(device: str) -> int:
+    """The memory one process may use: the GPU's, or on CPU its share (torchrun's LOCAL_WORLD_SIZE) of the
+    container's limit (cgroup v2 memory.max) or the machine's RAM, whichever is smaller."""
+    if device != "cpu":
+        return torch.cuda.get_device_properties(0).total_memory
+    import psutil
+
+    total = psutil.virtual_memory().total
+    limit = Path("/sys/fs/cgroup/memory.max")
+    text = limit.read_text().strip() if limit.is_file() and os.access(limit, os.R_OK) else "max"
+    machine = min(total, int(text)) if text.isdigit() else total
+    return machine // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # CPU processes of one node share its RAM
+
+
+def what_fits(shape: Shape, mode: Mode, runtime: int, available: int) -> list[str]:
+    """The changes, cheapest first and then combined, that bring the estimate under `available`: what a run that
+    does not fit should try."""
+    candidates = [replace(mode, checkpointing=True), replace(mode, batch=1), replace(mode, lora=True),
+                  replace(mode, lora=True, quantize="4bit"),
+                  replace(mode, lora=True, quantize="4bit", checkpointing=True, batch=1)]
+    fits = []
+    for changed in candidates:
+        if changed != mode and estimate(shape, changed, runtime).total <= available:
+            text = describe(mode, changed)
+            fits += [text] if text not in fits else []
+    return fits
+
+
+def describe(mode: Mode, changed: Mode) -> str:
+    """The options that turn `mode` into `changed`."""
+    options = [f"--lora-rank {SUGGESTED_RANK}" if changed.lora != mode.lora else "",
+               f"--quantize {changed.quantize}" if changed.quantize != mode.quantize else "",
+               "--gradient-checkpointing" if changed.checkpointing != mode.checkpointing else "",
+               "--batch-size 1 (and more --grad-accum for the same effective batch)" if changed.batch != mode.batch
+               else ""]
+    return " ".join(o for o in options if o)
+
+
+# Llama-family shapes (vocabulary 32000, grouped key/value heads where the models have them) for the table below.
+LLAMA_SHAPES = {
+    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_key_value_heads": 8},
+    "3B": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_key_value_heads": 8},
+    "8B": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_key_value_heads": 8},
+    "13B": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_key_value_heads": 40},
+    "70B": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_key_value_heads": 8},
+}
+GPUS = {"24 GiB (L4, RTX 4090)": 24, "40 GiB (A100 40G)": 40, "80 GiB (A100, H100)": 80, "141 GiB (H200)": 141}
+
+
+def which_mode_fits() -> str:
+    """A markdown table: for each model size and GPU memory, the first of full fine-tuning, LoRA and QLoRA (rank
+    16, bf16, one 2048-token sequence per step, gradient checkpointing on) whose estimate fits one GPU."""
+    from transformers import LlamaConfig
+
+    modes = (("full", Mode()), ("LoRA", Mode(lora=True)), ("QLoRA", Mode(lora=True, quantize="4bit")))
+    rows = ["| model | " + " | ".join(GPUS) + " |", "| --- |" + " --- |" * len(GPUS)]
+    for name, dims in LLAMA_SHAPES.items():
+        config = LlamaConfig(vocab_size=32000, num_attention_heads=dims["hidden_size"] // 128, **dims)
+        shape = shape_of(config, SUGGESTED_RANK, "all-linear")
+        cells = []
+        for gib in GPUS.values():
+            fitting = [(label, estimate(shape, replace(mode, precision="bf16", batch=1, block=2048,
+                                                       checkpointing=True), CUDA_RUNTIME).total)
+                       for label, mode in modes]
+            first = next(((label, total) for label, total in fitting if total <= gib * GIB), None)
+            cells.append(f"{first[0]} ({first[1] / GIB:.0f} GiB)" if first else "shard across GPUs")
+        rows.append(f"| {name} ({shape.parameters / 1e9:.1f}B) | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
