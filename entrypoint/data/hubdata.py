@@ -21,6 +21,7 @@ to the Hugging Face cache first), then reduces them to their format's columns ex
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +143,9 @@ def read(named: Named, split: str, opts: DataOptions, scratch: Path):
     import datasets
 
     where = f"--dataset {named.name} split {split}"
-    kwargs = {"path": named.path, "name": named.config, "split": split, "token": opts.hub_token,
-              "data_files": named.data_files, "revision": None if named.local else named.revision}
-    if named.loader == "text":
-        kwargs["sample_by"] = {"file": "document"}.get(opts.txt_split, opts.txt_split)
     try:
-        ds = datasets.Dataset.from_generator(_records, gen_kwargs={"kwargs": kwargs}, cache_dir=str(scratch))
+        ds = datasets.Dataset.from_generator(_records, gen_kwargs={"kwargs": _load_kwargs(named, split, opts)},
+                                             cache_dir=str(scratch))
     except Exception as exc:  # the loaders raise many types; all mean "these records cannot be read"
         cause = exc.__cause__ or exc
         text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
@@ -155,6 +153,26 @@ def read(named: Named, split: str, opts: DataOptions, scratch: Path):
     if len(ds) == 0:
         raise DataError(f"{where} has no records; pick another --dataset-split or add records.")
     return canonical(ds, opts, where, scratch)
+
+
+def peek(named: Named, split: str, opts: DataOptions, limit: int) -> list[dict]:
+    """The first `limit` records of split `split`, streamed (doctor's and prepare's check of the data: seconds,
+    whatever the dataset's size). Raises DataError when they cannot be read."""
+    try:
+        return list(itertools.islice(_records(_load_kwargs(named, split, opts)), limit))
+    except Exception as exc:  # the loaders raise many types; all mean "these records cannot be read"
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"--dataset {named.name} split {split} cannot be read ({text}); fix or remove the file it "
+                        "names.") from None
+
+
+def _load_kwargs(named: Named, split: str, opts: DataOptions) -> dict:
+    """What datasets.load_dataset needs to stream split `split` of the dataset."""
+    kwargs = {"path": named.path, "name": named.config, "split": split, "token": opts.hub_token,
+              "data_files": named.data_files, "revision": None if named.local else named.revision}
+    if named.loader == "text":
+        kwargs["sample_by"] = {"file": "document"}.get(opts.txt_split, opts.txt_split)
+    return kwargs
 
 
 def _records(kwargs: dict):

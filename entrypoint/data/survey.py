@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from entrypoint.data import formats, records
+from entrypoint.data import formats, hubdata, records
 from entrypoint.data import split as splitting
+from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.pipeline import FORMAT_NAMES, summarize
-from entrypoint.data.sources import Source, discover, file_format, file_formats
+from entrypoint.data.sources import Source, file_format, file_formats
 from entrypoint.errors import DataError
 
 SAMPLE = 2000  # records read per file: seconds on any corpus, and enough to show a systematic mistake
@@ -81,8 +82,12 @@ def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE,
             file_formats(source.files, check.fields)
         except DataError as exc:
             problems += exc.problems
-        found = [_saved(source, split, check, limit)] if source.saved_dataset else \
-            [_file(path, split, check, limit) for path in source.files]
+        if source.parts:  # --dataset: each dataset's first records, streamed
+            found = [_dataset(part.named, split, opts, check, limit) for part in source.parts]
+        elif source.saved_dataset:
+            found = [_saved(source, split, check, limit)]
+        else:
+            found = [_file(path, split, check, limit) for path in source.files]
         reports += found
         split_formats[split] = {_family(r.fmt) for r in found if r.fmt}
     train, valid = split_formats.get("train", set()), split_formats.get("valid", set())
@@ -148,6 +153,25 @@ def _file(path: Path, split: str, check: Check, limit: int) -> FileReport:
         _records(report, records.peek(path, loader, limit + 1), check, lambda where: f"{path} {where}", limit)
     except DataError as exc:
         report.problems.append(exc.problems[0] if str(path) in exc.problems[0] else f"{path}: {exc.problems[0]}")
+    return report
+
+
+def _dataset(named: hubdata.Named, split: str, opts: DataOptions, check: Check, limit: int) -> FileReport:
+    """A dataset by name: its first records of the split read, streamed, through the same checks as a file's."""
+    which = named.split if split == "train" else named.valid_split
+    report = FileReport(Path(named.name), split, whole=False)
+    where = f"--dataset {named.name} split {which}"
+    try:
+        rows = hubdata.peek(named, which, opts, limit + 1)
+        if not rows:
+            raise DataError(f"{where} has no records; pick another --dataset-split or add records.")
+        report.fmt = formats.detect(rows[0].keys(), check.fields)
+        report.fields = _fields_read(report.fmt, rows[0].keys(), check.fields)
+        report.whole = len(rows) <= limit
+        _records(report, ((f"record {n + 1}", row) for n, row in enumerate(rows)), check,
+                 lambda at: f"{where} {at}", limit)
+    except DataError as exc:
+        report.problems.append(exc.problems[0] if where in exc.problems[0] else f"{where}: {exc.problems[0]}")
     return report
 
 

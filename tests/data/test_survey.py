@@ -131,3 +131,21 @@ def test_data_read_whole_is_checked_for_enough_documents_and_tokens_as_training_
     assert survey.survey(options(tmp_path / "short", packing=False), tokenizer, block_size=32)[1] == []
     assert survey.survey(options(tmp_path / "short"), tokenizer, block_size=8)[1] == []
     assert survey.survey(options(tmp_path / "short"), tokenizer, limit=10, block_size=32)[1] == []  # not read whole
+
+
+def test_a_dataset_by_name_is_read_from_its_first_records_and_a_bad_one_named_by_split_and_record(tokenizer,
+                                                                                                  tmp_path):
+    from tests.support.datarepos import plain_repo
+
+    good = plain_repo(tmp_path / "good", {"train": samples.SHAREGPT, "validation": samples.SHAREGPT[:2]})
+    cfg = TrainConfig(dataset=(str(good),), data_dir=tmp_path / "absent", output_dir=tmp_path / "out")
+    reports, problems = survey.survey(DataOptions.of(cfg), tokenizer)
+    assert problems == [] and [(r.split, r.fmt, r.problems) for r in reports] == [("train", "sharegpt", []),
+                                                                                  ("valid", "sharegpt", [])]
+    assert reports[0].line() == f"sharegpt data from conversations; {len(samples.SHAREGPT)} records checked " \
+                                "(all of them)"
+    bad = plain_repo(tmp_path / "bad", {"train": samples.bad_records("sharegpt-unknown-role")})
+    cfg = TrainConfig(dataset=(str(bad),), data_dir=tmp_path / "absent", output_dir=tmp_path / "out")
+    (report,), _ = survey.survey(DataOptions.of(cfg), tokenizer)
+    (problem,) = report.problems
+    assert problem.startswith(f"--dataset {bad} split train record 4: ")
