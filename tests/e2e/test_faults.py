@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bench import fault_remote
-from bench.faults import CASES, Lab, Skip, verdict
+from bench.faults import CASES, Skip, verdict
 
 LOCAL = [name for name in CASES if name not in fault_remote.NAMES]  # the rest: test_remote_checkpoints.py
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, tiny_model, corpus_dir):
-    lab = Lab(tmp_path_factory.mktemp("faults"), tiny_model, corpus_dir)
-    yield lab
-    lab.close()
 
 
 @pytest.mark.slow

@@ -9,14 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bench.fault_remote import NAMES
-from bench.faults import CASES, Lab, verdict
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, tiny_model, corpus_dir):
-    lab = Lab(tmp_path_factory.mktemp("remote-faults"), tiny_model, corpus_dir)
-    yield lab
-    lab.close()
+from bench.faults import CASES, verdict
 
 
 @pytest.mark.slow

@@ -14,19 +14,7 @@ from entrypoint.config import destinations
 from entrypoint.errors import ExitCode, ExportError
 from entrypoint.publish import export
 from tests.support.helpers import finetune, train_env
-from tests.support.s3server import SECRET, Proxy, S3Server
-
-
-@pytest.fixture(scope="module")
-def server():
-    with S3Server() as s:
-        yield s
-
-
-@pytest.fixture
-def proxy(server):
-    with Proxy(server.port) as p:
-        yield p
+from tests.support.s3server import SECRET
 
 
 @pytest.fixture

@@ -15,21 +15,8 @@ import pytest
 from entrypoint.errors import Busy, ExitCode, StoreUnavailable
 from entrypoint.publish import remote
 from entrypoint.publish.remote import LEASE, RemoteCheckpoints, RemoteLease
-from tests.support.s3server import Proxy, S3Server
 
 MARKER = "finetune-complete.json"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with S3Server() as s:
-        yield s
-
-
-@pytest.fixture
-def proxy(server):
-    with Proxy(server.port) as p:
-        yield p
 
 
 @pytest.fixture
