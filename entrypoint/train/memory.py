@@ -37,6 +37,11 @@ ACTIVATION_BYTES = {"fp32": 4.0, "bf16": 2.5, "fp16": 2.5}
 PER_TOKEN_WIDTHS = 10  # values of the model's width each layer keeps per token
 PER_TOKEN_MLP = 3  # values of the MLP's width each layer keeps per token
 LORA_COPIES, LORA_DROPOUT_COPIES = 1.2, 3.0
+# With checkpointing the forward pass still builds each layer's activations, then frees them. A GPU's caching
+# allocator hands the freed blocks to the next layer; glibc on a CPU keeps them mapped, so the resident set grows
+# past what is held. Measured (bench/memory_plan.py and an in-process probe, 8 x 256 tokens, width 512): tensors
+# saved for the backward 45-53 MiB, resident growth in the forward 342-921 MiB, about 4 layers' activations.
+CPU_RETAINED_LAYERS = 3
 SUGGESTED_RANK = 16  # the LoRA rank a run without LoRA is told would fit
 
 
@@ -67,6 +72,7 @@ class Mode:
     checkpointing: bool = False
     world_size: int = 1
     fsdp: bool = False
+    cpu: bool = False  # glibc's allocator, not the caching allocator of a GPU (see CPU_RETAINED_LAYERS)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
         per_layer += tokens * shape.adapted_inputs / shape.layers * ACTIVATION_BYTES[mode.precision] \
             * (LORA_DROPOUT_COPIES if mode.lora_dropout else LORA_COPIES)
     kept = shape.layers * tokens * shape.width * 4 + per_layer if mode.checkpointing else shape.layers * per_layer
+    if mode.checkpointing and mode.cpu:
+        kept += CPU_RETAINED_LAYERS * per_layer
     logit_bytes = 4 if mode.precision == "fp32" else 2
     return Estimate(weights=int(weights / shards), adapters=shape.adapters * 4 if mode.lora else 0,
                     gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,

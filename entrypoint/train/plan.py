@@ -118,7 +118,8 @@ def memory_plan(cfg: TrainConfig, checked: Checked, batch: int, world_size: int)
     mode = memory.Mode(lora=bool(cfg.lora_rank), lora_dropout=cfg.lora_dropout > 0, quantize=cfg.quantize,
                        precision=checked.precision,
                        batch=1 if cfg.batch_size == "auto" and checked.device != "cpu" else batch,
-                       block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size)
+                       block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size,
+                       cpu=checked.device == "cpu")
     runtime = memory.runtime_bytes(checked.device)
     estimate, available = memory.estimate(shape, mode, runtime), memory.available_bytes(checked.device)
     if estimate.total > available:

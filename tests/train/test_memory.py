@@ -82,7 +82,7 @@ def test_doctor_shows_the_estimate_against_the_machines_memory(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "qlora"])
+@pytest.mark.parametrize("mode", ["full", "qlora+ckpt"])
 def test_the_estimate_is_within_30_percent_of_the_measured_peak(tmp_path_factory, corpus_dir, mode):
     from bench import memory_plan
 
