@@ -124,6 +124,28 @@ def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
                     runtime=runtime)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """One run's memory inputs: the model's shape, how it trains, what the process holds before it, and what the
+    device has."""
+
+    shape: Shape
+    mode: Mode
+    runtime: int
+    available: int
+
+    def at(self, batch: int) -> Estimate:
+        return estimate(self.shape, replace(self.mode, batch=batch), self.runtime)
+
+    def largest_batch(self, limit: int) -> int:
+        """The largest power of two up to `limit` whose estimate fits (1 when none does): where --batch-size
+        auto's probe starts."""
+        batch = 1 << (max(limit, 1).bit_length() - 1)
+        while batch > 1 and self.at(batch).total > self.available:
+            batch //= 2
+        return batch
+
+
 def shape_of(model_config, lora_rank: int, targets: list[str] | str) -> Shape:
     """Count a model's parameters by role on the meta device: no memory, no weights read, exact for any
     architecture transformers can build from the configuration."""

@@ -91,49 +91,54 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
     """The plan for `cfg` on this machine. `probe=False` (doctor, config) leaves --batch-size auto on a GPU
     unprobed and says so, since probing takes the GPU for seconds."""
     cuda = checked.device != "cpu"
-    batch, accumulation, batch_why = batch_and_accumulation(cfg, checked, probe)
+    sizing = memory_check(cfg, checked, world_size)  # before anything is loaded or probed: refuse what cannot fit
+    ceiling = sizing.largest_batch(AUTO_BASE_BATCH * cfg.grad_accum) if sizing and cfg.batch_size == "auto" else None
+    batch, accumulation, batch_why = batch_and_accumulation(cfg, checked, probe, ceiling)
     # Only --compile auto on a GPU, for a run sized in epochs, needs the epoch's length (a glob and a stat per file).
     epoch_rows = estimated_rows(cfg, checked.block_size) if cfg.compile == "auto" and cuda and not cfg.max_steps \
         else 0
     compiled, compile_why = should_compile(cfg, checked, epoch_rows, batch * accumulation * world_size)
     why = {"compile": compile_why, **({"batch": batch_why} if batch_why else {})}
-    memory, available = memory_plan(cfg, checked, batch, world_size)
     return RunPlan(device=checked.device, precision=checked.precision, block_size=checked.block_size,
                    batch_size=batch, grad_accum=accumulation, compile=compiled, tf32=tf32_supported(),
                    preprocessing_workers=tokenizing_workers(cfg.preprocessing_workers),
                    dataloader_workers=GPU_LOADER_WORKERS if cuda else 0, world_size=world_size, why=why,
-                   model_config=checked.model_config, memory=memory, available_memory=available)
+                   model_config=checked.model_config, memory=sizing.at(batch) if sizing else None,
+                   available_memory=sizing.available if sizing else None)
 
 
-def memory_plan(cfg: TrainConfig, checked: Checked, batch: int, world_size: int) -> tuple[Estimate | None, int | None]:
-    """The estimated peak memory of one process and what the device has; a ConfigError naming what would fit
-    when the estimate exceeds it, before any weight is loaded or data read. A --batch-size auto the probe did not
-    size yet is checked at its fallback of 1."""
+def memory_check(cfg: TrainConfig, checked: Checked, world_size: int) -> memory.Sizing | None:
+    """The run's memory sizing, after refusing (ConfigError, naming what would fit) a run whose estimated peak per
+    process exceeds the device, before any weight is loaded or data read. A --batch-size auto on a GPU is checked
+    at its fallback of 1. None when the configuration lacks the usual size fields."""
     targets = lora_targets(checked.model_config.model_type, cfg.lora_target_modules)
     try:
         shape = memory.shape_of(checked.model_config, cfg.lora_rank or memory.SUGGESTED_RANK, targets)
     except (AttributeError, TypeError, ValueError) as exc:  # a configuration without the usual size fields
         log.warning(f"no memory estimate for {checked.model_config.model_type} ({type(exc).__name__}: {exc})")
-        return None, None
+        return None
+    cpu = checked.device == "cpu"
     mode = memory.Mode(lora=bool(cfg.lora_rank), lora_dropout=cfg.lora_dropout > 0, quantize=cfg.quantize,
-                       precision=checked.precision,
-                       batch=1 if cfg.batch_size == "auto" and checked.device != "cpu" else batch,
+                       precision=checked.precision, batch=1 if cfg.batch_size == "auto" and not cpu else
+                       AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size,
                        block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size,
-                       cpu=checked.device == "cpu")
-    runtime = memory.runtime_bytes(checked.device)
-    estimate, available = memory.estimate(shape, mode, runtime), memory.available_bytes(checked.device)
-    if estimate.total > available:
-        fits = memory.what_fits(shape, mode, runtime, available)
-        raise ConfigError(f"this run needs {estimate.line(available)} on {checked.device}; "
+                       cpu=cpu)
+    sizing = memory.Sizing(shape, mode, memory.runtime_bytes(checked.device), memory.available_bytes(checked.device))
+    estimate = sizing.at(mode.batch)
+    if estimate.total > sizing.available:
+        fits = memory.what_fits(shape, mode, sizing.runtime, sizing.available)
+        raise ConfigError(f"this run needs {estimate.line(sizing.available)} on {checked.device}; "
                           + (f"it would fit with {' or '.join(fits)}." if fits else
                              "nothing tried fits (LoRA, --quantize 4bit, checkpointing, batch 1): use a device with "
                              "more memory or a smaller model."))
-    return estimate, available
+    return sizing
 
 
-def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = True) -> tuple[int, int, str]:
+def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = True,
+                           ceiling: int | None = None) -> tuple[int, int, str]:
     """(micro-batch, accumulation steps, why). For --batch-size auto on a GPU: the largest power of two up to the
-    effective batch whose forward and backward fit beside AdamW's state, probed with a model built from the
+    effective batch (and up to `ceiling`, the largest the memory plan expects to fit: the probe starts there)
+    whose forward and backward fit beside AdamW's state, probed with a model built from the
     configuration (same shapes as the weights to be loaded); on CPU, the default 8."""
     if cfg.batch_size != "auto":
         return cfg.batch_size, cfg.grad_accum, ""
@@ -141,12 +146,14 @@ def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = Tru
     if checked.device == "cpu":
         batch, why = AUTO_BASE_BATCH, "auto: the default on CPU"
     elif not probe:
-        return AUTO_BASE_BATCH, cfg.grad_accum, f"auto: probed on the GPU when training starts, up to {effective}"
+        start = min(effective, ceiling or effective)
+        return AUTO_BASE_BATCH, cfg.grad_accum, f"auto: probed on the GPU when training starts, from {start}"
     else:
         started = time.perf_counter()
         model = model_from_config(cfg, checked.model_config)
         try:
-            batch = agree_on_smallest(largest_fitting_batch(model, checked.precision, checked.block_size, effective,
+            batch = agree_on_smallest(largest_fitting_batch(model, checked.precision, checked.block_size,
+                                                            min(effective, ceiling or effective),
                                                             cfg.gradient_checkpointing))
         finally:
             del model

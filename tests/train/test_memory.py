@@ -98,3 +98,12 @@ def _llama_7b():
 
     return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def test_batch_size_auto_starts_its_probe_at_the_largest_batch_the_estimate_fits():
+    shape = memory.shape_of(_llama_7b(), 16, model_mod.lora_targets("llama", None))
+    sizing = memory.Sizing(shape, replace(BASE, lora=True, checkpointing=True), memory.CUDA_RUNTIME, 80 * GIB)
+    start = sizing.largest_batch(64)
+    assert 1 < start < 64 and start & (start - 1) == 0  # a power of two, below the limit
+    assert sizing.at(start).total <= 80 * GIB < sizing.at(2 * start).total
+    assert memory.Sizing(shape, BASE, 0, 1 * GIB).largest_batch(64) == 1  # the fallback, checked by the plan
