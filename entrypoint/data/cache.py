@@ -56,7 +56,10 @@ def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int, pr
 
 
 def all_pretokenized(opts: DataOptions, *inputs: Source) -> bool:
-    """Whether every input file holds pretokenized rows (by its first record; a saved dataset counts as not)."""
+    """Whether every input file holds pretokenized rows (by its first record; a saved dataset counts as not, and so
+    do datasets by name, whose formats mixture.py checks source by source)."""
+    if any(source.parts or source.saved_dataset for source in inputs):
+        return False
     fields = Fields.from_config(opts)
     found = [fmt for source in inputs if source for fmt in file_formats(source.files, fields).values()]
     return bool(found) and not any(source.saved_dataset for source in inputs) and \

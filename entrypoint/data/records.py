@@ -175,7 +175,10 @@ def _peek_parquet(path: Path, limit: int) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     seen = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 1000)):
+    # An object in a store (objectstore.RemoteFile) is read through its seekable file: the footer and the row
+    # groups asked for, by ranged reads.
+    source = path if isinstance(path, Path) else path.open("rb")
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=min(limit, 1000)):
         for record in batch.to_pylist():
             if seen >= limit:
                 return

@@ -223,7 +223,8 @@ def read_documents(source: Source, opts: DataOptions, cache_dir: Path):
                     from None
             parts.append(_text_column(part, {"text": ("text", "--txt-split")}, files[0]) if loader == "text"
                          else _columns(part, opts, files[0], cache_dir,
-                                       records.locator([Path(f) for f in files], loader)))
+                                       records.locator([Path(f) if isinstance(f, str) else f for f in files],
+                                                       loader)))
         found = {record_format(p) for p in parts}
         if len(found) > 1:
             raise DataError(f"{source.describe()} mixes data formats ({', '.join(sorted(found))}); train on one "
