@@ -27,11 +27,14 @@ def remote_steps(lab: Lab, bucket: str) -> dict[int, bool]:
     return found
 
 
-def kill_mid_upload(lab: Lab, bucket: str, job, sig=signal.SIGKILL, timeout: float = 300) -> int | None:
-    """Send `sig` to the run while a checkpoint is half in the store (files there, marker not yet): its step."""
+def kill_mid_upload(lab: Lab, bucket: str, job, sig=signal.SIGKILL, timeout: float = 300,
+                    before: int | None = None) -> int | None:
+    """Send `sig` to the run while a checkpoint (of a step below `before`, when given) is half in the store (files
+    there, marker not yet): its step."""
     deadline = time.monotonic() + timeout
     while job.proc.poll() is None and time.monotonic() < deadline:
-        torn = [step for step, done in remote_steps(lab, bucket).items() if not done]
+        torn = [step for step, done in remote_steps(lab, bucket).items()
+                if not done and (before is None or step < before)]
         if torn:
             job.proc.send_signal(sig)
             return torn[0]
@@ -127,10 +130,11 @@ def two_writers_on_one_prefix(lab: Lab) -> Outcome:
 def sigterm_during_an_upload(lab: Lab) -> Outcome:
     root = lab.fresh("remote-sigterm-upload")
     env = lab.bucket("remote-sigterm-upload")
-    extra = {"FINETUNE_MODEL": str(lab.small_model), "FINETUNE_MAX_STEPS": "4", "FINETUNE_SAVE_STEPS": "2",
-             "FINETUNE_EVAL_STEPS": "4", "FINETUNE_LOGGING_STEPS": "2"}
+    extra = {"FINETUNE_MODEL": str(lab.small_model), "FINETUNE_MAX_STEPS": "8", "FINETUNE_SAVE_STEPS": "2",
+             "FINETUNE_EVAL_STEPS": "8", "FINETUNE_LOGGING_STEPS": "2"}
     job = lab.start(root / "node-a" / "out", **env, **extra)
-    during = kill_mid_upload(lab, "remote-sigterm-upload", job, sig=signal.SIGTERM)
+    # Not the last checkpoint's upload: training is over by then, and the signal would race the publish.
+    during = kill_mid_upload(lab, "remote-sigterm-upload", job, sig=signal.SIGTERM, before=8)
     first, log = job.finish()
     expect(during is not None, "no upload was caught in progress")
     expect(status_of(root / "node-a" / "out") == ("preempted", 7), "not recorded as preempted", log)
