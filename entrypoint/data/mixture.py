@@ -160,7 +160,7 @@ def select(parts: tuple[Part, ...], docs: list, fmt: str, tokenizer, opts: DataO
     chosen = []
     for index, (part, d, mean, share) in enumerate(zip(parts, docs, means, shares, strict=True)):
         keep = min(len(d), max(1, round(share * mixture / mean))) if mean else len(d)
-        log.info(f"mixture: {part.label} weight {share:.3f}: {keep} of {len(d)} documents (about "
+        log.info(f"mixing {part.label} at weight {share:.3f}: {keep} of {len(d)} documents (about "
                  f"{keep * mean:,.0f} training tokens, {mean:.0f} per document)")
         chosen.append(d if keep == len(d) else pick(d, keep, opts.seed, index))
     return chosen
