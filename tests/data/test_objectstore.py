@@ -5,6 +5,7 @@ The documents read from objects are compared with the same files read locally by
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import json
@@ -226,12 +227,7 @@ class ListsButDeniesReads(Denied):
 
 
 def test_a_read_denied_after_a_listing_is_a_data_error_from_doctor_and_the_build(tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ListsButDeniesReads)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with _store_answering(ListsButDeniesReads, monkeypatch):
         opts = options(tmp_path, "s3://private-data/corpus")
         train, _ = discover(opts)  # the listing is allowed
         assert [f.name for f in train.files] == ["train.txt"]
@@ -239,23 +235,14 @@ def test_a_read_denied_after_a_listing_is_a_data_error_from_doctor_and_the_build
             objectstore.check_readable(train.files)
         with pytest.raises(DataError, match="access denied"):
             read_documents(train, opts, tmp_path / "scratch")
-    finally:
-        server.shutdown()
 
 
 def test_a_denied_listing_is_a_data_error_naming_the_permission(tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Denied)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with _store_answering(Denied, monkeypatch):
         with pytest.raises(DataError, match="access denied.*read access"):
             discover(options(tmp_path, "s3://private-data/corpus"))
         with pytest.raises(ModelLoadError, match="access denied"):
             objectstore.local_model("s3://private-data/model", tmp_path / "cache")
-    finally:
-        server.shutdown()
 
 
 def test_a_model_folder_is_downloaded_once_and_loaded_from_the_cache(s3, bucket, tmp_path, tiny_model):
@@ -278,3 +265,17 @@ def test_a_model_prefix_without_config_json_is_a_model_load_error(s3, bucket, tm
         objectstore.local_model(f"s3://{bucket}/m", tmp_path / "cache")
     with pytest.raises(ModelLoadError, match="does not exist"):
         objectstore.local_model("s3://no-such-model-bucket/m", tmp_path / "cache")
+
+
+@contextlib.contextmanager
+def _store_answering(handler, monkeypatch):
+    """An HTTP server on 127.0.0.1 answering S3 requests with `handler`, set as the endpoint for the test."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        yield
+    finally:
+        server.shutdown()
