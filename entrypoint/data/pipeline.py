@@ -29,7 +29,7 @@ from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
-from entrypoint.data.tokendataset import Layout, TokenDataset
+from entrypoint.data.tokendataset import Layout, PairDataset, TokenDataset
 from entrypoint.errors import DataError, OutputError
 from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import WorkProgress
@@ -59,7 +59,13 @@ class DataStats:
 
 # formats.py's names -> the names users see in logs, metrics and the model card
 FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat",
-                formats.PRETOKENIZED: "pretokenized"}
+                formats.PRETOKENIZED: "pretokenized", formats.PREFERENCE: "preference"}
+
+
+def laid_out(opts: DataOptions, fmt: str) -> DataOptions:
+    """`opts` as the cache of `fmt` records is laid out: preference pairs are never packed (each answer is a row of
+    its own, chosen then rejected, which the DPO loss compares)."""
+    return replace(opts, packing=False) if fmt == formats.PREFERENCE else opts
 
 
 def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, stop=None):
@@ -218,7 +224,7 @@ def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out, source), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
-                             build.opts.train_on_prompt)
+                             build.opts.train_on_prompt, build.block_size)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
                     for part, (tokens, lengths, mask) in result.items():
@@ -251,9 +257,10 @@ def finalize(build: Build, seconds: float) -> bool:
     for n in names:
         for count, value in json.loads((target / n / "stats.json").read_text()).items():
             counts[count] = counts.get(count, 0) + value
+    fmt = (target / names[0] / "format").read_text()
+    opts = laid_out(opts, fmt)
     stats = summarize(opts, counts, block_size, holds_out=not build.valid_src)
     stats.prepare_seconds, stats.fingerprint = seconds, key
-    fmt = (target / names[0] / "format").read_text()
     dtype = token_dtype(opts, build.tokenizer, fmt).name
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
     stats.source_tokens = {k.removeprefix("source "): v for k, v in counts.items() if k.startswith("source ")}
@@ -309,6 +316,8 @@ def load(opts: DataOptions, target: Path, start: float, hit: bool):
     stats.isolated = layout.packing and formats.isolate_by_default(manifest["data_format"], opts.isolate_documents)
     train = TokenDataset(layout, "train", isolate=stats.isolated)
     valid = TokenDataset(layout, "valid", isolate=stats.isolated)
+    if manifest["data_format"] == formats.PREFERENCE:
+        train, valid = PairDataset(train), PairDataset(valid)
     capped = valid.capped(opts.max_eval_tokens)
     if capped is not valid:
         log.info(f"evaluation scores {len(capped)} of {len(valid)} validation rows ({capped.tokens()} of "
