@@ -193,7 +193,9 @@ def whole_run_train_loss(history: list[dict], first_step: int, session_loss: flo
 def final_line(metrics: dict, model_dir) -> str:
     """The run's last log line (in the `done` area): what a person reads first in `kubectl logs`."""
     mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-    return (f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} on "
+    quality = f"perplexity {metrics['perplexity']:.2f}" if "reward_accuracy" not in metrics else \
+        f"reward accuracy {metrics['reward_accuracy']:.2f}"
+    return (f"eval loss {metrics['eval_loss']:.4f}, {quality} on "
             f"{metrics.get('data_format', 'text')} data, "
             f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
             f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "
