@@ -62,7 +62,7 @@ class TrainConfig:
     train_on_prompt: bool = opt(False, "Put loss on prompt and user tokens too, not only on completions and "
                                 "assistant turns.")
     dpo_beta: float = opt(0.1, "DPO's beta for preference records (prompt, chosen, rejected): how far the model may "
-                          "move from the reference (the base model); larger keeps it closer.", min=0.0)
+                          "move from the reference (the base model); larger keeps it closer.", min=0.001)
     isolate_documents: bool | None = opt(
         None, "Restart position ids at every document in a packed block so no token attends across a document "
         "boundary [default: on for instruction and chat data, off for plain text].")

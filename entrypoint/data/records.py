@@ -127,7 +127,8 @@ def converter(fmt: str, vocab_size: int | None) -> Callable[[Mapping], dict]:
 
 def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], cache_file: Path):
     """A loaded `datasets.Dataset` of `fmt` records converted (a memory-mapped copy at `cache_file`): columns
-    prompt/completion, messages, input_ids/labels, or preference.pair's. A bad record raises its DataError prefixed by `where(row)`."""
+    prompt/completion, messages, input_ids/labels, or preference.pair's. A bad record raises its DataError prefixed
+    by `where(row)`."""
     import datasets
 
     convert_one = converter(fmt, vocab_size)

@@ -254,7 +254,8 @@ def file_formats(files: tuple[Path, ...], fields: formats.Fields) -> dict[Path, 
 
 
 def record_format(ds) -> str:
-    """text, prompt-completion, chat, pretokenized or preference (formats.py's names) for a dataset from read_documents."""
+    """text, prompt-completion, chat, pretokenized or preference (formats.py's names) for a dataset from
+    read_documents."""
     if "chosen_turns" in ds.column_names:
         return formats.PREFERENCE
     if "messages" in ds.column_names:

@@ -16,7 +16,7 @@ from entrypoint import logs
 from entrypoint.config.options import as_dict
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline
-from entrypoint.data.collate import PackedCollator, PairCollator, PaddingCollator
+from entrypoint.data.collate import PackedCollator, PaddingCollator, PairCollator
 from entrypoint.data.options import DataOptions
 from entrypoint.data.tokendataset import PairDataset
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted

@@ -76,7 +76,8 @@ class ProgressLog(TrainerCallback):
             percent = 100 * state.global_step / max(1, state.max_steps)
             train_log.progress(f"step {state.global_step}/{state.max_steps} ({percent:.0f}%) "
                                f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
-                               f"lr {logs.get('learning_rate', 0):.2e}{_accuracy(logs)} tokens/s {tokens:,.0f} eta {eta}",
+                               f"lr {logs.get('learning_rate', 0):.2e}{_accuracy(logs)} "
+                               f"tokens/s {tokens:,.0f} eta {eta}",
                                step=state.global_step, epoch=state.epoch, loss=logs["loss"],
                                learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)
 

@@ -12,7 +12,7 @@ import torch
 
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline, preference
-from entrypoint.data.collate import PairCollator, PaddingCollator
+from entrypoint.data.collate import PaddingCollator, PairCollator
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import DataError
 
@@ -110,7 +110,8 @@ def test_bad_pairs_name_the_problem_and_the_fix(record, problem):
 
 @pytest.mark.parametrize(("bad", "problem"), [
     ({"prompt": "p\n", "chosen": "", "rejected": "no"}, "the chosen answer is empty; write the answer or remove"),
-    ({"prompt": "p\n", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same text, so nothing is preferred; give a "),
+    ({"prompt": "p\n", "chosen": "same", "rejected": "same"},
+     "chosen and rejected are the same text, so nothing is preferred; give a "),
 ])
 def test_a_bad_record_in_a_file_is_named_by_file_and_line(tokenizer, tmp_path, bad, problem):
     path = write(tmp_path / "data" / "train.jsonl", [*PAIRS[:6], bad, *PAIRS[6:]])
