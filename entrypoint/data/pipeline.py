@@ -55,6 +55,7 @@ class DataStats:
     train_target_tokens: int = 0  # tokens of the training split that carry loss
     isolated: bool = False  # packed rows restart position ids at every document (set when loaded)
     source_tokens: dict = field(default_factory=dict)  # --dataset label -> its tokens in the training split
+    cut_pairs: int = 0  # preference pairs with an answer cut to --block-size (both splits)
 
 
 # formats.py's names -> the names users see in logs, metrics and the model card
@@ -227,6 +228,8 @@ def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path
                              build.opts.train_on_prompt, build.block_size)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
+                    if shards.CUT in result:  # preference pairs: summed over shards by finalize
+                        writer.counts["cut_pairs"] = writer.counts.get("cut_pairs", 0) + result.pop(shards.CUT)
                     for part, (tokens, lengths, mask) in result.items():
                         writer.add(part, tokens, lengths, mask)
                         if source and part == "train":  # summed over shards by finalize, as every count is
@@ -263,6 +266,10 @@ def finalize(build: Build, seconds: float) -> bool:
     stats.prepare_seconds, stats.fingerprint = seconds, key
     dtype = token_dtype(opts, build.tokenizer, fmt).name
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
+    stats.cut_pairs = counts.get("cut_pairs", 0)
+    if stats.cut_pairs:
+        log.warning(f"{stats.cut_pairs} preference pairs had an answer cut to --block-size {block_size} tokens; "
+                    "raise --block-size to train on whole answers", cut_pairs=stats.cut_pairs)
     stats.source_tokens = {k.removeprefix("source "): v for k, v in counts.items() if k.startswith("source ")}
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": opts.packing,
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}

@@ -29,6 +29,7 @@ from entrypoint.errors import DataError
 from entrypoint.runtime import forkpool
 
 SPLITS = ("train", "valid")
+CUT = "cut"  # in a result of preference pairs: how many had an answer cut to the block (not a split)
 TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
 SPAN_BYTES = 4 << 20  # text per task at most, so a few huge documents (--txt-split file) spread out too
 PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
@@ -151,13 +152,16 @@ def _tokenize_records(job: Job, first: int, last: int) -> tuple[dict, int]:
     conv = formats.Convention(job.bos, job.eos)
     indices = np.arange(first, last, dtype=np.int64)
     docs = [_encode(job, conv, first + n, record) for n, record in enumerate(table.to_pylist())]
+    cut = 0
     if job.fmt == formats.PREFERENCE:  # each pair: its chosen, then its rejected document, held out together
+        cut = sum(pair[2] for pair in docs)
         docs, indices = [doc for pair in docs for doc in pair[:2]], np.repeat(indices, 2)
     lengths = np.fromiter((len(d.ids) for d in docs), dtype=np.int64, count=len(docs))
     total = int(lengths.sum())
     tokens = np.fromiter(itertools.chain.from_iterable(d.ids for d in docs), dtype=job.dtype, count=total)
     mask = np.fromiter((label != formats.IGNORE for d in docs for label in d.labels), dtype=np.uint8, count=total)
-    return _route(job, indices, tokens, lengths, mask), table.nbytes
+    routed = _route(job, indices, tokens, lengths, mask)
+    return (routed | {CUT: cut} if job.fmt == formats.PREFERENCE else routed), table.nbytes
 
 
 def _encode(job: Job, conv: formats.Convention, index: int, record: dict):

@@ -152,6 +152,7 @@ def summarize(run: RunRecord) -> dict:
         "dropped_tokens": stats.dropped_tokens,
         **({"train_tokens_by_source": stats.source_tokens} if getattr(stats, "source_tokens", None) else {}),
         **preference_metrics(run.final, run.history),
+        **({"cut_pairs": stats.cut_pairs} if stats.data_format == "preference" else {}),
     }
 
 

@@ -125,3 +125,12 @@ def test_a_prompt_leaving_no_room_for_the_answer_is_an_error_naming_the_fix(toke
     with pytest.raises(DataError, match=r"record 5 of the training data: the prompt takes \d+ tokens, leaving no room "
                                         r"for the answer within --block-size 32; shorten the prompt or raise"):
         prepare(tokenizer, tmp_path / "data", tmp_path / "out", block_size=32)
+
+
+def test_pairs_with_an_answer_cut_to_the_block_are_counted(tokenizer, tmp_path):
+    long = {"prompt": "Say:\n", "chosen": "word " * 60, "rejected": "no"}
+    write(tmp_path / "data" / "train.jsonl", [*PAIRS[:20], long])
+    write(tmp_path / "data" / "valid.jsonl", PAIRS[20:])
+    train, _, stats = prepare(tokenizer, tmp_path / "data", tmp_path / "out", block_size=32)
+    assert stats.cut_pairs == 1 and len(train) == 21
+    assert max(len(item["chosen"]["input_ids"]) for item in train) == 32
