@@ -113,8 +113,10 @@ def encode(row: Mapping, tokenizer, conv: Convention, block_size: int) -> tuple[
 def _chat(prefix: list[dict], answer: list[dict], tokenizer, conv: Convention) -> Encoded:
     """The conversation with loss on the answer's assistant turns only, not on assistant turns of the prompt."""
     segments = formats.chat_segments(prefix + answer, tokenizer)
-    keep = sum(1 for turn in answer if turn["content"])  # chat_segments drops empty pieces
-    targets = [i for i, (_, target) in enumerate(segments) if target][-keep:] if keep else []
+    # The prompt's own assistant turns are the first targets (chat_segments checked the template renders the
+    # prompt alike with or without the answers after it); the rest are the answer's.
+    before = sum(target for _, target in formats.chat_segments(prefix, tokenizer))
+    targets = [i for i, (_, target) in enumerate(segments) if target][before:]
     segments = [(text, i in targets) for i, (text, _) in enumerate(segments)]
     return formats.encode_segments(segments, tokenizer, conv, eos_is_target=True)
 
