@@ -11,6 +11,8 @@ SFT_OUTPUT_DIR ?= output-sft
 SFT_PROMPT ?= def getsource(object):
 # make demo-alpaca: the same, from Alpaca records.
 ALPACA_OUTPUT_DIR ?= output-alpaca
+# make demo-dpo: where its model goes.
+DPO_OUTPUT_DIR ?= output-dpo
 PYTEST_ARGS ?=
 # make bench on CPU: a tiny GPT-2 (50,257-token vocabulary), 2 optimizer steps a side (4 x 8 x 512 tokens each),
 # 128 validation lines, 3 runs a side; about 10 minutes on 2 cores. On a GPU: BENCH_ARGS='--size gpt2 --epochs 3'
@@ -78,6 +80,15 @@ demo-alpaca: install ## demo-sft from Alpaca records (instruction, input, output
 	@# An Alpaca prompt is the instruction then a newline (docs/data.md); $$(...) would strip the newline.
 	prompt="$$(printf '%s\n_' '$(SFT_PROMPT)')"; \
 		$(FINETUNE) generate --model-dir $(ALPACA_OUTPUT_DIR)/model --prompt "$${prompt%_}" --max-new-tokens 40
+
+.PHONY: demo-dpo
+demo-dpo: install ## Preference tuning (DPO): prefer a function's own docstring to another's (CPU, 1-2 minutes).
+	$(FINETUNE) corpus --output-dir $(DEMO_DIR)/data
+	$(FINETUNE) corpus --preferences --max-documents 128 --output-dir $(DEMO_DIR)/dpo-data
+	$(FINETUNE) init-model --corpus $(DEMO_DIR)/data/train.txt --output-dir $(DEMO_DIR)/tiny-gpt2
+	$(FINETUNE) train --preset demo-dpo --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/dpo-data \
+		--valid-file $(DEMO_DIR)/dpo-data/train.jsonl --output-dir $(DPO_OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+	grep -E '"(initial_|train_)?reward_accuracy"' $(DPO_OUTPUT_DIR)/metrics.json
 
 .PHONY: test
 test: install ## Run the test suite (Docker tests skip with a reason when no engine is reachable).

@@ -178,18 +178,22 @@ def init_model(**params):
 @click.option("--alpaca", is_flag=True, envvar="FINETUNE_ALPACA", show_envvar=True,
               help="Write the --instructions pairs as Alpaca records (instruction, input, output), which train "
               "renders to the same prompts.")
+@click.option("--preferences", is_flag=True, envvar="FINETUNE_PREFERENCES", show_envvar=True,
+              help="Write preference pairs for DPO instead: prompt = a function's signature, chosen = its docstring's "
+              "first paragraph, rejected = another function's.")
 @handled()
-def corpus(output_dir, max_documents, instructions, alpaca):
+def corpus(output_dir, max_documents, instructions, alpaca, preferences):
     """Write a line-by-line corpus built from the Python standard library's docstrings (for demos and smoke
     tests: real prose on every machine, nothing downloaded)."""
     from entrypoint.data import corpus as plain
     from entrypoint.data import sftcorpus
 
-    if instructions or alpaca:
-        counts = sftcorpus.build(output_dir, max_documents, alpaca=alpaca)
+    if instructions or alpaca or preferences:
+        counts = sftcorpus.build(output_dir, max_documents, alpaca=alpaca, preferences=preferences)
     else:
         counts = plain.build(output_dir, max_documents)
-    kind = "Alpaca records" if alpaca else "prompt/completion records" if instructions else "documents"
+    kind = "preference pairs" if preferences else "Alpaca records" if alpaca else \
+        "prompt/completion records" if instructions else "documents"
     click.echo(f"corpus: {counts['train']} training and {counts['valid']} validation {kind} in {output_dir}")
 
 

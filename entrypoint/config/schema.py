@@ -61,6 +61,8 @@ class TrainConfig:
     messages_field: str = opt("messages", "Field holding the list of {role, content} messages of chat records.")
     train_on_prompt: bool = opt(False, "Put loss on prompt and user tokens too, not only on completions and "
                                 "assistant turns.")
+    dpo_beta: float = opt(0.1, "DPO's beta for preference records (prompt, chosen, rejected): how far the model may "
+                          "move from the reference (the base model); larger keeps it closer.", min=0.001)
     isolate_documents: bool | None = opt(
         None, "Restart position ids at every document in a packed block so no token attends across a document "
         "boundary [default: on for instruction and chat data, off for plain text].")

@@ -62,3 +62,14 @@ class PaddingCollator:
             if "labels" in row:  # records: the cache's loss mask
                 labels[i, : len(seqs[i])] = torch.as_tensor(row["labels"], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class PairCollator:
+    """Preference pairs as one padded batch of 2 x B rows: the B chosen rows first, then the B rejected rows in the
+    same order (the DPO loss splits it there), so the model reads both answers in one forward pass."""
+
+    def __init__(self, padding: PaddingCollator):
+        self.padding = padding
+
+    def __call__(self, pairs):
+        return self.padding([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])

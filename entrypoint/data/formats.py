@@ -25,6 +25,8 @@ from entrypoint.errors import DataError, ModelLoadError
 
 TEXT, INSTRUCTION, CHAT = "text", "prompt-completion", "chat"
 ALPACA, SHAREGPT, PRETOKENIZED = "alpaca", "sharegpt", "pretokenized"
+PREFERENCE = "preference"  # prompt/chosen/rejected pairs for DPO (preference.py encodes them)
+PREFERENCE_FIELDS = ("chosen", "rejected")
 # The fields each fixed-name format is detected by, and those it reads
 ALPACA_FIELDS = ("instruction", "output")
 ALPACA_READS = ("system", "instruction", "input", "output")
@@ -87,10 +89,13 @@ class Encoded:
 
 
 def detect(keys: Iterable[str], fields: Fields = Fields()) -> str:
-    """The format of records with these fields, the first that fits: chat (the messages field), ShareGPT
+    """The format of records with these fields, the first that fits: preference pairs (`chosen` and
+    `rejected`), chat (the messages field), ShareGPT
     (`conversations`), pretokenized (`input_ids`), prompt/completion (both fields), Alpaca (`instruction` and
     `output`), text. Raises DataError naming the option to use (`hint`) when none fits."""
     keys = set(keys)
+    if all(name in keys for name in PREFERENCE_FIELDS):
+        return PREFERENCE
     if fields.messages in keys:
         return CHAT
     if SHAREGPT_FIELD in keys:
@@ -190,6 +195,11 @@ def encode(record: Mapping, fmt: str, tokenizer, conv: Convention, fields: Field
         last_is_answer = messages[-1]["role"] == "assistant"
         return _finish(segments, tokenizer, conv, eos_is_target=last_is_answer or train_on_prompt)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def encode_segments(segments: list[tuple[str, bool]], tokenizer, conv: Convention, eos_is_target: bool) -> Encoded:
+    """(text, carries loss) pieces as one document, BOS and EOS added as `encode` adds them."""
+    return _finish(segments, tokenizer, conv, eos_is_target)
 
 
 def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:

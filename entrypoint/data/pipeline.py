@@ -29,7 +29,7 @@ from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.data.sources import Source, read_documents, record_format
 from entrypoint.data.textfiles import TextFiles, text_files
-from entrypoint.data.tokendataset import Layout, TokenDataset
+from entrypoint.data.tokendataset import Layout, PairDataset, TokenDataset
 from entrypoint.errors import DataError, OutputError
 from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import WorkProgress
@@ -55,11 +55,18 @@ class DataStats:
     train_target_tokens: int = 0  # tokens of the training split that carry loss
     isolated: bool = False  # packed rows restart position ids at every document (set when loaded)
     source_tokens: dict = field(default_factory=dict)  # --dataset label -> its tokens in the training split
+    cut_pairs: int = 0  # preference pairs with an answer cut to --block-size (both splits)
 
 
 # formats.py's names -> the names users see in logs, metrics and the model card
 FORMAT_NAMES = {formats.TEXT: "text", formats.INSTRUCTION: "instruction", formats.CHAT: "chat",
-                formats.PRETOKENIZED: "pretokenized"}
+                formats.PRETOKENIZED: "pretokenized", formats.PREFERENCE: "preference"}
+
+
+def laid_out(opts: DataOptions, fmt: str) -> DataOptions:
+    """`opts` as the cache of `fmt` records is laid out: preference pairs are never packed (each answer is a row of
+    its own, chosen then rejected, which the DPO loss compares)."""
+    return replace(opts, packing=False) if fmt == formats.PREFERENCE else opts
 
 
 def prepare(opts: DataOptions, tokenizer, block_size: int, builds: bool = True, stop=None):
@@ -218,9 +225,11 @@ def _write_shard(build: Build, jobs: list, ranges: list, fmt: str, staging: Path
         progress = WorkProgress("data", total, PROGRESS_SECONDS)
         for (docs, split, hold_out, source), (lo, hi) in zip(jobs, ranges, strict=True):
             job = shards.Job(docs, backend, tokenizer.eos_token_id, dtype, split, hold_out, bos, fmt, tokenizer,
-                             build.opts.train_on_prompt)
+                             build.opts.train_on_prompt, build.block_size)
             with contextlib.closing(shards.tokenized(job, lo, hi, workers, stop)) as results:
                 for result, nbytes in results:
+                    if shards.CUT in result:  # preference pairs: summed over shards by finalize
+                        writer.counts["cut_pairs"] = writer.counts.get("cut_pairs", 0) + result.pop(shards.CUT)
                     for part, (tokens, lengths, mask) in result.items():
                         writer.add(part, tokens, lengths, mask)
                         if source and part == "train":  # summed over shards by finalize, as every count is
@@ -251,11 +260,16 @@ def finalize(build: Build, seconds: float) -> bool:
     for n in names:
         for count, value in json.loads((target / n / "stats.json").read_text()).items():
             counts[count] = counts.get(count, 0) + value
+    fmt = (target / names[0] / "format").read_text()
+    opts = laid_out(opts, fmt)
     stats = summarize(opts, counts, block_size, holds_out=not build.valid_src)
     stats.prepare_seconds, stats.fingerprint = seconds, key
-    fmt = (target / names[0] / "format").read_text()
     dtype = token_dtype(opts, build.tokenizer, fmt).name
     stats.data_format, stats.train_target_tokens = FORMAT_NAMES[fmt], counts.get("train_targets", 0)
+    stats.cut_pairs = counts.get("cut_pairs", 0)
+    if stats.cut_pairs:
+        log.warning(f"{stats.cut_pairs} preference pairs had an answer cut to --block-size {block_size} tokens; "
+                    "raise --block-size to train on whole answers", cut_pairs=stats.cut_pairs)
     stats.source_tokens = {k.removeprefix("source "): v for k, v in counts.items() if k.startswith("source ")}
     manifest = {"format": FORMAT_VERSION, "key": key, "block_size": block_size, "packing": opts.packing,
                 "dtype": dtype, "shards": names, "data_format": fmt, "masked": fmt != formats.TEXT}
@@ -309,6 +323,8 @@ def load(opts: DataOptions, target: Path, start: float, hit: bool):
     stats.isolated = layout.packing and formats.isolate_by_default(manifest["data_format"], opts.isolate_documents)
     train = TokenDataset(layout, "train", isolate=stats.isolated)
     valid = TokenDataset(layout, "valid", isolate=stats.isolated)
+    if manifest["data_format"] == formats.PREFERENCE:
+        train, valid = PairDataset(train), PairDataset(valid)
     capped = valid.capped(opts.max_eval_tokens)
     if capped is not valid:
         log.info(f"evaluation scores {len(capped)} of {len(valid)} validation rows ({capped.tokens()} of "

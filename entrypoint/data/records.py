@@ -27,12 +27,12 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from entrypoint.data import formats
-from entrypoint.data.formats import ALPACA, PRETOKENIZED, SHAREGPT
+from entrypoint.data import formats, preference
+from entrypoint.data.formats import ALPACA, PREFERENCE, PRETOKENIZED, SHAREGPT
 from entrypoint.errors import DataError
 
 # Bumped whenever a layout above changes, so the token cache (its key holds this) is built again.
-RENDERING = "alpaca-1,sharegpt-1,pretokenized-1"
+RENDERING = "alpaca-1,sharegpt-1,pretokenized-1,preference-1"
 # ShareGPT's `from` values -> chat roles. function_call is the assistant calling a tool (learnt, like any answer);
 # observation and tool are what the tool returned (context, no loss).
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -119,15 +119,16 @@ def _ints(value, name: str) -> list[int]:
 
 
 def converter(fmt: str, vocab_size: int | None) -> Callable[[Mapping], dict]:
-    """The function that converts one record of `fmt` (ALPACA, SHAREGPT or PRETOKENIZED)."""
+    """The function that converts one record of `fmt` (ALPACA, SHAREGPT, PRETOKENIZED or PREFERENCE)."""
     if fmt == PRETOKENIZED:
         return lambda record: pretokenized(record, vocab_size)
-    return {ALPACA: alpaca, SHAREGPT: sharegpt}[fmt]
+    return {ALPACA: alpaca, SHAREGPT: sharegpt, PREFERENCE: preference.pair}[fmt]
 
 
 def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], cache_file: Path):
     """A loaded `datasets.Dataset` of `fmt` records converted (a memory-mapped copy at `cache_file`): columns
-    prompt/completion, messages, or input_ids/labels. A bad record raises its DataError prefixed by `where(row)`."""
+    prompt/completion, messages, input_ids/labels, or preference.pair's. A bad record raises its DataError prefixed
+    by `where(row)`."""
     import datasets
 
     convert_one = converter(fmt, vocab_size)
@@ -138,11 +139,12 @@ def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], c
         except DataError as exc:
             raise DataError(f"{where(row)}: {exc.problems[0]}") from None
 
-    ids = datasets.List(datasets.Value("int64"))
-    features = {ALPACA: {"prompt": datasets.Value("string"), "completion": datasets.Value("string")},
-                SHAREGPT: {"messages": datasets.List({"role": datasets.Value("string"),
-                                                      "content": datasets.Value("string")})},
-                PRETOKENIZED: {"input_ids": ids, "labels": ids}}[fmt]
+    ids, text = datasets.List(datasets.Value("int64")), datasets.Value("string")
+    turns = datasets.List({"role": text, "content": text})
+    features = {ALPACA: {"prompt": text, "completion": text}, SHAREGPT: {"messages": turns},
+                PRETOKENIZED: {"input_ids": ids, "labels": ids},
+                PREFERENCE: {"prompt": text, "chosen": text, "rejected": text, "prefix": turns, "chosen_turns": turns,
+                             "rejected_turns": turns}}[fmt]
     return ds.map(one, with_indices=True, remove_columns=ds.column_names, features=datasets.Features(features),
                   cache_file_name=str(cache_file), desc=f"reading {fmt} records")
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from entrypoint.data import formats, textfiles
+from entrypoint.data import formats, preference, textfiles
 from entrypoint.data import split as splitting
 from entrypoint.errors import DataError
 from entrypoint.runtime import forkpool
 
 SPLITS = ("train", "valid")
+CUT = "cut"  # in a result of preference pairs: how many had an answer cut to the block (not a split)
 TOKENIZE_BATCH = 2000  # documents per task at most: amortises the transfer, and still balances the load
 SPAN_BYTES = 4 << 20  # text per task at most, so a few huge documents (--txt-split file) spread out too
 PARALLEL_MIN_BYTES = 4 << 20  # about a million tokens of text; below it, starting processes costs more than it saves
@@ -52,6 +53,7 @@ class Job:
     fmt: str = formats.TEXT  # records (formats.INSTRUCTION, formats.CHAT) take the slower per-record path
     tokenizer: object = None  # the transformers tokenizer, for records
     train_on_prompt: bool = False
+    block_size: int = 0  # the longest preference sequence (preference.encode)
 
 
 _JOB: Job | None = None
@@ -148,16 +150,25 @@ def _tokenize_records(job: Job, first: int, last: int) -> tuple[dict, int]:
     """The per-record path (formats.encode): tokens, lengths and each token's loss mask."""
     table = job.docs.data.table.slice(first, last - first)
     conv = formats.Convention(job.bos, job.eos)
+    indices = np.arange(first, last, dtype=np.int64)
     docs = [_encode(job, conv, first + n, record) for n, record in enumerate(table.to_pylist())]
+    cut = 0
+    if job.fmt == formats.PREFERENCE:  # each pair: its chosen, then its rejected document, held out together
+        cut = sum(pair[2] for pair in docs)
+        docs, indices = [doc for pair in docs for doc in pair[:2]], np.repeat(indices, 2)
     lengths = np.fromiter((len(d.ids) for d in docs), dtype=np.int64, count=len(docs))
     total = int(lengths.sum())
     tokens = np.fromiter(itertools.chain.from_iterable(d.ids for d in docs), dtype=job.dtype, count=total)
     mask = np.fromiter((label != formats.IGNORE for d in docs for label in d.labels), dtype=np.uint8, count=total)
-    return _route(job, np.arange(first, last, dtype=np.int64), tokens, lengths, mask), table.nbytes
+    routed = _route(job, indices, tokens, lengths, mask)
+    return (routed | {CUT: cut} if job.fmt == formats.PREFERENCE else routed), table.nbytes
 
 
-def _encode(job: Job, conv: formats.Convention, index: int, record: dict) -> formats.Encoded:
+def _encode(job: Job, conv: formats.Convention, index: int, record: dict):
+    """The record's document, or for a preference pair, preference.encode's (chosen, rejected, cut)."""
     try:
+        if job.fmt == formats.PREFERENCE:
+            return preference.encode(record, job.tokenizer, conv, job.block_size)
         return formats.encode(record, job.fmt, job.tokenizer, conv, train_on_prompt=job.train_on_prompt)
     except DataError as exc:  # which record: the files are one table here (`finetune doctor` names file and line)
         data = "validation" if job.target == "valid" else "training"

@@ -254,7 +254,10 @@ def file_formats(files: tuple[Path, ...], fields: formats.Fields) -> dict[Path, 
 
 
 def record_format(ds) -> str:
-    """text, prompt-completion, chat or pretokenized (formats.py's names) for a dataset from read_documents."""
+    """text, prompt-completion, chat, pretokenized or preference (formats.py's names) for a dataset from
+    read_documents."""
+    if "chosen_turns" in ds.column_names:
+        return formats.PREFERENCE
     if "messages" in ds.column_names:
         return formats.CHAT
     if "input_ids" in ds.column_names:
@@ -271,7 +274,7 @@ def _columns(ds, opts: DataOptions, where: str, cache_dir: Path, locate):
         fmt = formats.detect(names, fields)
     except DataError:
         fmt = None
-    if fmt in (formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED):
+    if fmt in (formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED, formats.PREFERENCE):
         cache_dir.mkdir(parents=True, exist_ok=True)
         return records.convert(ds, fmt, opts.vocab_size, locate,
                                cache_dir / f"converted-{len(list(cache_dir.glob('converted-*')))}.arrow")

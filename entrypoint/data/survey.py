@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from entrypoint.data import formats, hubdata, records
+from entrypoint.data import formats, hubdata, preference, records
 from entrypoint.data import split as splitting
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
-from entrypoint.data.pipeline import FORMAT_NAMES, summarize
+from entrypoint.data.pipeline import FORMAT_NAMES, laid_out, summarize
 from entrypoint.data.sources import Source, file_format, file_formats
 from entrypoint.errors import DataError
 
@@ -55,12 +55,13 @@ class FileReport:
 @dataclass(frozen=True)
 class Check:
     """What a record is checked with: the fields' names, the tokenizer (None: conversions only), its BOS/EOS
-    convention, --train-on-prompt, and the model's vocabulary."""
+    convention, --train-on-prompt, the model's vocabulary, and --block-size (preference pairs must fit it)."""
 
     fields: formats.Fields
     tokenizer: object
     train_on_prompt: bool
     vocab_size: int | None
+    block_size: int | None = None
 
     @property
     def convention(self) -> formats.Convention | None:
@@ -73,7 +74,7 @@ def survey(opts: DataOptions, tokenizer=None, limit: int = SAMPLE,
     and validation data in different formats; with `block_size`, when every record was read, too few documents to
     hold some out or too few tokens for a block). Raises DataError when the inputs cannot be found (discover)."""
     vocab = opts.vocab_size or (len(tokenizer) if tokenizer is not None else None)
-    check = Check(formats.Fields.from_config(opts), tokenizer, opts.train_on_prompt, vocab)
+    check = Check(formats.Fields.from_config(opts), tokenizer, opts.train_on_prompt, vocab, block_size)
     reports: list[FileReport] = []
     problems: list[str] = []
     split_formats = {}
@@ -118,7 +119,7 @@ def _size_problems(opts: DataOptions, reports: list[FileReport], block_size: int
         counts |= {f"{split}_documents": len(found), f"{split}_tokens": int(found.sum()),
                    f"{split}_rows": int((-(-found // block_size)).sum())}
     try:
-        summarize(opts, counts, block_size, holds_out)
+        summarize(laid_out(opts, reports[0].fmt), counts, block_size, holds_out)
     except DataError as exc:
         return list(exc.problems)
     return []
@@ -206,7 +207,8 @@ def _lines(path: Path) -> Iterator[str]:
 def _fields_read(fmt: str, keys, fields: formats.Fields) -> tuple[str, ...]:
     wanted = {formats.TEXT: (fields.text,), formats.INSTRUCTION: (fields.prompt, fields.completion),
               formats.CHAT: (fields.messages,), formats.ALPACA: formats.ALPACA_READS,
-              formats.SHAREGPT: (formats.SHAREGPT_FIELD,), formats.PRETOKENIZED: formats.PRETOKENIZED_READS}[fmt]
+              formats.SHAREGPT: (formats.SHAREGPT_FIELD,), formats.PRETOKENIZED: formats.PRETOKENIZED_READS,
+              formats.PREFERENCE: ("prompt", *formats.PREFERENCE_FIELDS)}[fmt]
     return tuple(name for name in wanted if name in keys)
 
 
@@ -214,7 +216,7 @@ def _records(report: FileReport, rows, check: Check, where: Callable[[str], str]
     """Put each record through what training does with it, collecting distinct problems with where each first
     occurs and how many records have it."""
     convert = records.converter(report.fmt, check.vocab_size) if report.fmt in (
-        formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED) else None
+        formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED, formats.PREFERENCE) else None
     fmt, conv = _family(report.fmt), check.convention
     seen: dict[str, list] = {}
     for location, record in rows:
@@ -229,6 +231,9 @@ def _records(report: FileReport, rows, check: Check, where: Callable[[str], str]
                 report.lengths.append(0)  # empty documents are skipped, as training does
             elif fmt == formats.PRETOKENIZED:
                 report.lengths.append(len(record["input_ids"]))
+            elif fmt == formats.PREFERENCE and conv is not None:  # a pair is held out or trained as one
+                pair = preference.encode(record, check.tokenizer, conv, check.block_size or 1 << 62)
+                report.lengths.append(max(len(pair[0].ids), len(pair[1].ids)))
             elif conv is not None:
                 fields = check.fields if convert is None else formats.Fields()
                 encoded = formats.encode(record, fmt, check.tokenizer, conv, fields, check.train_on_prompt)

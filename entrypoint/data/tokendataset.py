@@ -132,3 +132,41 @@ def row_offsets(lengths: np.ndarray, block_size: int) -> np.ndarray:
     within = np.arange(int(pieces.sum()), dtype=np.int64) - first  # each row's index within its document
     row_lengths = np.minimum(block_size, lengths.repeat(pieces) - within * block_size)
     return np.concatenate([np.zeros(1, np.int64), np.cumsum(row_lengths, dtype=np.int64)])
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Preference pairs over an unpacked TokenDataset whose rows alternate chosen, rejected (shards.py writes each
+    pair's two documents together, and preference.encode keeps each within one row): item i is
+    {"chosen": row 2i, "rejected": row 2i + 1}."""
+
+    def __init__(self, rows: TokenDataset):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows) // 2
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return {"chosen": self.rows[2 * index], "rejected": self.rows[2 * index + 1]}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def row_lengths(self) -> np.ndarray:
+        """Each pair's longer row (a batch is padded to its longest)."""
+        return self.rows.row_lengths().reshape(-1, 2).max(axis=1)
+
+    def capped(self, max_tokens: int) -> PairDataset:
+        """Evenly spaced whole pairs of at most `max_tokens` tokens in all (itself if they fit)."""
+        pairs = splitting.capped_rows(self.rows.row_lengths().reshape(-1, 2).sum(axis=1), max_tokens)
+        if pairs is None:
+            return self
+        rows = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+        base = self.rows
+        return PairDataset(TokenDataset(base.layout, base.split, rows if base.rows is None else base.rows[rows],
+                                        base.isolate))
+
+    def tokens(self) -> int:
+        return self.rows.tokens()

@@ -93,11 +93,14 @@ def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: di
     adapters = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if config.get("lora_rank") else ()
     hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
                                     "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
-                                    "packing", "seed", *adapters, "quantize")
-             if k in config and (k != "quantize" or config[k])}
+                                    "packing", "seed", *adapters, "quantize", "dpo_beta")
+             if k in config and (k != "quantize" or config[k])
+             and (k != "dpo_beta" or metrics.get("data_format") == "preference")}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     shown = ("eval_loss", "perplexity", "initial_eval_loss", "train_loss", "global_step", "epoch",
-             "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision")
+             "train_tokens", "target_tokens", "useful_tokens_per_second", "world_size", "device", "precision",
+             "reward_accuracy", "initial_reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
+             "train_reward_accuracy")
     results = "\n".join(f"| {k} | {_fmt(metrics[k])} |" for k in shown if k in metrics)
     return f"""---
 library_name: transformers
@@ -136,6 +139,9 @@ or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
 def _loss_note(metrics: dict) -> str:
     if metrics.get("data_format", "text") == "text":
         return ""
+    if metrics.get("data_format") == "preference":
+        return ("; preference tuning (DPO) on chosen and rejected answers, the base model as the reference; "
+                "eval_loss is the DPO loss per pair and reward_accuracy the share of held-out pairs ranked right")
     return "; the loss covered the completions or assistant turns only" if not metrics.get("train_on_prompt") \
         else "; the loss covered prompts and answers alike"
 
@@ -188,7 +194,8 @@ def write_history(output_dir: Path, history: list[dict]) -> None:
 
 
 def plot_losses(output_dir: Path, history: list[dict]) -> None:
-    """loss.png: training loss per logging step and eval loss per evaluation."""
+    """loss.png: training loss per logging step and eval loss per evaluation; with DPO also the reward accuracy
+    (training windows and evaluations) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,16 +209,35 @@ def plot_losses(output_dir: Path, history: list[dict]) -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Fine-tuning loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    preference = any("rewards/accuracy" in h or "eval_rewards/accuracy" in h for h in history)
+    if preference:
+        ax.set_ylabel("DPO loss (nats/pair)")
+        ax.set_title("Preference tuning (DPO)")
+        _plot_accuracy(ax, history)
+    else:
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title("Fine-tuning loss")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     try:
         # The temporary name does not end in .png, so the format is named.
         fsutil.write_atomic(output_dir / "loss.png", lambda temp: fig.savefig(temp, format="png"))
     finally:
         plt.close(fig)
+
+
+def _plot_accuracy(ax, history: list[dict]) -> None:
+    """Reward accuracy (the share of pairs whose chosen answer out-rewards the rejected one) on a right axis."""
+    accuracy = ax.twinx()
+    for key, style, label, color in (("rewards/accuracy", "-", "train reward accuracy", "tab:green"),
+                                     ("eval_rewards/accuracy", "s-", "eval reward accuracy", "tab:red")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            accuracy.plot(*zip(*points, strict=True), style, label=label, color=color)
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    accuracy.legend(loc="upper right")
 
 
 def read_json(path: Path) -> dict | None:

@@ -6,7 +6,9 @@ nan/inf filter is turned off so a non-finite loss shows) and `grad_norm` (the la
 clipping). A window is bad when the loss is not finite, or the gradient norm is not finite on a step the
 optimizer really took. fp16's loss scaler skips a step whose gradients overflowed and lowers its scale: that
 is routine, not divergence (OverflowSteps makes such a step known with the fused optimizer too). BAD_WINDOWS bad
-windows in a row stop the run, without saving the state.
+windows in a row stop the run, without saving the state. With DPO a window is also bad when its reward accuracy
+(`rewards/accuracy`, the share of pairs whose chosen answer out-rewards the rejected one) has collapsed: fallen by
+COLLAPSE or more below the best window so far (e.g. from 0.9 to 0.4): the model then prefers the rejected answers.
 
 At the end, the final evaluation must be finite and within TOLERANCE of the evaluation at step 0.
 """
@@ -22,6 +24,7 @@ from entrypoint.errors import Diverged
 
 log = logs.area("guard")
 BAD_WINDOWS = 3
+COLLAPSE = 0.5  # reward accuracy lost from the run's best window (a share of pairs, 0..1)
 # Relative: the final eval loss may exceed the untrained model's by 5% (e.g. 3.00 -> 3.15 nats/token) before the
 # model counts as worse. Evaluation is deterministic, so this covers a slightly overfitted model, not noise.
 TOLERANCE = 0.05
@@ -70,6 +73,7 @@ class DivergenceGuard(TrainerCallback):
     def __init__(self):
         self.bad = 0
         self.problem: str | None = None
+        self.best_accuracy = 0.0  # DPO: the best window's reward accuracy
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         logs = logs or {}
@@ -81,6 +85,8 @@ class DivergenceGuard(TrainerCallback):
             what = f"loss {loss}"
         elif norm is not None and not _finite(norm) and not skipped:
             what = f"gradient norm {norm}"
+        elif self._collapsed(logs.get("rewards/accuracy")):
+            what = f"reward accuracy {logs['rewards/accuracy']:.2f} (best {self.best_accuracy:.2f})"
         else:
             self.bad = 0
             return control
@@ -93,6 +99,13 @@ class DivergenceGuard(TrainerCallback):
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False  # a checkpoint of non-finite weights is no use
         return control
+
+
+    def _collapsed(self, accuracy) -> bool:
+        if accuracy is None or not _finite(accuracy):
+            return False
+        self.best_accuracy = max(self.best_accuracy, accuracy)
+        return accuracy <= self.best_accuracy - COLLAPSE
 
 
 def check_final(metrics: dict, publish_worse: bool) -> None:

@@ -18,7 +18,7 @@ from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
             "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
             "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "quantize", "prompt_field",
-            "completion_field", "messages_field", "train_on_prompt", "isolate_documents")
+            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "dpo_beta")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {

@@ -16,8 +16,9 @@ from entrypoint import logs
 from entrypoint.config.options import as_dict
 from entrypoint.config.schema import TrainConfig
 from entrypoint.data import formats, pipeline
-from entrypoint.data.collate import PackedCollator, PaddingCollator
+from entrypoint.data.collate import PackedCollator, PaddingCollator, PairCollator
 from entrypoint.data.options import DataOptions
+from entrypoint.data.tokendataset import PairDataset
 from entrypoint.errors import ConfigError, Diverged, OutOfMemory, Preempted
 from entrypoint.fsutil import COMPLETE
 from entrypoint.logs import is_tty
@@ -25,7 +26,7 @@ from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
-from entrypoint.train import checkpoints, guard, identity, metrics, mfu
+from entrypoint.train import checkpoints, dpo, guard, identity, metrics, mfu
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
@@ -130,8 +131,10 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
 def log_data(stats, cfg: TrainConfig, plan: RunPlan) -> None:
     """One line on what the data is and how the loss treats it; refuse isolation the architecture cannot do."""
     answers_only = stats.data_format != "text" and not cfg.train_on_prompt
-    data_log.info(f"{stats.data_format} data, documents {'' if stats.isolated else 'not '}isolated"
-                  f"{', loss on completions and assistant turns only' if answers_only else ''}",
+    loss = ', loss on completions and assistant turns only' if answers_only else ''
+    if stats.data_format == "preference":
+        loss = f", DPO (beta {cfg.dpo_beta:g}) on the chosen and rejected answers"
+    data_log.info(f"{stats.data_format} data, documents {'' if stats.isolated else 'not '}isolated{loss}",
                   data_format=stats.data_format, isolate_documents=stats.isolated)
     if stats.isolated and (problem := formats.isolation_problem(plan.model_config.model_type)):
         raise ConfigError(problem)
@@ -260,11 +263,15 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
         callbacks.append(tensorboard)
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    collator = PackedCollator(varlen=varlen_attention(model)) if cfg.packing \
+    pairs = isinstance(train_ds, PairDataset)  # preference records: DPO
+    collator = PackedCollator(varlen=varlen_attention(model)) if cfg.packing and not pairs \
         else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
+    collator = PairCollator(collator) if pairs else collator
+    preference = dpo.Preference.for_model(model, cfg.dpo_beta) if pairs else None
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
     trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet), data_collator=collator,
-                              train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter)
+                              train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter,
+                              preference=preference)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
     return trainer, progress
 

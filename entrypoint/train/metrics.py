@@ -151,7 +151,30 @@ def summarize(run: RunRecord) -> dict:
         "train_documents": stats.train_documents,
         "dropped_tokens": stats.dropped_tokens,
         **({"train_tokens_by_source": stats.source_tokens} if getattr(stats, "source_tokens", None) else {}),
+        **preference_metrics(run.final, run.history),
+        **({"cut_pairs": stats.cut_pairs} if stats.data_format == "preference" else {}),
     }
+
+
+# DPO's statistics (train/dpo.py) as metrics.json names them: the final evaluation's, and the last training window's.
+REWARDS = {"rewards/accuracy": "reward_accuracy", "rewards/margin": "reward_margin",
+           "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected"}
+
+
+def preference_metrics(final: dict, history: list[dict]) -> dict:
+    """With DPO: the final evaluation's rewards and accuracy, the untrained model's accuracy (step 0) and the last
+    training window's; {} for other runs."""
+    if "eval_rewards/accuracy" not in final:
+        return {}
+    found = {name: final[f"eval_{key}"] for key, name in REWARDS.items()}
+    initial = next((h["eval_rewards/accuracy"] for h in history if h.get("step") == 0
+                    and "eval_rewards/accuracy" in h), None)
+    if initial is not None:
+        found["initial_reward_accuracy"] = initial
+    window = next((h for h in reversed(history) if "rewards/accuracy" in h), None)
+    if window is not None:
+        found |= {f"train_{name}": window[key] for key, name in REWARDS.items()}
+    return found
 
 
 def whole_run_train_loss(history: list[dict], first_step: int, session_loss: float, global_step: int) -> float:
@@ -171,7 +194,9 @@ def whole_run_train_loss(history: list[dict], first_step: int, session_loss: flo
 def final_line(metrics: dict, model_dir) -> str:
     """The run's last log line (in the `done` area): what a person reads first in `kubectl logs`."""
     mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-    return (f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} on "
+    quality = f"perplexity {metrics['perplexity']:.2f}" if "reward_accuracy" not in metrics else \
+        f"reward accuracy {metrics['reward_accuracy']:.2f}"
+    return (f"eval loss {metrics['eval_loss']:.4f}, {quality} on "
             f"{metrics.get('data_format', 'text')} data, "
             f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
             f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "

@@ -57,7 +57,12 @@ class ProgressLog(TrainerCallback):
         self.history.append({"step": state.global_step, **logs})
         if self.training:
             self.eval_seconds += logs.get("eval_runtime", 0.0)
-        if "eval_loss" in logs:
+        if "eval_rewards/accuracy" in logs:  # DPO: the loss is per pair, so no perplexity
+            loss, accuracy = logs["eval_loss"], logs["eval_rewards/accuracy"]
+            eval_log.progress(f"step {state.global_step}: eval loss {loss:.4f}, reward accuracy {accuracy:.2f}, "
+                              f"margin {logs['eval_rewards/margin']:.3f}", step=state.global_step, eval_loss=loss,
+                              reward_accuracy=accuracy, reward_margin=logs["eval_rewards/margin"])
+        elif "eval_loss" in logs:
             loss = logs["eval_loss"]
             eval_log.progress(f"step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}",
                               step=state.global_step, eval_loss=loss, perplexity=perplexity(loss))
@@ -71,6 +76,12 @@ class ProgressLog(TrainerCallback):
             percent = 100 * state.global_step / max(1, state.max_steps)
             train_log.progress(f"step {state.global_step}/{state.max_steps} ({percent:.0f}%) "
                                f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
-                               f"lr {logs.get('learning_rate', 0):.2e} tokens/s {tokens:,.0f} eta {eta}",
+                               f"lr {logs.get('learning_rate', 0):.2e}{_accuracy(logs)} "
+                               f"tokens/s {tokens:,.0f} eta {eta}",
                                step=state.global_step, epoch=state.epoch, loss=logs["loss"],
                                learning_rate=logs.get("learning_rate"), tokens_per_second=tokens)
+
+
+def _accuracy(logs: dict) -> str:
+    """DPO's reward accuracy in the window, for the step line ('' for other runs)."""
+    return f" reward accuracy {logs['rewards/accuracy']:.2f}" if "rewards/accuracy" in logs else ""

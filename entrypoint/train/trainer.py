@@ -15,7 +15,7 @@ from transformers.trainer_utils import TrainOutput
 
 from entrypoint import fsutil, logs
 from entrypoint.errors import OutputError
-from entrypoint.train import checkpoints, identity
+from entrypoint.train import checkpoints, dpo, identity
 from entrypoint.train.guard import OverflowSteps
 from entrypoint.train.progress import ProgressLog
 
@@ -75,10 +75,14 @@ class FinetuneTrainer(Trainer):
     """Trainer plus token counting and a completion marker on every checkpoint. `run` is the run's identity
     (identity.values), recorded in each marker."""
 
-    def __init__(self, *args, counter: TokenCounter, run: dict | None = None, **kwargs):
+    def __init__(self, *args, counter: TokenCounter, run: dict | None = None, preference=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.counter = counter
         self.run = run or {}
+        self.preference = preference  # dpo.Preference for preference data: the DPO loss replaces the LM loss
+        self.preference_sums = None  # dpo.STATS and the pair count, summed since the last log (device tensor)
+        if preference is not None:
+            self.loss_is_scaled_for_ga = False  # a mean per micro-batch: Trainer divides by the accumulation
         self.uploader = None  # rank 0 with --checkpoint-to: publish.remote.Uploader, fed every complete checkpoint
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
         self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
@@ -86,7 +90,11 @@ class FinetuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.counter.add(inputs)
-        elif self.eval_sums is not None:
+        if self.preference is not None:
+            loss, stats = self.preference.loss(model, self.accelerator.unwrap_model(model), inputs)
+            self.preference_sums = stats if self.preference_sums is None else self.preference_sums + stats
+            return (loss, {}) if return_outputs else loss
+        if not model.training and self.eval_sums is not None:
             # The batch's own mean over its target tokens, weighted by their count in evaluation_loop.
             targets = targets_in(inputs["labels"])
             result = super().compute_loss(model, inputs, return_outputs=return_outputs)
@@ -113,7 +121,11 @@ class FinetuneTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """Trainer's loop, but the loss is the mean over every target token (labels -100 excluded), not the mean
-        of per-batch means: batches holding more answer tokens weigh more, as in training."""
+        of per-batch means: batches holding more answer tokens weigh more, as in training. With DPO: the loss and
+        rewards per pair (dpo.STATS)."""
+        if self.preference is not None:
+            return self._preference_evaluation(dataloader, description, prediction_loss_only, ignore_keys,
+                                               metric_key_prefix)
         self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
@@ -124,6 +136,31 @@ class FinetuneTrainer(Trainer):
         if targets:
             output.metrics[f"{metric_key_prefix}_loss"] = total / targets
         return output
+
+    def _preference_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, prefix):
+        training_sums, self.preference_sums = self.preference_sums, None  # an evaluation inside a logging window
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, prefix)
+            output.metrics.update(dpo.averages(self._reduced_preference_sums(), f"{prefix}_"))
+        finally:
+            self.preference_sums = training_sums
+        return output
+
+    def _reduced_preference_sums(self) -> list[float]:
+        """The DPO sums since they were last read, over every process (a collective); then zero."""
+        sums = self.preference_sums
+        if sums is None:
+            sums = torch.zeros(len(dpo.STATS) + 1, device=self.args.device)
+        self.preference_sums = None
+        return self.accelerator.reduce(sums.to(self.args.device).double(), reduction="sum").tolist()
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Trainer's, plus with DPO the logging window's rewards per pair (rewards/chosen, rewards/rejected,
+        rewards/margin, rewards/accuracy) beside its loss."""
+        if self.preference is not None and "loss" in logs:
+            found = dpo.averages(self._reduced_preference_sums())
+            logs = {**logs, **{k: v for k, v in found.items() if k != "loss"}}
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -41,3 +41,12 @@ def test_alpaca_records_render_to_the_same_prompt_completion_pairs(tmp_path):
     alpaca = [json.loads(line) for line in (tmp_path / "alpaca" / "train.jsonl").read_text().splitlines()]
     assert formats.detect(alpaca[0]) == formats.ALPACA and set(alpaca[0]) == {"instruction", "input", "output"}
     assert [records.alpaca(r) for r in alpaca] == pairs
+
+
+def test_preference_pairs_reject_with_another_functions_docstring():
+    records = [{"prompt": f"def f{i}():\n", "completion": f"Docstring number {i} of thirty chars."} for i in range(4)]
+    records.insert(2, {"prompt": "def " + "x" * 200 + "():\n", "completion": "A signature too long for the demo."})
+    pairs = list(sftcorpus.preference_pairs(iter(records)))
+    assert [p["prompt"] for p in pairs] == ["def f1():\n", "def f2():\n", "def f3():\n"]
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert pairs[0]["rejected"] == records[0]["completion"] and pairs[1]["rejected"] == records[1]["completion"]

@@ -68,3 +68,18 @@ def test_the_final_evaluation_must_be_finite_and_not_worse_than_step_0(final, in
     else:
         check_final(metrics, publish_worse=False)
     check_final(metrics, publish_worse=True)  # never raises
+
+
+def test_dpo_reward_accuracy_collapsing_from_its_best_stops_training():
+    guard = DivergenceGuard()
+    rising = [{"loss": 0.6, "rewards/accuracy": a} for a in (0.5, 0.7, 0.9)]
+    collapsed = [{"loss": 0.9, "rewards/accuracy": 0.3}] * BAD_WINDOWS
+    control = log_windows(guard, rising + collapsed)
+    assert control.should_training_stop and "reward accuracy 0.30 (best 0.90)" in guard.problem
+
+
+def test_dpo_reward_accuracy_wobbling_is_not_divergence():
+    guard = DivergenceGuard()
+    windows = [{"loss": 0.6, "rewards/accuracy": a} for a in (0.5, 0.75, 0.5, 0.25, 0.62, 0.5, 0.3, 0.9)]
+    control = log_windows(guard, windows)
+    assert not control.should_training_stop and guard.problem is None
