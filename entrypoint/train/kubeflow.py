@@ -21,9 +21,9 @@ from collections.abc import Mapping
 
 from transformers import TrainerCallback
 
-from entrypoint.errors import ExitCode
+from entrypoint.errors import ExitCode, FinetuneError
 from entrypoint.publish.outputs import termination_message
-from entrypoint.runtime.kubeflow import Endpoint, Poster
+from entrypoint.runtime.kubeflow import MIN_INTERVAL_S, Endpoint, Poster
 from entrypoint.train.guard import BAD_WINDOWS
 from entrypoint.train.metrics import perplexity
 
@@ -45,6 +45,7 @@ class Reporter(TrainerCallback):
         self.started = 0.0
         self.saved: int | None = None  # the step of the last complete checkpoint: where a rerun resumes
         self.max_steps = 0
+        self.counted_at = -MIN_INTERVAL_S  # when our numbers were last read (each read waits for the device)
 
     @classmethod
     def of(cls, environ: Mapping[str, str] | None, rank: int) -> Reporter:
@@ -85,7 +86,9 @@ class Reporter(TrainerCallback):
             self.metrics.update(train_loss=_num(logs["loss"]), learning_rate=_num(logs.get("learning_rate")))
         if "eval_loss" in logs:
             self.metrics.update(eval_loss=_num(logs["eval_loss"]), perplexity=_num(perplexity(logs["eval_loss"])))
-        self._numbers(state, args.world_size)
+        if time.monotonic() - self.counted_at >= MIN_INTERVAL_S:  # no fresher than a post can carry them
+            self.counted_at = time.monotonic()
+            self._numbers(state, args.world_size)
         self._post()
 
     def succeeded(self) -> None:
@@ -96,7 +99,9 @@ class Reporter(TrainerCallback):
         """A run that stops before publishing: the percentage falls back to what is kept, the last complete
         checkpoint's share of the run (where a rerun resumes; never 100), and `stopped` names the exit code, the
         step, that checkpoint and the reason."""
-        code = getattr(exc, "code", ExitCode.INTERNAL) if isinstance(exc, Exception) else ExitCode.PREEMPTED
+        # Only our errors carry an exit code (an HTTPError's `code` is an HTTP status); a KeyboardInterrupt is a stop.
+        code = exc.code if isinstance(exc, FinetuneError) else \
+            ExitCode.INTERNAL if isinstance(exc, Exception) else ExitCode.PREEMPTED
         where = f"while {self.metrics.get('phase')}"
         if "step" in self.metrics:
             where = f"at step {self.metrics['step']}, last checkpoint at step {self.saved}"

@@ -268,7 +268,7 @@ def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_envir
     cluster = pods.Cluster([*objects, service], images={"finetune:latest": cpu_image}, claims=claims,
                            workdir=tmp_path / "pods", prefix=container_name, network=True)
     envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
-    if overlay == "trainjob":
+    if overlay.startswith("trainjob"):
         assert [(e["PET_NODE_RANK"], e["PET_MASTER_ADDR"], e["PET_NNODES"]) for e in envs] == \
             [("0", "finetune-node-0-0.finetune", "2"), ("1", "finetune-node-0-0.finetune", "2")]
     else:
@@ -282,7 +282,7 @@ def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_envir
     if overlay == "trainjob-initializers":
         for r in results.values():
             assert "data_dir from kubeflow initializer" in r.logs and "model from kubeflow initializer" in r.logs, r
-    if overlay == "trainjob":  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
+    if overlay.startswith("trainjob"):  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
         for r in results.values():
             assert "rdzv_endpoint from env PET_MASTER_ADDR/PET_MASTER_PORT" in r.logs, r
             assert "nnodes from env PET_NNODES" in r.logs and "node_rank from env PET_NODE_RANK" in r.logs, r

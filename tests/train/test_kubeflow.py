@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.error import HTTPError
 
 import pytest
 
-from entrypoint.errors import ExitCode
+from entrypoint.errors import DataError, Diverged, ExitCode
+from entrypoint.train.kubeflow import Reporter
 from tests.support.helpers import REPO, finetune
 from tests.support.runs import STEPS, assert_preempted_and_unpublished, env_for, interrupt_at
 from tests.support.statusserver import StatusServer, invalid
@@ -89,3 +91,28 @@ def test_the_body_docs_kubernetes_md_shows_is_one_such_run_posts(preempted_then_
     assert invalid(shown.encode()) is None
     names = {m["name"] for m in json.loads(shown)["trainerStatus"]["metrics"]}
     assert names == {m["name"] for m in first[-1]["trainerStatus"]["metrics"]} - {"mfu"}  # mfu: on a known GPU
+
+
+@pytest.mark.parametrize(("exc", "phase", "stopped"), [
+    (Diverged("training diverged: loss nan"), "diverged", "DIVERGED (8): while training: training diverged"),
+    (HTTPError("http://hub", 404, "Not Found", None, None), "failed", "INTERNAL (1): while training: HTTP Error 404"),
+    (KeyboardInterrupt(), "preempted", "PREEMPTED (7): while training: KeyboardInterrupt"),
+])
+def test_an_early_end_is_named_by_its_exit_code_whatever_raised_it(exc, phase, stopped):
+    report = Reporter(None)  # rank 0 without an endpoint: keeps its status, posts nothing
+    report.phase("training")
+    report.ended_early(exc)
+    assert report.metrics["phase"] == phase and report.metrics["stopped"].startswith(stopped)
+    assert report.percent is None
+
+
+def test_a_failure_while_preparing_data_is_posted_without_a_percentage_and_other_ranks_post_nothing(tmp_path):
+    with StatusServer(tmp_path / "server") as server:
+        assert not Reporter.of(server.env, rank=1).active
+        report = Reporter.of(server.env, rank=0)
+        report.phase("preparing data")
+        report.ended_early(DataError("no training files in /data; mount the data or set --data-dir."))
+        report.close()
+    assert server.metrics()["stopped"] == "DATA (3): while preparing data: no training files in /data; mount the " \
+                                          "data or set --data-dir."
+    assert all("progressPercentage" not in b["trainerStatus"] for b in server.received)
