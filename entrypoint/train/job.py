@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
@@ -27,7 +27,7 @@ from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
 from entrypoint.train import checkpoints, guard, identity, metrics, mfu
-from entrypoint.train.kubeflow import OFF, Reporter
+from entrypoint.train.kubeflow import Reporter
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
@@ -43,14 +43,14 @@ resume_log, publish_log = logs.area("resume"), logs.area("publish")
 @dataclass(frozen=True)
 class Context:
     """What the steps after the data share: the configuration, the run plan, this process, the stop request and
-    the data's statistics, and the TrainJob status reporter (OFF on every rank but 0, or outside Kubeflow)."""
+    the data's statistics, and the TrainJob status reporter (off on every rank but 0, or outside Kubeflow)."""
 
     cfg: TrainConfig
     plan: RunPlan
     dist: Dist
     stop: StopRequest
     stats: pipeline.DataStats
-    report: Reporter = OFF
+    report: Reporter = field(default_factory=Reporter.off)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Held:
 
     lease: Lease
     remote: RemoteCheckpoints | None
-    report: Reporter = OFF
+    report: Reporter = field(default_factory=Reporter.off)
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
@@ -116,7 +116,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         tokenizer = load_tokenizer(cfg)
     data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers,
                           vocab_size=vocabulary(checked.model_config))
-    report = held.report if held else OFF
+    report = held.report if held else Reporter.off()
     report.phase("preparing data")
     train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
     report.phase("loading model", data_prepare_seconds=f"{stats.prepare_seconds:.1f}")

@@ -3,7 +3,8 @@ jsonpath='{.status.trainerStatus}'`), told truthfully: progress over the whole r
 data preparation as its own phase; a run that ends early never at 100%, with where and why in a metric.
 
 transformers adds its own KubeflowCallback whenever the controller's variable is set; the job removes it
-(job.build_trainer), so this is the one reporter. Rank 0 reports; every other process gets `OFF`.
+(job.build_trainer), so this is the one reporter. Rank 0 reports; every other process gets one that posts
+nothing (`Reporter.off`).
 
 Metrics (names at most 64 characters, values strings): `phase` (preparing data, loading model, training,
 publishing, succeeded, preempted, diverged, failed), `step` (N/TOTAL), `epoch`, `train_loss`, `learning_rate`,
@@ -51,6 +52,11 @@ class Reporter(TrainerCallback):
     def of(cls, environ: Mapping[str, str] | None, rank: int) -> Reporter:
         endpoint = Endpoint.of(environ or {}) if rank == 0 else None
         return cls(Poster(endpoint) if endpoint else None)
+
+    @classmethod
+    def off(cls) -> Reporter:
+        """A reporter that posts nothing (every rank but 0, or no endpoint)."""
+        return cls(None)
 
     @property
     def active(self) -> bool:
@@ -151,5 +157,3 @@ class Reporter(TrainerCallback):
 def _num(value) -> str:
     return "" if value is None else f"{value:.6g}"
 
-
-OFF = Reporter(None)
