@@ -66,7 +66,7 @@ def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs, ctx: click.Con
         for line in lines:
             click.echo(f"error: {line}", err=True)
         message = " | ".join(lines)
-        outputs.write_termination_message(message, _platform())
+        outputs.write_termination_message(code, message, _platform())
         ctx = ctx or click.get_current_context(silent=True)
         output_dir = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs)
         # Never into a directory another live run holds (BUSY, or a failure while it runs): it is theirs.

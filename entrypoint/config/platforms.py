@@ -1,6 +1,6 @@
-"""Defaults that a platform or launcher already decided: SageMaker's and Vertex AI's training contracts, and
-the node count and rank that torchrun, an Indexed Job, Kubeflow Trainer v2 (TrainJob) or the Training Operator put
-in the environment.
+"""Defaults that a platform or launcher already decided: SageMaker's and Vertex AI's training contracts, Kubeflow
+Trainer's initializers (the dataset and model they downloaded into /workspace), and the node count and rank that
+torchrun, an Indexed Job, Kubeflow Trainer v2 (TrainJob) or the Training Operator put in the environment.
 
 Each function reads a mapping (the CLI passes os.environ) and returns option values with where they came from.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 from typing import Any
 
 from entrypoint.errors import ConfigError
@@ -19,8 +20,30 @@ def gcs_to_fuse(uri: str) -> str:
     return "/gcs/" + uri[len("gs://"):] if uri.startswith("gs://") else uri
 
 
+# Kubeflow Trainer's dataset and model initializers download into these, on a volume the trainer pods mount.
+WORKSPACE = Path("/workspace")
+WORKSPACE_DIRS = {"data_dir": "dataset", "model": "model"}
+KUBEFLOW_INITIALIZERS = "kubeflow initializer"
+
+
+def workspace_defaults(workspace: Path | None = None) -> dict[str, Any]:
+    """data_dir and model from what Kubeflow Trainer's initializers left in /workspace/dataset and /workspace/model:
+    each only when its directory holds something (an initializer the TrainJob did not ask for leaves none)."""
+    root = workspace or WORKSPACE
+    values = {}
+    for name, folder in WORKSPACE_DIRS.items():
+        directory = root / folder
+        try:
+            if directory.is_dir() and any(p for p in directory.iterdir() if not p.name.startswith(".")):
+                values[name] = str(directory)
+        except OSError:  # unreadable: not ours to use
+            continue
+    return values
+
+
 def platform_defaults(environ: typing.Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
-    """Defaults from SageMaker's or Vertex AI's training contract, and the platform's name."""
+    """Defaults from SageMaker's or Vertex AI's training contract, or Kubeflow Trainer's initializers, and the
+    platform's name."""
     if "SM_MODEL_DIR" in environ or "SM_CHANNEL_TRAIN" in environ or "SM_TRAINING_ENV" in environ:
         values: dict[str, Any] = {"checkpoint_dir": "/opt/ml/checkpoints"}
         if "SM_CHANNEL_TRAIN" in environ:
@@ -46,6 +69,8 @@ def platform_defaults(environ: typing.Mapping[str, str]) -> tuple[str | None, di
         if "AIP_TENSORBOARD_LOG_DIR" in environ:
             values["tensorboard_dir"] = gcs_to_fuse(environ["AIP_TENSORBOARD_LOG_DIR"])
         return "vertex", values
+    if values := workspace_defaults():
+        return KUBEFLOW_INITIALIZERS, values
     return None, {}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from entrypoint import fsutil
-from entrypoint.errors import OutputError
+from entrypoint.errors import ExitCode, OutputError
 
 MODEL_DIR = "model"
 TERMINATION_LOG = Path("/dev/termination-log")
@@ -49,15 +49,23 @@ def write_status(output_dir: Path, state: str, exit_code: int | None = None, mes
         fsutil.write_atomic(output_dir / "status.json", json.dumps(status, indent=2) + "\n")
 
 
-def write_termination_message(message: str, platform: str | None = None) -> None:
-    """Kubernetes shows /dev/termination-log in the pod status; SageMaker reads /opt/ml/output/failure."""
+def termination_message(code: int, message: str) -> str:
+    """`PREEMPTED (7): stopped by SIGTERM at step 30 ...`: the exit code's name and number first, so `kubectl
+    describe pod` (which shows only the message and the number) says what kind of failure it was."""
+    return f"{ExitCode(code).name} ({int(code)}): {message}"
+
+
+def write_termination_message(code: int, message: str, platform: str | None = None) -> None:
+    """Kubernetes shows /dev/termination-log in the pod status; SageMaker reads /opt/ml/output/failure. Kubernetes
+    keeps the first 4096 bytes."""
     targets = [TERMINATION_LOG]
     if platform == "sagemaker":
         targets.append(Path("/opt/ml/output/failure"))
+    text = termination_message(code, message).encode()[:4096].decode(errors="ignore")
     for target in targets:
         try:
             if target.parent.is_dir() and os.access(target.parent if not target.exists() else target, os.W_OK):
-                target.write_text(message[:4096] + "\n")
+                target.write_text(text + "\n")
         except OSError:
             pass
 

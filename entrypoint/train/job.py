@@ -7,10 +7,11 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
+from transformers.integrations import KubeflowCallback
 
 from entrypoint import logs
 from entrypoint.config.options import as_dict
@@ -27,6 +28,7 @@ from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
 from entrypoint.train import checkpoints, dpo, guard, identity, metrics, mfu
+from entrypoint.train.kubeflow import Reporter
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
@@ -42,22 +44,24 @@ resume_log, publish_log = logs.area("resume"), logs.area("publish")
 @dataclass(frozen=True)
 class Context:
     """What the steps after the data share: the configuration, the run plan, this process, the stop request and
-    the data's statistics."""
+    the data's statistics, and the TrainJob status reporter (off on every rank but 0, or outside Kubeflow)."""
 
     cfg: TrainConfig
     plan: RunPlan
     dist: Dist
     stop: StopRequest
     stats: pipeline.DataStats
+    report: Reporter = field(default_factory=Reporter.off)
 
 
 @dataclass(frozen=True)
 class Held:
-    """What rank 0 holds for the run: the lease on its directories and, with --checkpoint-to, the remote store
-    (its lease and uploader)."""
+    """What rank 0 holds for the run: the lease on its directories, with --checkpoint-to the remote store (its
+    lease and uploader), and the TrainJob status reporter."""
 
     lease: Lease
     remote: RemoteCheckpoints | None
+    report: Reporter = field(default_factory=Reporter.off)
 
 
 def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
@@ -79,9 +83,18 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
         return _run(cfg, sources, dist, checked, stop, None)
     remote = RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit, stop) \
         if cfg.checkpoint_to else None
-    with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease, \
-            remote or contextlib.nullcontext():
-        return _run(cfg, sources, dist, checked, stop, Held(lease, remote))
+    report = Reporter.of(environ, dist.rank)
+    try:
+        with Lease({"--output-dir": cfg.output_dir, "--checkpoint-dir": cfg.model_checkpoint_dir}, stop) as lease, \
+                remote or contextlib.nullcontext():
+            results = _run(cfg, sources, dist, checked, stop, Held(lease, remote, report))
+        report.succeeded()
+        return results
+    except BaseException as exc:  # preempted, diverged, failed: never reported as done
+        report.ended_early(exc)
+        raise
+    finally:
+        report.close()
 
 
 def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked, stop: StopRequest,
@@ -104,7 +117,10 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         tokenizer = load_tokenizer(cfg)
     data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers,
                           vocab_size=vocabulary(checked.model_config))
+    report = held.report if held else Reporter.off()
+    report.phase("preparing data")
     train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size, builds=dist.builds_cache, stop=stop)
+    report.phase("loading model", data_prepare_seconds=f"{stats.prepare_seconds:.1f}")
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
@@ -115,7 +131,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         model_log.info(f"loading {cfg.model}")
         model = load_model(cfg, attention_for(stats.isolated, plan.precision), plan.precision)
     stop.raise_if_requested("before training started")
-    context = Context(cfg, plan, dist, stop, stats)
+    context = Context(cfg, plan, dist, stop, stats, report)
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=resume is None)
     trainer.run = run_identity
     if held and held.remote:
@@ -124,6 +140,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
             trainer.uploader.ensure(resume)  # one a store outage kept local goes up before training on
     results = summarize(train(context, trainer, progress, resume))
     if dist.is_main:
+        report.phase("publishing")
         publish(context, trainer, tokenizer, progress, results, held.lease)
     return results
 
@@ -148,6 +165,10 @@ def train(context: Context, trainer, progress: ProgressLog, resume: Path | None)
     trainer.add_callback(StopEvaluation(stop))  # after StopOnSignal: it reads that callback's decision
     divergence = guard.DivergenceGuard()
     trainer.add_callback(divergence)
+    if context.report.active:
+        timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, metrics.StepTimer))
+        flops = mfu.flops_per_token(trainer.model, plan.block_size)
+        trainer.add_callback(context.report.watch(progress, timer, divergence, plan, flops))
     try:
         result = train_or_finish(cfg, trainer, progress, resume, dist)
         if divergence.problem:
@@ -273,6 +294,9 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter,
                               preference=preference)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
+    # transformers adds it whenever KUBEFLOW_TRAINER_SERVER_URL is set; train.kubeflow.Reporter reports instead
+    # (it posted 100% for a preempted run, and 0% first after a resume).
+    trainer.remove_callback(KubeflowCallback)
     return trainer, progress
 
 

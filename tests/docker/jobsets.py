@@ -25,7 +25,8 @@ def from_trainjob(trainjob: dict, runtime: dict) -> dict:
     """The JobSet the Trainer creates for `trainjob` on `runtime`: the runtime's JobSet template under the
     TrainJob's name, the trainer's values in container "node" of the ancestor-"trainer" Job, and the torch
     plugin's PET_* variables and port."""
-    spec = allow(trainjob["spec"], {"runtimeRef", "trainer", "activeDeadlineSeconds", "suspend"}, "TrainJob.spec")
+    spec = allow(trainjob["spec"], {"runtimeRef", "trainer", "activeDeadlineSeconds", "suspend", "initializer"},
+                 "TrainJob.spec")
     ref = spec["runtimeRef"]
     if (ref.get("kind"), ref["name"]) != (runtime["kind"], runtime["metadata"]["name"]):
         raise AssertionError(f"TrainJob refers to {ref}, not the rendered {runtime['kind']}")
@@ -61,6 +62,7 @@ def from_trainjob(trainjob: dict, runtime: dict) -> dict:
         ports = node.setdefault("ports", [])
         if not any(p["containerPort"] == TRAINER_PORT for p in ports):
             ports.append({"containerPort": TRAINER_PORT})
+    initialize(jobset_spec, spec.get("initializer", {}))
     jobset_spec.setdefault("network", {}).setdefault("subdomain", name)
     if spec.get("suspend"):
         jobset_spec["suspend"] = True
@@ -68,6 +70,20 @@ def from_trainjob(trainjob: dict, runtime: dict) -> dict:
             "metadata": {"name": name, "namespace": trainjob["metadata"].get("namespace", "default"),
                          "labels": dict(trainjob["metadata"].get("labels", {}))},
             "spec": jobset_spec}
+
+
+def initialize(jobset_spec: dict, initializer: dict) -> None:
+    """The initializer plugin: each of the TrainJob's spec.initializer.{dataset,model} gives STORAGE_URI to the
+    container <step>-initializer of the Job whose ancestor step has that name."""
+    for step, values in initializer.items():
+        values = allow(values, {"storageUri"}, f"TrainJob.spec.initializer.{step}")
+        name = f"{step}-initializer"
+        (replicated,) = [r for r in jobset_spec["replicatedJobs"]
+                         if r["template"].get("metadata", {}).get("labels", {}).get(ANCESTOR) == name]
+        (container,) = [c for c in replicated["template"]["spec"]["template"]["spec"]["containers"]
+                        if c["name"] == name]
+        container["env"] = [e for e in container.get("env", []) if e["name"] != "STORAGE_URI"] + \
+            [{"name": "STORAGE_URI", "value": values["storageUri"]}]
 
 
 def children(jobset: dict) -> tuple[list[dict], dict]:
@@ -84,7 +100,7 @@ def children(jobset: dict) -> tuple[list[dict], dict]:
     dns = network.get("enableDNSHostnames", True)
     jobs = []
     for replicated in spec["replicatedJobs"]:
-        allow(replicated, {"name", "replicas", "template"}, "replicatedJob")
+        allow(replicated, {"name", "replicas", "template", "dependsOn"}, "replicatedJob")
         for index in range(replicated.get("replicas", 1)):
             job = copy.deepcopy(replicated["template"])
             job_name = f"{name}-{replicated['name']}-{index}"

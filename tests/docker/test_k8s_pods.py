@@ -77,9 +77,8 @@ configMapGenerator:
     behavior: merge
     literals:
       - FINETUNE_PRESET=smoke
-      - FINETUNE_MODEL=/model
-patches:
-  - target: {{kind: TrainingRuntime, name: finetune}}
+{model}patches:
+  - target: {{kind: TrainingRuntime, name: {runtime}}}
     patch: |-
 {runtime_patches}
   - target: {{kind: TrainJob, name: finetune}}
@@ -114,8 +113,13 @@ def cpu_overlay(tmp_path: Path, overlay: str) -> list[dict]:
     directory.mkdir()
     relative = os.path.relpath(OVERLAYS / overlay, directory)
     if overlay == "trainjob":
-        text = CPU_TRAINJOB.format(overlay=relative, runtime_patches=CPU_PATCHES.format(
-            pod="/spec/template/spec/replicatedJobs/0/template/spec/template/spec"))
+        text = CPU_TRAINJOB.format(overlay=relative, runtime="finetune", model="      - FINETUNE_MODEL=/model\n",
+                                   runtime_patches=CPU_PATCHES.format(
+                                       pod="/spec/template/spec/replicatedJobs/0/template/spec/template/spec"))
+    elif overlay == "trainjob-initializers":  # the model is the one the model initializer left in /workspace
+        patches = CPU_PATCHES.format(pod="/spec/template/spec/replicatedJobs/2/template/spec/template/spec")
+        text = CPU_TRAINJOB.format(overlay=relative, runtime="finetune-initializers", model="",
+                                   runtime_patches="\n".join(patches.splitlines()[:2]) + "\n")
     else:
         text = CPU_JOBSET.format(overlay=relative, jobset_patches=CPU_PATCHES.format(
             pod="/spec/replicatedJobs/0/template/spec/template/spec"))
@@ -219,7 +223,26 @@ def test_multi_node_job_trains_one_model_across_two_pods_found_through_the_headl
     assert ["done: " in r.logs for r in results.values()] == [True, False]
 
 
-@pytest.mark.parametrize("overlay", ["trainjob", "jobset"])
+def simulated_initializers(initializers: list[dict], assets: dict[str, Path], tmp_path: Path) -> Path:
+    """The workspace volume as the two initializer Jobs leave it, /workspace/{dataset,model}: the test's corpus and
+    tiny model stand in for the downloads of their STORAGE_URI."""
+    uris = {}
+    for job in initializers:
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        uris[container["name"]] = {e["name"]: e.get("value") for e in container["env"]}["STORAGE_URI"]
+    assert sorted(uris) == ["dataset-initializer", "model-initializer"] and all("://" in u for u in uris.values())
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for folder, asset in (("dataset", "data"), ("model", "model")):
+        shutil.copytree(assets[asset], workspace / folder)
+    for path in [workspace, *workspace.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return workspace
+
+
+# trainjob-initializers stands for trainjob too: its trainer pods are trainjob's plus the workspace volume
+# (tests/project/test_k8s.py compares them), and one two-node run costs 1 to 3 minutes of the suite's budget.
+@pytest.mark.parametrize("overlay", ["trainjob-initializers", "jobset"])
 def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_environment(
         overlay, kubectl, cpu_image, container_assets, output_dir, container_name, tmp_path):
     """The trainjob overlay's TrainJob, made into a JobSet as Kubeflow Trainer makes it (the runtime's JobSet
@@ -229,21 +252,25 @@ def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_envir
     headless Service finetune; then its two pods (tests/docker/jobsets.py, jobs.py, pods.py) as two containers on
     one network under the names that Service gives them. Rank 0 publishes to the shared output directory.
     Overridden for a 2-core CPU machine, as in the multi-node test: GPU resources, nodeSelector and tolerations,
-    1 core and 4Gi per pod (the TrainJob's resourcesPerNode), the smoke preset, and the tiny model at /model."""
+    1 core and 4Gi per pod (the TrainJob's resourcesPerNode), the smoke preset, and the tiny model at /model.
+    trainjob-initializers: the initializer Jobs' downloads are the corpus and the tiny model put in the workspace
+    volume as they would leave them (their images need the network); the trainer pods train from /workspace."""
     objects = cpu_overlay(tmp_path, overlay)
-    if overlay == "trainjob":
+    if overlay.startswith("trainjob"):
         jobset = jobsets.from_trainjob(jobs.the_one(objects, "TrainJob"), jobs.the_one(objects, "TrainingRuntime"))
     else:
         jobset = jobs.the_one(objects, "JobSet")
-    (child,), service = jobsets.children(jobset)
+    (*initializers, child), service = jobsets.children(jobset)
     nodes = jobs.job_pods(child)
     assert [pod.hostname for pod in nodes] == ["finetune-node-0-0", "finetune-node-0-1"]
     claims = {"finetune-data": container_assets["data"], "finetune-model": container_assets["model"],
               "finetune-output": output_dir}
+    if overlay == "trainjob-initializers":
+        claims["finetune-workspace"] = simulated_initializers(initializers, container_assets, tmp_path)
     cluster = pods.Cluster([*objects, service], images={"finetune:latest": cpu_image}, claims=claims,
                            workdir=tmp_path / "pods", prefix=container_name, network=True)
     envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
-    if overlay == "trainjob":
+    if overlay.startswith("trainjob"):
         assert [(e["PET_NODE_RANK"], e["PET_MASTER_ADDR"], e["PET_NNODES"]) for e in envs] == \
             [("0", "finetune-node-0-0.finetune", "2"), ("1", "finetune-node-0-0.finetune", "2")]
     else:
@@ -254,7 +281,10 @@ def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_envir
     assert_succeeded(results)
     assert assert_published(cluster, nodes[0], output_dir)["world_size"] == 2
     assert ["done: " in r.logs for r in results.values()] == [True, False]
-    if overlay == "trainjob":  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
+    if overlay == "trainjob-initializers":
+        for r in results.values():
+            assert "data_dir from kubeflow initializer" in r.logs and "model from kubeflow initializer" in r.logs, r
+    if overlay.startswith("trainjob"):  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
         for r in results.values():
             assert "rdzv_endpoint from env PET_MASTER_ADDR/PET_MASTER_PORT" in r.logs, r
             assert "nnodes from env PET_NNODES" in r.logs and "node_rank from env PET_NODE_RANK" in r.logs, r

@@ -7,6 +7,7 @@ Needs only kubectl (for `kubectl kustomize`, which works without a cluster); no 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -31,9 +32,12 @@ KUBECTL = shutil.which("kubectl")
 
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 # Overlays whose workload is a batch/v1 Job (the others run under a CRD's controller).
-JOB_OVERLAYS = [o for o in OVERLAYS if o not in ("pytorchjob", "jobset", "trainjob")]
+JOB_OVERLAYS = [o for o in OVERLAYS if o not in ("pytorchjob", "jobset", "trainjob", "trainjob-initializers")]
 # Overlays whose pods run as child Jobs of a JobSet: directly, or built by Kubeflow Trainer from the runtime.
-JOBSET_OVERLAYS = ["jobset", "trainjob"]
+JOBSET_OVERLAYS = ["jobset", "trainjob", "trainjob-initializers"]
+# Kubeflow Trainer's initializer steps (replicated Jobs of these names run Trainer's images, not ours): the checks
+# of our pods leave them out; the schema, Pod Security and initializer checks take them in.
+INITIALIZERS = ("dataset-initializer", "model-initializer")
 # The oldest Kubernetes these manifests support (podReplacementPolicy is beta and on by default from 1.29)
 # and the newest kubernetes-validate bundles.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
@@ -66,20 +70,22 @@ def render(overlay: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(_render(str(path))) if d]
 
 
-def job_templates(objects: list[dict]) -> list[tuple[str, dict]]:
-    """(where, Job template) for every child Job of a JobSet or a TrainingRuntime's JobSet template."""
+def job_templates(objects: list[dict], initializers: bool = False) -> list[tuple[str, dict]]:
+    """(where, Job template) for every child Job of a JobSet or a TrainingRuntime's JobSet template (with
+    `initializers`, Kubeflow Trainer's initializer steps too)."""
     found = []
     for obj in objects:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         jobset = {"JobSet": lambda o: o["spec"], "TrainingRuntime": lambda o: o["spec"]["template"]["spec"]}
         if obj["kind"] in jobset:
             for replicated in jobset[obj["kind"]](obj)["replicatedJobs"]:
-                found.append((f"{name} {replicated['name']}", replicated["template"]))
+                if initializers or replicated["name"] not in INITIALIZERS:
+                    found.append((f"{name} {replicated['name']}", replicated["template"]))
     return found
 
 
-def pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
-    """(where, pod template) for every workload object."""
+def pod_templates(objects: list[dict], initializers: bool = False) -> list[tuple[str, dict]]:
+    """(where, pod template) for every workload object (with `initializers`, Kubeflow Trainer's too)."""
     found = []
     for obj in objects:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
@@ -88,7 +94,7 @@ def pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
         elif obj["kind"] == "PyTorchJob":
             for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items():
                 found.append((f"{name} {replica}", spec["template"]))
-    found += [(where, job["spec"]["template"]) for where, job in job_templates(objects)]
+    found += [(where, job["spec"]["template"]) for where, job in job_templates(objects, initializers)]
     return found
 
 
@@ -201,7 +207,7 @@ JOB_EFFECT = {"FailJob": "fails the Job at once", "Count": "retried (counts agai
 def test_overlays_are_the_shipped_set():
     # Guards the parametrized tests below against silently running over nothing.
     assert OVERLAYS == ["cpu-smoke", "jobset", "multi-gpu", "multi-node", "prepare", "pytorchjob", "single-gpu",
-                        "trainjob"]
+                        "trainjob", "trainjob-initializers"]
 
 
 @needs_kubectl
@@ -227,14 +233,14 @@ def test_objects_validate_strictly_against_kubernetes_schemas(overlay, version):
         if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
             continue  # its Job and pod templates are validated below, as Jobs and Pods
         kubernetes_validate.validate(obj, version, strict=True)
-    for where, template in job_templates(objects):
+    for where, template in job_templates(objects, initializers=True):
         job = {"apiVersion": "batch/v1", "kind": "Job", "spec": template["spec"],
                "metadata": {"name": "check", **template.get("metadata", {})}}
         try:
             kubernetes_validate.validate(job, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{overlay}: Job template of {where} is not a valid Job for {version}: {exc.message}")
-    for where, template in pod_templates(objects):
+    for where, template in pod_templates(objects, initializers=True):
         pod = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
                "metadata": {"name": "check", **template.get("metadata", {})}}
         try:
@@ -254,7 +260,7 @@ def test_strict_validation_rejects_an_unknown_field():
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_template_meets_pod_security_restricted(overlay):
-    templates = pod_templates(render(overlay))
+    templates = pod_templates(render(overlay), initializers=True)
     assert templates
     for where, template in templates:
         assert restricted_violations(template["spec"]) == [], f"{overlay}: {where}"
@@ -347,7 +353,7 @@ def _gib(quantity: str) -> float:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_processes_per_node_match_gpus(overlay):
     objects = render(overlay)
-    if overlay == "trainjob":  # the TrainJob says it; the torch plugin passes it on as PET_NPROC_PER_NODE
+    if overlay.startswith("trainjob"):  # the TrainJob says it; the torch plugin passes it on as PET_NPROC_PER_NODE
         assert "FINETUNE_NPROC_PER_NODE" not in config_map(objects), "it would override the TrainJob's value"
         nproc = str(one(objects, "TrainJob")["spec"]["trainer"]["numProcPerNode"])
     else:
@@ -676,6 +682,8 @@ def test_jobset_failure_policy_follows_the_exit_code_table(overlay):
     assert policy["maxRestarts"] == one(render("single-gpu"), "Job")["spec"]["backoffLimit"]
     assert policy["restartStrategy"] == "BlockingRecreate"
     for replicated in spec["replicatedJobs"]:
+        if replicated["name"] in INITIALIZERS:  # done before the trainer starts; test_initializers_* below
+            continue
         job = replicated["template"]["spec"]
         pod = job["template"]["spec"]
         container = training_container(pod)["name"]
@@ -778,8 +786,10 @@ def test_jobset_and_runtime_run_the_base_pod_template(overlay):
     (template,) = [t for _, t in job_templates(objects)]
     expected = copy.deepcopy(base["spec"]["template"])
     container = expected["spec"]["containers"][0]
-    if overlay == "trainjob":
+    if overlay.startswith("trainjob"):
         container["name"] = "node"
+        if overlay == "trainjob-initializers":  # plus the workspace: test_initializers_* checks it
+            template["spec"]["template"]["spec"] = _without_workspace(template["spec"]["template"]["spec"])
     else:  # what an Indexed Job of several nodes adds, as in multi-node
         container["env"].insert(0, {"name": "FINETUNE_NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
@@ -818,7 +828,8 @@ def test_kueue_component_queues_every_workload_suspended(overlay, tmp_path):
 
 # The overlays k8s/components/object-storage runs: all but cpu-smoke (its init containers write the data to /data)
 # and prepare (a cache on an emptyDir would vanish with its pod).
-OBJECT_STORAGE_OVERLAYS = [o for o in OVERLAYS if o not in ("cpu-smoke", "prepare")]
+# trainjob-initializers reads what its initializers downloaded onto a shared volume: object storage replaces that.
+OBJECT_STORAGE_OVERLAYS = [o for o in OVERLAYS if o not in ("cpu-smoke", "prepare", "trainjob-initializers")]
 STORE_ENV = ("FINETUNE_DATA_DIR", "FINETUNE_CHECKPOINT_TO", "FINETUNE_EXPORT_TO")
 
 
@@ -882,3 +893,52 @@ def test_object_storage_component_refuses_an_overlay_whose_volumes_moved(tmp_pat
         os.path.relpath(K8S / "components" / "object-storage", overlay)))
     result = subprocess.run([KUBECTL, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "test" in result.stderr.lower(), result.stderr
+
+
+def _without_workspace(pod_spec: dict) -> dict:
+    spec = json.loads(json.dumps(pod_spec))
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "workspace"]
+    for c in spec["containers"]:
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "workspace"]
+    return spec
+
+
+@needs_kubectl
+def test_initializers_download_into_the_workspace_before_the_trainer_which_trains_from_it(tmp_path, monkeypatch):
+    """As Kubeflow Trainer 2.3's own runtimes: replicated Jobs dataset-initializer and model-initializer (ancestor
+    labels and container names the initializer plugin looks for) on a shared volume at /workspace, the trainer
+    `dependsOn` both; the trainer pod is the plain runtime's plus the workspace, read-only. Its configuration takes
+    the data and the model from /workspace (the platform contract), as nothing in the ConfigMap overrides them."""
+    from entrypoint.config import platforms
+
+    objects = render("trainjob-initializers")
+    trainjob, runtime = one(objects, "TrainJob"), one(objects, "TrainingRuntime")
+    assert trainjob["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"] == "finetune-initializers"
+    assert {k: v["storageUri"].split("://")[0] for k, v in trainjob["spec"]["initializer"].items()} == \
+        {"dataset": "hf", "model": "hf"}
+    jobs = {r["name"]: r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+    assert list(jobs) == [*INITIALIZERS, "node"]
+    for name in INITIALIZERS:
+        template = jobs[name]["template"]
+        assert template["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == name
+        pod = template["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == name and container["image"].startswith(f"ghcr.io/kubeflow/trainer/{name}:")
+        assert {"name": "workspace", "mountPath": "/workspace"} in container["volumeMounts"]
+        assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "finetune-workspace"}} in pod["volumes"]
+    node = jobs["node"]
+    assert node["dependsOn"] == [{"name": n, "status": "Complete"} for n in INITIALIZERS]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert {"name": "workspace", "mountPath": "/workspace", "readOnly": True} in training_container(pod)["volumeMounts"]
+    plain = {r["name"]: r for r in one(render("trainjob"), "TrainingRuntime")["spec"]["template"]["spec"]
+             ["replicatedJobs"]}["node"]["template"]["spec"]["template"]["spec"]
+    assert _without_workspace(pod) == plain | {"containers": _without_workspace(pod)["containers"]}
+    assert [{**c, "envFrom": None} for c in _without_workspace(pod)["containers"]] == \
+        [{**c, "envFrom": None} for c in plain["containers"]]  # the ConfigMap differs only by its hash suffix
+    assert "FINETUNE_DATA_DIR" not in config_map(objects) and "FINETUNE_MODEL" not in config_map(objects)
+    for folder, name in (("dataset", "train.jsonl"), ("model", "config.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text("{}")
+    monkeypatch.setattr(platforms, "WORKSPACE", tmp_path)
+    _, cfg = parse_command(training_container(pod), pod_env(training_container(pod), objects), monkeypatch)
+    assert (Path(cfg.data_dir), cfg.model) == (tmp_path / "dataset", str(tmp_path / "model"))
