@@ -9,10 +9,11 @@ import os
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from entrypoint.errors import Busy, ExitCode, StoreUnavailable
+from entrypoint.errors import Busy, ExitCode, Preempted, StoreUnavailable
 from entrypoint.publish import remote
 from entrypoint.publish.remote import LEASE, RemoteCheckpoints, RemoteLease
 
@@ -187,6 +188,23 @@ def test_the_uploader_waits_for_the_previous_upload_and_says_so(url, tmp_path, c
     assert uploads.newest == 8
     uploads.submit(checkpoint(tmp_path, 16))
     uploads.finish()
+    assert checkpoints.steps() == {8: True, 16: True}
+
+
+def test_a_signal_while_the_final_upload_runs_before_publishing_says_where_a_new_node_resumes(url, tmp_path, caplog):
+    stop = SimpleNamespace(requested=False, signal_name=None)  # the run's StopRequest, as the lease holds it
+    checkpoints = store(url, stop=stop)
+    uploads = checkpoints.uploads
+    uploads.submit(checkpoint(tmp_path, 8))
+    uploads.wait("saving checkpoint-16")
+    uploads.submit(checkpoint(tmp_path, 16, size=2_000_000))
+    stop.requested, stop.signal_name = True, "SIGTERM"  # SIGTERM arrives while checkpoint-16 goes up
+    with caplog.at_level("INFO"), pytest.raises(Preempted) as stopped:
+        uploads.finish()
+    where = f"{url}/checkpoint-16"
+    assert stopped.value.code == ExitCode.PREEMPTED
+    assert f"a run on a new node resumes from {where}" in str(stopped.value)
+    assert any(f"a run on a new node resumes from {where}" in r.getMessage() for r in caplog.records)
     assert checkpoints.steps() == {8: True, 16: True}
 
 
