@@ -18,7 +18,7 @@ from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
             "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
             "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "quantize", "prompt_field",
-            "completion_field", "messages_field", "train_on_prompt", "isolate_documents")
+            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "fsdp")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {
@@ -79,6 +79,8 @@ def values(cfg: TrainConfig, block_size: int, data_fingerprint: str) -> dict:
     batch = AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size
     found = {name: getattr(cfg, name) for name in IDENTITY if name not in ("batch_size", "grad_accum")}
     found.update(data=data_fingerprint, block_size=block_size, sequences_per_step=batch * cfg.grad_accum)
+    if not cfg.fsdp:  # a sharded checkpoint loads only into a sharded model, and an ordinary one only into an
+        del found["fsdp"]  # ordinary one; off, it is left out, so checkpoints from before the option still resume
     return found
 
 

@@ -25,7 +25,7 @@ from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
-from entrypoint.train import checkpoints, guard, identity, metrics, mfu
+from entrypoint.train import checkpoints, fsdp, guard, identity, metrics, mfu
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
@@ -122,6 +122,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         if resume is not None:
             trainer.uploader.ensure(resume)  # one a store outage kept local goes up before training on
     results = summarize(train(context, trainer, progress, resume))
+    trainer.full_state = fsdp.gathered_state(trainer)  # --fsdp: a collective, so every rank, before rank 0 publishes
     if dist.is_main:
         publish(context, trainer, tokenizer, progress, results, held.lease)
     return results
@@ -179,7 +180,7 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
 
     def save(directory: Path) -> None:
         publish_log.info(f"writing the model to {directory}")
-        save_published(trainer.model, tokenizer, directory)
+        save_published(trainer.model, tokenizer, directory, trainer.full_state)
 
     lease.check()
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
@@ -262,15 +263,19 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     collator = PackedCollator(varlen=varlen_attention(model)) if cfg.packing \
         else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
+    sharding = fsdp.training_arguments(fsdp.layer_classes(model), cfg.gradient_checkpointing) if cfg.fsdp else {}
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
-    trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet), data_collator=collator,
+    trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet, sharding),
+                              data_collator=collator,
                               train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
     return trainer, progress
 
 
-def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool) -> TrainingArguments:
-    """TrainingArguments from the configuration (the recipe) and the plan (how this hardware runs it)."""
+def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool,
+                       sharding: dict | None = None) -> TrainingArguments:
+    """TrainingArguments from the configuration (the recipe) and the plan (how this hardware runs it); `sharding`
+    holds the FSDP fields with --fsdp (fsdp.training_arguments)."""
     eval_steps = cfg.eval_steps
     if cfg.early_stopping_patience and not eval_steps:
         eval_steps = cfg.save_steps  # the best model must have a checkpoint to come back to
@@ -303,7 +308,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         # The divergence guard must see a non-finite loss; the filter would also cost a host sync per micro-batch.
         logging_nan_inf_filter=False,
         seed=cfg.seed,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing and not sharding,  # FSDP checkpoints its own layers
         report_to=report or "none",
         disable_tqdm=quiet,
         dataloader_num_workers=plan.dataloader_workers,
@@ -318,6 +323,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         train_sampling_strategy="random" if cfg.packing else "group_by_length",  # less padding per batch
         torch_compile=plan.compile,
         tf32=True if plan.tf32 else None,
+        **(sharding or {}),
     )
 
 

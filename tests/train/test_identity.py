@@ -40,6 +40,13 @@ def test_identity_is_what_was_asked_for_and_ignores_what_may_change():
         f"{identity.LABELS['data']} data-a -> data-b", "--learning-rate 5e-05 -> 0.001"]
 
 
+def test_fsdp_binds_checkpoints_only_when_on_so_older_identities_still_match():
+    plain = identity.values(TrainConfig(), 32, "data-a")
+    assert "fsdp" not in plain  # the identity of every run without --fsdp is what it was before the option
+    sharded = identity.values(TrainConfig(fsdp=True, nproc_per_node="2"), 32, "data-a")
+    assert identity.changes(plain, sharded) == ["--fsdp None -> True"]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model, corpus_dir) -> Path:
     """A published 16-step run at learning rate 3e-3 (FAST_TRAIN); tests copy it before changing anything."""
