@@ -140,7 +140,6 @@ TESTED_THROUGH = {
     "data/corpus.py": ["commands/test_commands.py", "data/test_sftcorpus.py"],
     "data/tokendataset.py": ["data/test_shards.py"],
     "publish/outputs.py": ["e2e/test_signals.py", "train/test_job.py"],
-    "train/checkpoints.py": ["train/test_preemption.py", "train/test_identity.py"],
     "train/preflight.py": ["commands/test_commands.py", "runtime/test_toolchain.py", "train/test_plan.py"],
     "train/progress.py": ["train/test_job.py", "train/test_preemption.py"],
     "train/trainer.py": ["train/test_preemption.py", "train/test_steps.py"],

@@ -56,6 +56,17 @@ def test_an_uploaded_checkpoint_comes_back_whole_on_a_new_node(url, tmp_path):
     assert [p.name for p in (tmp_path / "node-b").iterdir()] == ["checkpoint-8"], "a staging folder was left"
 
 
+def test_a_sharded_checkpoints_subfolders_and_hidden_metadata_come_back(url, tmp_path):
+    local = tmp_path / "node-a" / "checkpoint-8"  # --fsdp's layout, cut to its shape: a shard folder whose
+    (local / "pytorch_model_fsdp_0").mkdir(parents=True)  # metadata is a hidden file (tests/support/checkpoints.py)
+    (local / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"metadata")
+    (local / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(os.urandom(1000))
+    (local / MARKER).write_text(json.dumps({"run": "abc"}))
+    store(url).upload(local)
+    restored = store(url).restore(tmp_path / "node-b", None)
+    assert files(restored) == files(local)
+
+
 def test_nothing_is_downloaded_when_the_local_checkpoint_is_as_new(url, tmp_path, proxy):
     store(url).upload(checkpoint(tmp_path / "a", 8))
     sent = proxy.forwarded
