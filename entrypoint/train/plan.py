@@ -141,12 +141,14 @@ def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = Tru
     """(micro-batch, accumulation steps, why). For --batch-size auto on a GPU: the largest power of two up to the
     effective batch (and up to `ceiling`, the largest the memory plan expects to fit: the probe starts there)
     whose forward and backward fit beside AdamW's state, probed with a model built from the
-    configuration (same shapes as the weights to be loaded); on CPU, the default 8."""
+    configuration (same shapes as the weights to be loaded); with --fsdp, `ceiling` itself; on CPU, the default 8."""
     if cfg.batch_size != "auto":
         return cfg.batch_size, cfg.grad_accum, ""
     effective = AUTO_BASE_BATCH * cfg.grad_accum
     if checked.device == "cpu":
         batch, why = AUTO_BASE_BATCH, "auto: the default on CPU"
+    elif cfg.fsdp:  # the probe would build the whole model on one GPU, which sharding exists to avoid
+        batch, why = min(effective, ceiling or 1), "auto: the memory plan's largest (--fsdp: no GPU holds the model)"
     elif not probe:
         start = min(effective, ceiling or effective)
         return AUTO_BASE_BATCH, cfg.grad_accum, f"auto: probed on the GPU when training starts, from {start}"

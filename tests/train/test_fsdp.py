@@ -12,7 +12,8 @@ from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ConfigError, ExitCode
 from entrypoint.train import fsdp
 from entrypoint.train.job import training_arguments
-from entrypoint.train.plan import RunPlan
+from entrypoint.train.plan import RunPlan, batch_and_accumulation
+from entrypoint.train.preflight import Checked
 from tests.support.archs import tiny_config
 from tests.support.helpers import clean_env, finetune
 
@@ -81,3 +82,10 @@ def test_fsdp_on_cpu_exits_2_in_the_launcher_never_a_silent_ddp_run(tmp_path, ti
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "--fsdp shards over CUDA GPUs and this run has none" in line and "drop --fsdp" in line
     assert "torchrun" not in result.stderr and not list(out.glob("checkpoints/checkpoint-*"))
+
+
+def test_batch_size_auto_with_fsdp_takes_the_memory_plans_batch_instead_of_probing_one_gpu():
+    gpu = Checked(device="NVIDIA H100 80GB HBM3", precision="bf16", block_size=2048, model_config=None)
+    cfg = TrainConfig(fsdp=True, nproc_per_node="auto", batch_size="auto", grad_accum=4)
+    assert batch_and_accumulation(cfg, gpu, probe=True, ceiling=4)[:2] == (4, 8)  # 32 sequences a step kept
+    assert batch_and_accumulation(cfg, gpu, probe=True, ceiling=None)[:2] == (1, 32)
