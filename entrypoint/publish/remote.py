@@ -244,7 +244,7 @@ class Uploader:
             where = self.resume_point()
             log.info(f"stopped before publishing; a run on a new node resumes from {where}", resume_from=where)
             raise Preempted(f"stopped by {stop.signal_name} after the last step, before publishing; a run on a new "
-                            f"node resumes from {where}; rerun the same command to publish.")
+                            f"node resumes from {where}; rerun the same command to resume and publish.")
         self.check()
 
     def resume_point(self) -> str:
