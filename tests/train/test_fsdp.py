@@ -12,7 +12,7 @@ from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ConfigError, ExitCode
 from entrypoint.train import fsdp
 from entrypoint.train.job import training_arguments
-from entrypoint.train.plan import RunPlan, batch_and_accumulation
+from entrypoint.train.plan import RunPlan, batch_and_accumulation, decide
 from entrypoint.train.preflight import Checked
 from tests.support.archs import tiny_config
 from tests.support.helpers import clean_env, finetune
@@ -89,3 +89,12 @@ def test_batch_size_auto_with_fsdp_takes_the_memory_plans_batch_instead_of_probi
     cfg = TrainConfig(fsdp=True, nproc_per_node="auto", batch_size="auto", grad_accum=4)
     assert batch_and_accumulation(cfg, gpu, probe=True, ceiling=4)[:2] == (4, 8)  # 32 sequences a step kept
     assert batch_and_accumulation(cfg, gpu, probe=True, ceiling=None)[:2] == (1, 32)
+
+
+def test_the_plan_refuses_fsdp_on_one_process_or_on_cpu_before_sizing_anything():
+    cfg = TrainConfig(fsdp=True, nproc_per_node="auto")  # auto: one process on a node with one GPU
+    gpu = Checked(device="NVIDIA H100 80GB HBM3", precision="bf16", block_size=2048, model_config=None)
+    with pytest.raises(ConfigError, match="this run has 1; give --nproc-per-node auto"):
+        decide(cfg, gpu, 1)
+    with pytest.raises(ConfigError, match="accelerate would run plain DDP"):
+        decide(cfg, Checked(device="cpu", precision="fp32", block_size=32, model_config=None), 2)
