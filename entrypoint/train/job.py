@@ -266,8 +266,8 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
     sharding = fsdp.training_arguments(fsdp.layer_classes(model), cfg.gradient_checkpointing) if cfg.fsdp else {}
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
     trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet, sharding),
-                              data_collator=collator,
-                              train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter)
+                              data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                              callbacks=callbacks, counter=counter)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
     return trainer, progress
 
