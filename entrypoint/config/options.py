@@ -140,6 +140,7 @@ def _check_train(cfg: TrainConfig) -> list[str]:
         if isinstance(value, str) and "://" in value:  # object storage; a local path or a Hub id otherwise
             problems += url_problems(value, option)
     problems += quantize_problems(cfg)
+    problems += fsdp_problems(cfg)
     report = {r.strip() for r in cfg.report_to.split(",")}
     unknown = report - {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "all"}
     if unknown:
@@ -162,6 +163,24 @@ def quantize_problems(cfg: TrainConfig) -> list[str]:
         return [f"--quantize {cfg.quantize} needs the bitsandbytes package, which is not installed; "
                 "pip install bitsandbytes (the image has it)."]
     return []
+
+
+def fsdp_problems(cfg: TrainConfig) -> list[str]:
+    """What --fsdp cannot run with, knowable from the options alone; the device and the resolved world size are
+    checked where they are known (preflight, plan)."""
+    if not cfg.fsdp:
+        return []
+    problems = []
+    if cfg.quantize:
+        problems.append(f"--fsdp cannot shard a model quantized by --quantize {cfg.quantize} (bitsandbytes' 4/8-bit "
+                        "weights are not sharded here); drop --fsdp for QLoRA on one GPU each, or drop --quantize.")
+    elif cfg.lora_rank:
+        problems.append("--fsdp shards full fine-tuning and is not supported with --lora-rank (LoRA's gradients and "
+                        "optimizer state are already small); drop --fsdp, or add --quantize 4bit to shrink the base.")
+    if (cfg.nproc_per_node, cfg.nnodes) == ("1", "1"):
+        problems.append("--fsdp shards over several processes and this run has one; give --nproc-per-node auto (one "
+                        "per GPU, two or more GPUs) or N >= 2, or drop --fsdp.")
+    return problems
 
 
 def _dash(name: str) -> str:

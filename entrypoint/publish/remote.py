@@ -36,7 +36,7 @@ from pathlib import Path
 
 from entrypoint import logs
 from entrypoint.config.destinations import parse
-from entrypoint.errors import Busy, FinetuneError, OutputError, StoreUnavailable
+from entrypoint.errors import Busy, FinetuneError, OutputError, Preempted, StoreUnavailable
 from entrypoint.publish.export import ATTEMPTS, BACKOFF, FsStore, retrying
 from entrypoint.publish.lease import holder_alive_here, holder_dead, holder_text, this_process
 
@@ -235,9 +235,23 @@ class Uploader:
             self.submit(checkpoint)
 
     def finish(self) -> None:
-        """Before publishing: the last upload done, or its failure raised."""
+        """Before publishing: the last upload done, or its failure raised. A signal that arrived meanwhile (the run's
+        stop request, which the lease holds) ends the run here with Preempted, naming where a new node resumes: the
+        newest checkpoint whose upload completed, the final one when its upload finished in time."""
         self.wait("publishing")
+        stop = self.remote.lease.stop
+        if stop is not None and stop.requested:
+            where = self.resume_point()
+            log.info(f"stopped before publishing; a run on a new node resumes from {where}", resume_from=where)
+            raise Preempted(f"stopped by {stop.signal_name} after the last step, before publishing; a run on a new "
+                            f"node resumes from {where}; rerun the same command to resume and publish.")
         self.check()
+
+    def resume_point(self) -> str:
+        """Where a run on a new node resumes: the newest checkpoint this run knows complete in the store."""
+        if self.newest is None:
+            return "the start (no complete remote checkpoint yet)"
+        return f"{self.remote.dest}/checkpoint-{self.newest}"
 
     def finish_on_stop(self, checkpoint: Path) -> str:
         """After the final save on a signal: upload it (if the grace period allows) and say where a later run

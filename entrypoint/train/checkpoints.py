@@ -24,6 +24,11 @@ from entrypoint.train import identity
 log = logs.area("checkpoint")
 resume_log = logs.area("resume")
 MARKER = "finetune-complete.json"
+# A --fsdp checkpoint (SHARDED_STATE_DICT), as accelerate's save_fsdp_model and save_fsdp_optimizer write it through
+# torch.distributed.checkpoint: a folder each for the weights and the optimizer, each holding one `__<rank>_0.distcp`
+# per rank and the `.metadata` the coordinating rank writes once every rank's file is written; no safetensors.
+SHARDED_MODEL, SHARDED_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
+SHARD_METADATA = ".metadata"
 SET_ASIDE = "previous-run"  # where a fresh start moves the checkpoints of the run it replaces
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,6 +48,8 @@ def problem(checkpoint: Path) -> str | None:
         json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     except (OSError, ValueError, KeyError):
         return "trainer_state.json is missing or unreadable"
+    if (checkpoint / SHARDED_MODEL).is_dir():
+        return sharded_problem(checkpoint) or _archive_problem(checkpoint, "scheduler.pt")
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights:
         return "no model weights"
@@ -50,14 +57,36 @@ def problem(checkpoint: Path) -> str | None:
         if not _safetensors_ok(path):
             return f"{path.name} is truncated or corrupt"
     for name in ("optimizer.pt", "scheduler.pt"):
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        try:
-            with zipfile.ZipFile(path) as archive:  # torch.save writes a zip; its index sits at the end
-                archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return f"{name} is truncated or corrupt"
+        if reason := _archive_problem(checkpoint, name):
+            return reason
+    return None
+
+
+def _archive_problem(checkpoint: Path, name: str) -> str | None:
+    """Why the torch.save archive `name` is unusable, or None."""
+    path = checkpoint / name
+    if not path.is_file():
+        return f"{name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save writes a zip; its index sits at the end
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return f"{name} is truncated or corrupt"
+    return None
+
+
+def sharded_problem(checkpoint: Path) -> str | None:
+    """Why a --fsdp checkpoint's shards are unusable, or None: each folder needs its metadata (written last) and a
+    shard from every rank of the run that saved it (the marker's world size)."""
+    ranks = int(read_marker(checkpoint).get("world_size") or 1)
+    for folder in (SHARDED_MODEL, SHARDED_OPTIMIZER):
+        metadata = checkpoint / folder / SHARD_METADATA
+        if not metadata.is_file() or metadata.stat().st_size == 0:
+            return f"{folder}/{SHARD_METADATA} is missing or empty (the sharded save was interrupted)"
+        missing = [rank for rank in range(ranks) if not (checkpoint / folder / f"__{rank}_0.distcp").is_file()]
+        if missing:
+            return (f"{folder} lacks the shard of rank {missing[0]} of {ranks} (each rank writes its own: with "
+                    "several nodes, --checkpoint-dir must be a volume every node shares)")
     return None
 
 

@@ -8,6 +8,7 @@ effective batch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -18,7 +19,7 @@ from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
             "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
             "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "quantize", "prompt_field",
-            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "dpo_beta")
+            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "dpo_beta", "fsdp")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {
@@ -69,6 +70,8 @@ REPORTING = frozenset({"log_format", "report_to", "preprocessing_workers", "hub_
                        "cache_dir", "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile",
                        "publish_worse", "export_to", "checkpoint_to"})
 
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+
 # How a changed identity value is named in the error, when it is not an option of the same name.
 LABELS = {"data": "data fingerprint (the files' contents, the tokenizer, --txt-split, --text-field, the split)",
           "sequences_per_step": "--batch-size x --grad-accum"}
@@ -79,6 +82,10 @@ def values(cfg: TrainConfig, block_size: int, data_fingerprint: str) -> dict:
     batch = AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size
     found = {name: getattr(cfg, name) for name in IDENTITY if name not in ("batch_size", "grad_accum")}
     found.update(data=data_fingerprint, block_size=block_size, sequences_per_step=batch * cfg.grad_accum)
+    if not cfg.fsdp:  # a sharded checkpoint loads only into a sharded model, and an ordinary one only into an
+        del found["fsdp"]  # ordinary one; off, it is left out, so checkpoints from before the option still resume
+    if cfg.dpo_beta == DEFAULTS["dpo_beta"]:  # likewise, so SFT checkpoints from before --dpo-beta still resume
+        del found["dpo_beta"]
     return found
 
 

@@ -27,7 +27,7 @@ from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
-from entrypoint.train import checkpoints, dpo, guard, identity, metrics, mfu
+from entrypoint.train import checkpoints, dpo, fsdp, guard, identity, metrics, mfu
 from entrypoint.train.kubeflow import Reporter
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
@@ -139,6 +139,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
         if resume is not None:
             trainer.uploader.ensure(resume)  # one a store outage kept local goes up before training on
     results = summarize(train(context, trainer, progress, resume))
+    trainer.full_state = fsdp.gathered_state(trainer)  # --fsdp: a collective, so every rank, before rank 0 publishes
     if dist.is_main:
         report.phase("publishing")
         publish(context, trainer, tokenizer, progress, results, held.lease)
@@ -203,7 +204,7 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
 
     def save(directory: Path) -> None:
         publish_log.info(f"writing the model to {directory}")
-        save_published(trainer.model, tokenizer, directory)
+        save_published(trainer.model, tokenizer, directory, trainer.full_state)
 
     lease.check()
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
@@ -289,10 +290,11 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
         else PaddingCollator(tokenizer.pad_token_id, plan.block_size)
     collator = PairCollator(collator) if pairs else collator
     preference = dpo.Preference.for_model(model, cfg.dpo_beta) if pairs else None
+    sharding = fsdp.training_arguments(fsdp.layer_classes(model), cfg.gradient_checkpointing) if cfg.fsdp else {}
     # processing_class stays None: Trainer would otherwise treat pad (== EOS) ids as padding in its own counts.
-    trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet), data_collator=collator,
-                              train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, counter=counter,
-                              preference=preference)
+    trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, plan, fresh, quiet, sharding),
+                              data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                              callbacks=callbacks, counter=counter, preference=preference)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLog writes the readable lines
     # transformers adds it whenever KUBEFLOW_TRAINER_SERVER_URL is set; train.kubeflow.Reporter reports instead
     # (it posted 100% for a preempted run, and 0% first after a resume).
@@ -300,8 +302,10 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, model, tokenizer, datasets: t
     return trainer, progress
 
 
-def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool) -> TrainingArguments:
-    """TrainingArguments from the configuration (the recipe) and the plan (how this hardware runs it)."""
+def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool,
+                       sharding: dict | None = None) -> TrainingArguments:
+    """TrainingArguments from the configuration (the recipe) and the plan (how this hardware runs it); `sharding`
+    holds the FSDP fields with --fsdp (fsdp.training_arguments)."""
     eval_steps = cfg.eval_steps
     if cfg.early_stopping_patience and not eval_steps:
         eval_steps = cfg.save_steps  # the best model must have a checkpoint to come back to
@@ -334,7 +338,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         # The divergence guard must see a non-finite loss; the filter would also cost a host sync per micro-batch.
         logging_nan_inf_filter=False,
         seed=cfg.seed,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing and not sharding,  # FSDP checkpoints its own layers
         report_to=report or "none",
         disable_tqdm=quiet,
         dataloader_num_workers=plan.dataloader_workers,
@@ -349,6 +353,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan, fresh: bool, quiet: bool
         train_sampling_strategy="random" if cfg.packing else "group_by_length",  # less padding per batch
         torch_compile=plan.compile,
         tf32=True if plan.tf32 else None,
+        **(sharding or {}),
     )
 
 

@@ -6,6 +6,9 @@
     gradients    one fp32 value per trainable parameter
     optimizer    AdamW's two fp32 moments per trainable parameter
     buckets      with several processes, DDP's gradient buckets: another copy of the trainable gradients
+    --fsdp       weights, gradients and AdamW state divided by the world size, no buckets, plus what FSDP holds
+                 whole for the layer it computes: that layer's and the prefetched next one's weights, and one
+                 layer's gradients before they are reduce-scattered (fp32, erring high: bf16 runs gather in bf16)
     activations  what the backward pass keeps: per token and layer about 10 x width + 3 x MLP width values (the
                  layer's input, norms, q/k/v, attention output, MLP input, hidden and activation), in the
                  autocast dtype (fp32 holds 4 bytes, bf16/fp16 a mix of 2 and 4: 2.5); with gradient checkpointing
@@ -43,6 +46,7 @@ LORA_COPIES, LORA_DROPOUT_COPIES = 1.2, 3.0
 # saved for the backward 45-53 MiB, resident growth in the forward 342-921 MiB, about 4 layers' activations.
 CPU_RETAINED_LAYERS = 3
 SUGGESTED_RANK = 16  # the LoRA rank a run without LoRA is told would fit
+FSDP_GATHERED_LAYERS = 3  # --fsdp: a layer's weights, the next one's (prefetched) and a layer's unsharded gradients
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
     if mode.checkpointing and mode.cpu:
         kept += CPU_RETAINED_LAYERS * per_layer
     logit_bytes = 4 if mode.precision == "fp32" else 2
-    return Estimate(weights=int(weights / shards), adapters=shape.adapters * 4 if mode.lora else 0,
+    gathered = FSDP_GATHERED_LAYERS * shape.parameters / shape.layers * 4 if mode.fsdp else 0
+    return Estimate(weights=int(weights / shards + gathered), adapters=shape.adapters * 4 if mode.lora else 0,
                     gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,
                     buckets=trainable * 4 if mode.world_size > 1 and not mode.fsdp else 0,
                     activations=int(kept + per_layer), logits=tokens * shape.vocab * (logit_bytes + 4),
@@ -197,9 +202,13 @@ def available_bytes(device: str) -> int:
 def what_fits(shape: Shape, mode: Mode, runtime: int, available: int) -> list[str]:
     """The changes, cheapest first and then combined, that bring the estimate under `available`: what a run that
     does not fit should try."""
-    candidates = [replace(mode, checkpointing=True), replace(mode, batch=1), replace(mode, lora=True),
-                  replace(mode, lora=True, quantize="4bit"),
-                  replace(mode, lora=True, quantize="4bit", checkpointing=True, batch=1)]
+    candidates = [replace(mode, checkpointing=True), replace(mode, batch=1)]
+    if mode.world_size > 1 and not mode.lora:  # full fine-tuning over several GPUs: shard it (--fsdp is full only)
+        candidates += [replace(mode, fsdp=True), replace(mode, fsdp=True, checkpointing=True)]
+    if mode.fsdp:
+        candidates += [replace(mode, world_size=mode.world_size * more) for more in (2, 4)]
+    candidates += [replace(mode, lora=True, fsdp=False), replace(mode, lora=True, quantize="4bit", fsdp=False),
+                   replace(mode, lora=True, quantize="4bit", checkpointing=True, batch=1, fsdp=False)]
     fits = []
     for changed in candidates:
         if changed != mode and estimate(shape, changed, runtime).total <= available:
@@ -214,6 +223,9 @@ def describe(mode: Mode, changed: Mode) -> str:
                f"--quantize {changed.quantize}" if changed.quantize != mode.quantize else "",
                "--gradient-checkpointing" if changed.checkpointing != mode.checkpointing else "",
                "--batch-size 1 (and more --grad-accum for the same effective batch)" if changed.batch != mode.batch
+               else "",
+               ("--fsdp" if changed.fsdp else "no --fsdp") if changed.fsdp != mode.fsdp else "",
+               f"{changed.world_size} GPUs (--nproc-per-node, --nnodes)" if changed.world_size != mode.world_size
                else ""]
     return " ".join(o for o in options if o)
 
@@ -231,7 +243,8 @@ GPUS = {"24 GiB (L4, RTX 4090)": 24, "40 GiB (A100 40G)": 40, "80 GiB (A100, H10
 
 def which_mode_fits() -> str:
     """A markdown table: for each model size and GPU memory, the first of full fine-tuning, LoRA and QLoRA (rank
-    16, bf16, one 2048-token sequence per step, gradient checkpointing on) whose estimate fits one GPU."""
+    16, bf16, one 2048-token sequence per step, gradient checkpointing on) whose estimate fits one GPU, and where
+    full fine-tuning does not, the fewest GPUs (2, 4 or 8) --fsdp would shard it over."""
     from transformers import LlamaConfig
 
     modes = (("full", Mode()), ("LoRA", Mode(lora=True)), ("QLoRA", Mode(lora=True, quantize="4bit")))
@@ -241,10 +254,18 @@ def which_mode_fits() -> str:
         shape = shape_of(config, SUGGESTED_RANK, "all-linear")
         cells = []
         for gib in GPUS.values():
-            fitting = [(label, estimate(shape, replace(mode, precision="bf16", batch=1, block=2048,
-                                                       checkpointing=True), CUDA_RUNTIME).total)
-                       for label, mode in modes]
+            fitting = [(label, _table_estimate(shape, mode)) for label, mode in modes]
             first = next(((label, total) for label, total in fitting if total <= gib * GIB), None)
-            cells.append(f"{first[0]} ({first[1] / GIB:.0f} GiB)" if first else "shard across GPUs")
+            cell = f"{first[0]} ({first[1] / GIB:.0f} GiB)" if first else "none on one GPU"
+            if not first or first[0] != "full":
+                gpus = next((n for n in (2, 4, 8) if _table_estimate(shape, Mode(fsdp=True, world_size=n))
+                             <= gib * GIB), None)
+                cell += f"; full: --fsdp on {gpus} GPUs" if gpus else "; full: --fsdp on more than 8 GPUs"
+            cells.append(cell)
         rows.append(f"| {name} ({shape.parameters / 1e9:.1f}B) | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _table_estimate(shape: Shape, mode: Mode) -> int:
+    return estimate(shape, replace(mode, precision="bf16", batch=1, block=2048, checkpointing=True),
+                    CUDA_RUNTIME).total

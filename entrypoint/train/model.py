@@ -278,8 +278,10 @@ def is_lora(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_published(model, tokenizer, directory: Path) -> None:
+def save_published(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Write an ordinary model to `directory`; a LoRA model also leaves its adapter in `directory/adapter`.
+    `state_dict` is the full state of a model sharded by --fsdp (fsdp.gathered_state), written in place of the
+    model's own shards.
 
     Merging changes the wrapped model in place (the adapter folds into the base weights), so this is the last
     thing done with it."""
@@ -293,5 +295,5 @@ def save_published(model, tokenizer, directory: Path) -> None:
         model.set_attn_implementation("sdpa")  # CAUSAL is registered in this process only
     for name in getattr(model, "replaced_gelu", ()):  # the base model's own name for the same function
         setattr(model.config, name, "gelu_new")
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)

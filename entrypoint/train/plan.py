@@ -23,7 +23,7 @@ from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError
 from entrypoint.runtime.cpus import tokenizing_workers
-from entrypoint.train import memory, mfu
+from entrypoint.train import fsdp, memory, mfu
 from entrypoint.train.memory import Estimate
 from entrypoint.train.model import add_lora, fast_gelu, lora_targets, use_chunked_loss
 from entrypoint.train.preflight import Checked
@@ -91,6 +91,8 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
     """The plan for `cfg` on this machine. `probe=False` (doctor, config) leaves --batch-size auto on a GPU
     unprobed and says so, since probing takes the GPU for seconds."""
     cuda = checked.device != "cpu"
+    if cfg.fsdp and (problem := fsdp.problem(checked.device, world_size)):
+        raise ConfigError(problem)
     sizing = memory_check(cfg, checked, world_size)  # before anything is loaded or probed: refuse what cannot fit
     ceiling = sizing.largest_batch(AUTO_BASE_BATCH * cfg.grad_accum) if sizing and cfg.batch_size == "auto" else None
     batch, accumulation, batch_why = batch_and_accumulation(cfg, checked, probe, ceiling)
@@ -122,15 +124,15 @@ def memory_check(cfg: TrainConfig, checked: Checked, world_size: int) -> memory.
                        precision=checked.precision, batch=1 if cfg.batch_size == "auto" and not cpu else
                        AUTO_BASE_BATCH if cfg.batch_size == "auto" else cfg.batch_size,
                        block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size,
-                       cpu=cpu)
+                       fsdp=cfg.fsdp, cpu=cpu)
     sizing = memory.Sizing(shape, mode, memory.runtime_bytes(checked.device), memory.available_bytes(checked.device))
     estimate = sizing.at(mode.batch)
     if estimate.total > sizing.available:
         fits = memory.what_fits(shape, mode, sizing.runtime, sizing.available)
         raise ConfigError(f"this run needs {estimate.line(sizing.available)} on {checked.device}; "
                           + (f"it would fit with {' or '.join(fits)}." if fits else
-                             "nothing tried fits (LoRA, --quantize 4bit, checkpointing, batch 1): use a device with "
-                             "more memory or a smaller model."))
+                             "nothing tried fits (LoRA, --quantize 4bit, checkpointing, batch 1, --fsdp over more "
+                             "GPUs): use a device with more memory or a smaller model."))
     return sizing
 
 
@@ -139,12 +141,14 @@ def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = Tru
     """(micro-batch, accumulation steps, why). For --batch-size auto on a GPU: the largest power of two up to the
     effective batch (and up to `ceiling`, the largest the memory plan expects to fit: the probe starts there)
     whose forward and backward fit beside AdamW's state, probed with a model built from the
-    configuration (same shapes as the weights to be loaded); on CPU, the default 8."""
+    configuration (same shapes as the weights to be loaded); with --fsdp, `ceiling` itself; on CPU, the default 8."""
     if cfg.batch_size != "auto":
         return cfg.batch_size, cfg.grad_accum, ""
     effective = AUTO_BASE_BATCH * cfg.grad_accum
     if checked.device == "cpu":
         batch, why = AUTO_BASE_BATCH, "auto: the default on CPU"
+    elif cfg.fsdp:  # the probe would build the whole model on one GPU, which sharding exists to avoid
+        batch, why = min(effective, ceiling or 1), "auto: the memory plan's largest (--fsdp: no GPU holds the model)"
     elif not probe:
         start = min(effective, ceiling or effective)
         return AUTO_BASE_BATCH, cfg.grad_accum, f"auto: probed on the GPU when training starts, from {start}"

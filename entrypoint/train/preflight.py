@@ -20,6 +20,7 @@ from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadEr
 from entrypoint.publish.outputs import check_writable
 from entrypoint.runtime import cuda
 from entrypoint.runtime.toolchain import Toolchain, find
+from entrypoint.train import fsdp
 
 MAX_DEFAULT_BLOCK = 1024  # tokens; longer contexts cost quadratic attention for little fine-tuning gain
 
@@ -170,6 +171,8 @@ def preflight(cfg: TrainConfig, trains: bool = True, environ: Mapping[str, str] 
             device, precision = device_and_precision(cfg.precision, environ or {})
     except FinetuneError as exc:
         problems.append(exc)
+    if trains and cfg.fsdp and (sharding := fsdp.problem(device, None)):  # the world size: plan.decide checks it
+        problems.append(ConfigError(sharding))
     model_config, block_size = None, cfg.block_size or 0
     try:
         model_config, block_size = model_and_block_size(cfg)

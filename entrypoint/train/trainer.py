@@ -84,6 +84,7 @@ class FinetuneTrainer(Trainer):
         if preference is not None:
             self.loss_is_scaled_for_ga = False  # a mean per micro-batch: Trainer divides by the accumulation
         self.uploader = None  # rank 0 with --checkpoint-to: publish.remote.Uploader, fed every complete checkpoint
+        self.full_state = None  # --fsdp, rank 0: the model's full state dict, gathered by every rank to publish
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
         self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
 
@@ -212,6 +213,12 @@ class FinetuneTrainer(Trainer):
         """Take a checkpoint at or past the last step as the finished run: its weights (or the best checkpoint's,
         with early stopping) and its state, without the extra step Trainer.train takes when resumed there."""
         self.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        if self.is_fsdp_enabled:
+            # Sharded weights load only into the sharded model, and FSDP2 shards a model together with its
+            # optimizer (accelerate refuses one without the other), as Trainer's own _prepare_for_training does.
+            self.create_optimizer()
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.model_wrapped = self.model
         self._load_from_checkpoint(str(checkpoint))
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best and Path(best).is_dir():

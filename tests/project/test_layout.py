@@ -139,7 +139,6 @@ TESTED_THROUGH = {
     "data/collate.py": ["data/test_pipeline.py", "data/test_records.py", "train/test_attention.py"],
     "data/corpus.py": ["commands/test_commands.py", "data/test_sftcorpus.py"],
     "data/tokendataset.py": ["data/test_shards.py"],
-    "train/checkpoints.py": ["train/test_preemption.py", "train/test_identity.py"],
     "train/preflight.py": ["commands/test_commands.py", "runtime/test_toolchain.py", "train/test_plan.py"],
     "train/progress.py": ["train/test_job.py", "train/test_preemption.py"],
     "train/trainer.py": ["train/test_preemption.py", "train/test_steps.py"],

@@ -9,10 +9,11 @@ import os
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from entrypoint.errors import Busy, ExitCode, StoreUnavailable
+from entrypoint.errors import Busy, ExitCode, Preempted, StoreUnavailable
 from entrypoint.publish import remote
 from entrypoint.publish.remote import LEASE, RemoteCheckpoints, RemoteLease
 
@@ -53,6 +54,17 @@ def test_an_uploaded_checkpoint_comes_back_whole_on_a_new_node(url, tmp_path):
     assert restored == tmp_path / "node-b" / "checkpoint-8"
     assert files(restored) == files(local)
     assert [p.name for p in (tmp_path / "node-b").iterdir()] == ["checkpoint-8"], "a staging folder was left"
+
+
+def test_a_sharded_checkpoints_subfolders_and_hidden_metadata_come_back(url, tmp_path):
+    local = tmp_path / "node-a" / "checkpoint-8"  # --fsdp's layout, cut to its shape: a shard folder whose
+    (local / "pytorch_model_fsdp_0").mkdir(parents=True)  # metadata is a hidden file (tests/support/checkpoints.py)
+    (local / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"metadata")
+    (local / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(os.urandom(1000))
+    (local / MARKER).write_text(json.dumps({"run": "abc"}))
+    store(url).upload(local)
+    restored = store(url).restore(tmp_path / "node-b", None)
+    assert files(restored) == files(local)
 
 
 def test_nothing_is_downloaded_when_the_local_checkpoint_is_as_new(url, tmp_path, proxy):
@@ -187,6 +199,23 @@ def test_the_uploader_waits_for_the_previous_upload_and_says_so(url, tmp_path, c
     assert uploads.newest == 8
     uploads.submit(checkpoint(tmp_path, 16))
     uploads.finish()
+    assert checkpoints.steps() == {8: True, 16: True}
+
+
+def test_a_signal_while_the_final_upload_runs_before_publishing_says_where_a_new_node_resumes(url, tmp_path, caplog):
+    stop = SimpleNamespace(requested=False, signal_name=None)  # the run's StopRequest, as the lease holds it
+    checkpoints = store(url, stop=stop)
+    uploads = checkpoints.uploads
+    uploads.submit(checkpoint(tmp_path, 8))
+    uploads.wait("saving checkpoint-16")
+    uploads.submit(checkpoint(tmp_path, 16, size=2_000_000))
+    stop.requested, stop.signal_name = True, "SIGTERM"  # SIGTERM arrives while checkpoint-16 goes up
+    with caplog.at_level("INFO"), pytest.raises(Preempted) as stopped:
+        uploads.finish()
+    where = f"{url}/checkpoint-16"
+    assert stopped.value.code == ExitCode.PREEMPTED
+    assert f"a run on a new node resumes from {where}" in str(stopped.value)
+    assert any(f"a run on a new node resumes from {where}" in r.getMessage() for r in caplog.records)
     assert checkpoints.steps() == {8: True, 16: True}
 
 

@@ -40,6 +40,13 @@ def test_identity_is_what_was_asked_for_and_ignores_what_may_change():
         f"{identity.LABELS['data']} data-a -> data-b", "--learning-rate 5e-05 -> 0.001"]
 
 
+def test_fsdp_binds_checkpoints_only_when_on_so_older_identities_still_match():
+    plain = identity.values(TrainConfig(), 32, "data-a")
+    assert "fsdp" not in plain  # the identity of every run without --fsdp is what it was before the option
+    sharded = identity.values(TrainConfig(fsdp=True, nproc_per_node="2"), 32, "data-a")
+    assert identity.changes(plain, sharded) == ["--fsdp None -> True"]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model, corpus_dir) -> Path:
     """A published 16-step run at learning rate 3e-3 (FAST_TRAIN); tests copy it before changing anything."""
@@ -59,6 +66,14 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+def test_dpo_beta_binds_checkpoints_only_when_changed_so_older_identities_still_match():
+    plain = identity.values(TrainConfig(), 32, "data-a")
+    assert "dpo_beta" not in plain  # at its default, the identity of a run is what it was before the option
+    assert identity.values(TrainConfig(dpo_beta=0.1), 32, "data-a") == plain
+    closer = identity.values(TrainConfig(dpo_beta=0.5), 32, "data-a")
+    assert identity.changes(plain, closer) == ["--dpo-beta None -> 0.5"]
+
+
 def test_changed_options_on_resume_exit_2_naming_them_and_both_fixes(tmp_path, finished, tiny_model, corpus_dir):
     out = copy_of(finished, tmp_path)
     shutil.rmtree(out / "model")  # the run trained to the end but its publish failed

@@ -58,6 +58,20 @@ def test_what_fits_names_the_cheapest_changes_that_fit():
     assert memory.what_fits(shape, mode, 0, 1 * GIB) == []
 
 
+def test_fsdp_divides_the_model_state_by_the_world_size_and_is_named_where_it_fits():
+    shape = memory.shape_of(_llama_7b(), 16, model_mod.lora_targets("llama", None))
+    ddp = memory.estimate(shape, replace(BASE, world_size=4), 0)
+    sharded = memory.estimate(shape, replace(BASE, world_size=4, fsdp=True), 0)
+    layer = shape.parameters / shape.layers * 4  # one layer's fp32 weights, held whole while it computes
+    assert sharded.weights == int(ddp.weights / 4 + memory.FSDP_GATHERED_LAYERS * layer)
+    assert (sharded.gradients, sharded.optimizer, sharded.buckets) == (ddp.gradients // 4, ddp.optimizer // 4, 0)
+    assert sharded.activations == ddp.activations
+    mode = replace(BASE, world_size=4, checkpointing=True)  # full fine-tuning of 7B on four 40 GiB GPUs
+    assert memory.what_fits(shape, mode, 0, 40 * GIB)[0] == "--fsdp"
+    assert "--fsdp" not in " ".join(memory.what_fits(shape, replace(mode, world_size=1), 0, 40 * GIB))
+    assert memory.what_fits(shape, replace(mode, fsdp=True), 0, 30 * GIB)[0] == "8 GPUs (--nproc-per-node, --nnodes)"
+
+
 def test_a_run_that_cannot_fit_exits_2_before_loading_the_model(tmp_path, tiny_model, corpus_dir):
     """A 7B-shaped Llama whose directory holds no weights at all: the plan refuses it, so nothing tried to load."""
     model = tmp_path / "llama-7b"
