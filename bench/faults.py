@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 # Importing the case modules registers every case, in table order.
-from bench import fault_cases, fault_remote, fault_s3data  # noqa: F401
+from bench import fault_cases, fault_remote, fault_s3data, fault_storage  # noqa: F401
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
 from tests.support.helpers import clean_env
 

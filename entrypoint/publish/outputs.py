@@ -83,9 +83,13 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
 
     try:
         fsutil.publish_dir(final, fill, guard=interruptible)
-    except OSError as exc:
-        raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
-                          "output volume and rerun (training resumes from the last checkpoint).") from None
+    except Exception as exc:  # safetensors reports a full disk as its own error type, with the errno as text
+        resumes = "training resumes from the last checkpoint, nothing was published"
+        error = fsutil.storage_error(exc, output_dir, f"the model {final.name}/", after=resumes)
+        if error is None and not isinstance(exc, OSError):
+            raise
+        raise error or OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on "
+                                   f"the output volume and rerun: {resumes}.") from None
     return final
 
 
