@@ -45,7 +45,7 @@ class Phase:
 
 
 PHASES = [
-    Phase("data preparation (cache shards)", "cache", "*blocks-*/shard-*/*", 0, "no cache entry", None),
+    Phase("data preparation (cache shards)", "cache", "blocks-*/.shard-*/*", 0, "no cache entry", None),
     Phase("first checkpoint", "checkpoints", "checkpoint-2", SLACK, "no complete checkpoint", None),
     Phase("later checkpoint", "checkpoints", "checkpoint-4", SLACK, "checkpoint-2 complete", "checkpoint-2"),
     Phase("publishing the model", "output", ".model.tmp-*", SLACK, "checkpoint-4 complete, no model",
@@ -128,7 +128,7 @@ def run_with_fault(lab: Lab, out: Path, volume: Volume, phase: Phase, kind: str,
 
 def storage_case(phase: Phase, kind: str):
     def run(lab: Lab) -> Outcome:
-        root = lab.fresh(f"storage-{phase.volume}-{kind}-{phase.trigger.strip('*.').replace('/', '-')}")
+        root = lab.fresh(f"storage-{PHASES.index(phase)}-{kind.lower()}")  # no "checkpoint-N" in the path
         folders = {"cache": root / "cache", "checkpoints": root / "ckpt", "output": root / "out"}
         volume = Volume(lab, folders[phase.volume])
         # TensorBoard keeps its event file open for writing, which a remount to read-only waits for forever.
@@ -137,21 +137,21 @@ def storage_case(phase: Phase, kind: str):
             extra["FINETUNE_CACHE_DIR"] = str(folders["cache"])
         out, checkpoints_dir = folders["output"], folders["checkpoints"]
         code, log = run_with_fault(lab, out, volume, phase, kind, **extra)
-        check_fault_run(log, phase, checkpoints_dir, out)
+        left = check_fault_run(log, phase, checkpoints_dir, out)
         volume.clear()
         again, log2 = lab.train(out, **RUN, **extra)
         expect(again == 0, "the rerun after clearing the fault failed", log2)
         resumed = re.findall(r"resume: from .*?(checkpoint-\d+)", log2)
         expect((resumed[-1] if resumed else None) == phase.resumes_from,
                f"the rerun resumed from {resumed or 'nothing'}, expected {phase.resumes_from}", log2)
-        return lab.outcome(out, [code, again], log2, note=_error_line(log))
+        return lab.outcome(out, [code, again], log2, note=f"left: {left} | {_error_line(log)}")
 
     return run
 
 
-def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) -> None:
+def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) -> str:
     """One `error:` line and no traceback; the previous complete checkpoint intact, nothing half-written marked
-    complete, and no model published."""
+    complete, and no model published. Returns what was left, in words."""
     from entrypoint.train import checkpoints
 
     errors = [line for line in log.splitlines() if line.startswith("error:")]
@@ -161,6 +161,9 @@ def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) ->
     expected = {None: [], "checkpoint-2": ["checkpoint-2"], "checkpoint-4": ["checkpoint-2", "checkpoint-4"]}
     expect(complete == expected[phase.resumes_from], f"complete checkpoints {complete}", log)
     expect(not (out / "model").exists(), "a model was published", log)
+    partial = [p.name for p in sorted(checkpoints_dir.glob("checkpoint-*")) if p.name not in complete]
+    return (f"{', '.join(complete) or 'no'} complete checkpoint{'s' if len(complete) != 1 else ''}"
+            + (f", {', '.join(partial)} without its marker" if partial else "") + ", no model")
 
 
 def _error_line(log: str) -> str:
@@ -179,6 +182,24 @@ for _phase in PHASES:
     for _kind in FAULTS:
         fault(name(_phase, _kind), codes=(4, 0), published=True)(storage_case(_phase, _kind))
 fault("storage: I/O error (EIO) at any write", codes=(4, 0), published=True)(_eio)
+
+
+def observed(results: list) -> str:
+    """What `make faults` ran, as the matrix: (case, outcome or None, verdict) for each storage case."""
+    rows = ["| site | fault | exit codes | left after the fault | rerun resumed from | published | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for case, out, verdict in results:
+        if not case.name.startswith("storage: "):
+            continue
+        fault_name, _, site = case.name.removeprefix("storage: ").partition(" at ")
+        if out is None:
+            rows.append(f"| {site} | {fault_name} | | | | | {verdict} |")
+            continue
+        left = out.note.split(" | ")[0].removeprefix("left: ")
+        codes = " then ".join(str(c) for c in out.codes)
+        rows.append(f"| {site} | {fault_name} | {codes} | {left} | {out.resumed_from or 'the start'} | "
+                    f"{'yes' if out.published else 'no'} | {verdict} |")
+    return "\n".join(rows)
 
 
 def matrix() -> str:

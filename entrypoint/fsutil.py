@@ -48,6 +48,11 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp-" in path.name
 
 
+def final_name(path: Path) -> str:
+    """The name `path` is written for: `metrics.json` for its temporary `.metrics.json.tmp-host-pid`."""
+    return path.name[1:].rsplit(".tmp-", 1)[0] if is_temporary(path) else path.name
+
+
 def commit(temp: Path, path: Path, *, sync: bool = False) -> None:
     """Move a finished temporary file over `path`, readable by every user (0644). With `sync` the file is on disk
     before the rename, and the rename is on disk when this returns."""
@@ -131,17 +136,19 @@ _FIXES = {
 }
 
 
-def storage_error(exc: BaseException, path: Path | str, what: str = "a file",
+def storage_error(exc: BaseException, path: Path | str | None, what: str = "a file",
                   after: str = "") -> OutputError | None:
     """`exc` as one line naming `what` could not be written to `path`, the volume's free space and the fix, when
     it comes from a full, read-only or failing volume (errors.storage_errno: any library's exception that
-    carries the errno); None for anything else, which stays a bug. `after` ends the line (what is still intact)."""
+    carries the errno); None for anything else, which stays a bug. `after` ends the line (what is still intact).
+    Without a `path` (a library that did not say where) the line names the volumes a run writes."""
     code = storage_errno(exc)
     if code is None:
         return None
-    free = free_space(Path(path))
+    free = free_space(Path(path)) if path is not None else None
     room = f", {free} free" if free is not None and code in (errno.ENOSPC, errno.EDQUOT) else ""
-    return OutputError(f"cannot write {what} to {path} ({os.strerror(code)}{room}); {_FIXES[code]}"
+    where = f"to {path}" if path is not None else "to the output, checkpoint or cache volume"
+    return OutputError(f"cannot write {what} {where} ({os.strerror(code)}{room}); {_FIXES[code]}"
                        + (f": {after}" if after else "."))
 
 

@@ -374,3 +374,14 @@ def test_a_failure_that_is_not_the_volume_s_is_left_to_the_caller(tmp_path):
 def test_free_space_is_read_from_the_nearest_existing_folder(mount):
     volume = mount("size=64k")
     assert fsutil.free_space(volume / "not" / "yet") == "64.0 KiB"
+
+
+def test_the_final_name_of_a_temporary_file_is_the_name_it_is_written_for(tmp_path):
+    assert fsutil.final_name(fsutil.temp_sibling(tmp_path / "metrics.json")) == "metrics.json"
+    assert fsutil.final_name(tmp_path / "loss.png") == "loss.png"
+
+
+def test_a_fault_with_no_path_names_the_volumes_a_run_writes():
+    error = fsutil.storage_error(OSError(28, "No space left on device"), None)
+    assert str(error) == ("cannot write a file to the output, checkpoint or cache volume (No space left on device); "
+                          "free space on that volume (or give it more), then rerun.")

@@ -126,13 +126,12 @@ def _platform() -> str | None:
 
 def _storage_fault(exc: Exception, output_dir_of, kwargs) -> FinetuneError | None:
     """`exc` as exit OUTPUT when a volume refused a write (fsutil.storage_error), naming the file when the
-    exception does, else the output directory; None for anything else (a bug)."""
+    exception does (its final name, not the temporary one it was written under); None for anything else (a bug)."""
     filename = getattr(exc, "filename", None)
-    if filename:
-        return fsutil.storage_error(exc, Path(filename).parent, Path(filename).name)
-    ctx = click.get_current_context(silent=True)
-    where = (ctx and ctx.meta.get(RESOLVED_OUTPUT_DIR)) or _output_dir(output_dir_of, kwargs) or Path.cwd()
-    return fsutil.storage_error(exc, where, "a file")
+    if not filename:
+        return fsutil.storage_error(exc, None)
+    path = Path(filename)
+    return fsutil.storage_error(exc, path.parent, fsutil.final_name(path))
 
 
 def _output_dir(output_dir_of, kwargs) -> Path | None:

@@ -85,7 +85,7 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
         fsutil.publish_dir(final, fill, guard=interruptible)
     except Exception as exc:  # safetensors reports a full disk as its own error type, with the errno as text
         resumes = "training resumes from the last checkpoint, nothing was published"
-        error = fsutil.storage_error(exc, output_dir, f"the model {final.name}/", after=resumes)
+        error = fsutil.storage_error(exc, final, "the model", after=resumes)
         if error is None and not isinstance(exc, OSError):
             raise
         raise error or OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import fault_remote
+from bench import fault_remote, fault_storage
 from bench.faults import CASES, Skip, verdict
 
 LOCAL = [name for name in CASES if name not in fault_remote.NAMES]  # the rest: test_remote_checkpoints.py
@@ -31,3 +31,12 @@ def test_the_matrix_covers_every_fault_the_issue_names():
                   "model loading", "evaluation", "publishing", "misspelt", "new node", "mid-upload", "retention",
                   "same --checkpoint-to", "sigterm during an upload", "store goes away"):
         assert fault in names, fault
+
+
+def test_the_storage_matrix_moves_each_fault_through_every_phase_of_a_run():
+    sites = {phase.site for phase in fault_storage.PHASES}
+    assert {"data preparation (cache shards)", "first checkpoint", "later checkpoint", "publishing the model",
+            "metrics and loss plot"} <= sites
+    for phase in fault_storage.PHASES:
+        for kind in ("ENOSPC", "EROFS"):
+            assert fault_storage.name(phase, kind) in LOCAL
