@@ -214,6 +214,11 @@ def plot_losses(output_dir: Path, history: list[dict]) -> None:
     try:
         # The temporary name does not end in .png, so the format is named.
         fsutil.write_atomic(output_dir / "loss.png", lambda temp: fig.savefig(temp, format="png"))
+    except Exception as exc:  # PIL's OSError on a full disk names no file
+        error = fsutil.storage_error(exc, output_dir, "loss.png", after="nothing was published")
+        if error is None:
+            raise
+        raise error from None
     finally:
         plt.close(fig)
 
