@@ -45,7 +45,7 @@ class Phase:
 
 
 PHASES = [
-    Phase("data preparation (cache shards)", "cache", "blocks-*/.shard-*/*", 0, "no cache entry", None),
+    Phase("data preparation (cache shards)", "cache", "blocks-*", 0, "no cache entry", None),
     Phase("first checkpoint", "checkpoints", "checkpoint-2", SLACK, "no complete checkpoint", None),
     Phase("later checkpoint", "checkpoints", "checkpoint-4", SLACK, "checkpoint-2 complete", "checkpoint-2"),
     Phase("publishing the model", "output", ".model.tmp-*", SLACK, "checkpoint-4 complete, no model",

@@ -185,7 +185,8 @@ def build_shard(build: Build) -> None:
 def cache_error(exc: OSError, cache_dir: Path) -> OutputError:
     """A failed write to the dataset cache as one line: the volume's fault with its free space and fix, or the
     system's words (a file where a folder should be)."""
-    return fsutil.storage_error(exc, cache_dir, "the dataset cache", after="or set --cache-dir to another volume") \
+    kept = "no partial cache is kept (--cache-dir can point to another volume)"
+    return fsutil.storage_error(exc, cache_dir, "the dataset cache", after=kept) \
         or OutputError(f"cannot write the dataset cache to {cache_dir} ({exc.strerror or exc}); free space or set "
                        "--cache-dir to a writable place.")
 
