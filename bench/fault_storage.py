@@ -165,8 +165,8 @@ def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) ->
     expect(complete == expected[phase.resumes_from], f"complete checkpoints {complete}", log)
     expect(not (out / "model").exists(), "a model was published", log)
     partial = [p.name for p in sorted(checkpoints_dir.glob("checkpoint-*")) if p.name not in complete]
-    return (f"{', '.join(complete) or 'no'} complete checkpoint{'s' if len(complete) != 1 else ''}"
-            + (f", {', '.join(partial)} without its marker" if partial else "") + ", no model")
+    return (f"complete: {', '.join(complete) or 'none'}" + (f"; no marker: {', '.join(partial)}" if partial else "")
+            + "; no model")
 
 
 def _error_line(log: str) -> str:
