@@ -8,8 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from entrypoint.cli.running import handled
 from entrypoint.errors import ExitCode, storage_errno
 from tests.support.helpers import FAST_TRAIN, clean_env, finetune
 
@@ -248,3 +251,34 @@ def test_a_storage_fault_is_recognised_by_its_errno_whatever_the_exception_class
 ])
 def test_anything_else_is_not_a_storage_fault(exc):
     assert storage_errno(exc) is None
+
+
+def _command_raising(exc: BaseException) -> click.Group:
+    """A CLI of one command whose body raises `exc`, run through the same `handled` as every finetune command."""
+    group = click.Group("finetune")
+
+    @group.command("write")
+    @handled()
+    def write():
+        raise exc
+
+    return group
+
+
+@pytest.mark.parametrize(("exc", "says"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/out/.metrics.json.tmp-host-1"),
+     "error: cannot write metrics.json to /out (No space left on device"),
+    (Exception("Error while serializing: I/O error: Read-only file system (os error 30)"),
+     "error: cannot write a file to the output, checkpoint or cache volume (Read-only file system); mount it"),
+])
+def test_a_storage_fault_no_site_maps_itself_still_exits_4_with_one_line(exc, says):
+    result = CliRunner().invoke(_command_raising(exc), ["write"])
+    assert result.exit_code == ExitCode.OUTPUT, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [result.output.strip()]
+    assert result.output.startswith(says) and "Traceback" not in result.output
+
+
+def test_an_exception_without_a_storage_errno_stays_a_bug_with_its_traceback():
+    result = CliRunner().invoke(_command_raising(KeyError("model.safetensors")), ["write"])
+    assert result.exit_code == ExitCode.INTERNAL
+    assert "Traceback" in result.output and "internal error (a bug" in result.output
