@@ -95,7 +95,7 @@ test: install ## Run the test suite (Docker tests skip with a reason when no eng
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: faults
-faults: install ## Run every fault case (signals, kills, torn checkpoints, full disk, two writers, divergence...) and print the table.
+faults: install ## Run every fault case (signals, kills, torn checkpoints, full or read-only disk at each phase, two writers, divergence...) and print the tables.
 	$(VENV)/bin/python -m bench.faults $(FAULTS_ARGS)
 
 SOAK_RUNS ?= 50

@@ -67,7 +67,7 @@ def disk_full(lab: Lab) -> Outcome:
     root = lab.fresh("disk-full")
     ckpt = lab.mount_tmpfs(root / "ckpt", 2_600_000)  # one tiny-model checkpoint (1.75 MB) fits, two do not
     code, log = lab.train(root / "out", FINETUNE_CHECKPOINT_DIR=str(ckpt))
-    expect("cannot save checkpoint-16" in log and "Traceback" not in log, "no clean disk-full error", log)
+    expect("cannot write checkpoint-16" in log and "Traceback" not in log, "no clean disk-full error", log)
     expect((ckpt / "checkpoint-8" / "finetune-complete.json").is_file(), "the previous checkpoint is gone", log)
     return lab.outcome(root / "out", [code], log, note="checkpoint-8 kept intact")
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 # Importing the case modules registers every case, in table order.
-from bench import fault_cases, fault_remote, fault_s3data  # noqa: F401
+from bench import fault_cases, fault_remote, fault_s3data, fault_storage  # noqa: F401
 from bench.fault_lab import CASES, Case, Lab, Outcome, Skip
 from tests.support.helpers import clean_env
 
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.name}: {result} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
             results.append((case, outcome, result))
         print(table(lab, results))
+        if any(case.name.startswith("storage: ") for case, _, _ in results):
+            print("\nStorage faults (site x fault):\n" + fault_storage.observed(results))
     return 0 if all(not r.startswith("FAIL") for _, _, r in results) else 1
 
 

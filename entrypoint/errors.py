@@ -7,6 +7,9 @@ the fix; the CLI prints it without a traceback. Anything else is a bug and exits
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from enum import IntEnum
 
 
@@ -104,3 +107,39 @@ class DriverError(FinetuneError):
 
 class StoreUnavailable(FinetuneError):
     code = ExitCode.STORE
+
+
+# Storage faults: what the volume says when a write cannot land, whatever library made the write. A fault of the
+# volume, not of the program, so it is the user's to fix (exit OUTPUT) and never a bug.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+# The same errnos as text: Rust libraries (safetensors, tokenizers) end theirs with "(os error 28)", Python's own
+# read "[Errno 28] ...", pyarrow's "errno 28", and some wrappers keep only the system's words.
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[errno (\d+)\]|\berrno[ =:]+(\d+)", re.IGNORECASE)
+_STRERRORS = {os.strerror(code).lower(): code for code in STORAGE_ERRNOS}
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The storage errno (ENOSPC, EDQUOT, EROFS, EIO) `exc` carries, or None: read from an OSError's errno, then
+    from the text of the exception and of everything in its cause chain (`__cause__`, `__context__`), since
+    libraries wrap the OSError (PIL, TensorBoard, fsspec) or report it only as text (safetensors' SafetensorError
+    "No space left on device (os error 28)", torch's RuntimeError from its zip writer)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc.errno
+        code = _errno_in_text(str(exc))
+        if code is not None:
+            return code
+        # The chain a traceback would print: the cause, else the context unless `raise ... from None` hid it.
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return None
+
+
+def _errno_in_text(text: str) -> int | None:
+    for match in _ERRNO_IN_TEXT.finditer(text):
+        code = int(next(g for g in match.groups() if g))
+        if code in STORAGE_ERRNOS:
+            return code
+    lowered = text.lower()
+    return next((code for words, code in _STRERRORS.items() if words in lowered), None)

@@ -8,6 +8,7 @@ same on two of them.
     write_atomic(path, content)      readers see the old file or the new one; 0644; optionally flushed
     fsync_file / fsync_dir / fsync_tree
     write_problem(directory)         why a small flushed write there fails, or None
+    storage_error(exc, path, what)   a full, failing or read-only volume behind `exc` as one OutputError line
     write_marker(path, text)         flush the folder's files, then write the marker; its presence implies the rest
     read_marker(path)                the marker's JSON, or None
     publish_dir(final, fill)         a whole folder: staged privately, flushed, COMPLETE last, renamed into place
@@ -16,6 +17,7 @@ same on two of them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,6 +25,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+
+from entrypoint.errors import OutputError, storage_errno
 
 COMPLETE = "COMPLETE"  # the completion marker's name: written last, so a folder that holds it is whole
 
@@ -42,6 +46,11 @@ def is_temporary(path: Path) -> bool:
     """Whether `path` is named as `temp_sibling` names things: a file or staging folder being written, or one a
     killed writer left."""
     return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def final_name(path: Path) -> str:
+    """The name `path` is written for: `metrics.json` for its temporary `.metrics.json.tmp-host-pid`."""
+    return path.name[1:].rsplit(".tmp-", 1)[0] if is_temporary(path) else path.name
 
 
 def commit(temp: Path, path: Path, *, sync: bool = False) -> None:
@@ -116,6 +125,45 @@ def write_problem(directory: Path, nbytes: int = 1 << 16) -> str | None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
+
+
+# The fix for each storage errno, after "cannot write X to PATH (reason)".
+_FIXES = {
+    errno.ENOSPC: "free space on that volume (or give it more), then rerun",
+    errno.EDQUOT: "free space or raise the quota on that volume, then rerun",
+    errno.EROFS: "mount it read-write, then rerun",
+    errno.EIO: "the volume failed a write (I/O error): check or replace it, then rerun",
+}
+
+
+def storage_error(exc: BaseException, path: Path | str | None, what: str = "a file",
+                  after: str = "") -> OutputError | None:
+    """`exc` as one line naming `what` could not be written to `path`, the volume's free space and the fix, when
+    it comes from a full, read-only or failing volume (errors.storage_errno: any library's exception that
+    carries the errno); None for anything else, which stays a bug. `after` ends the line (what is still intact).
+    Without a `path` (a library that did not say where) the line names the volumes a run writes."""
+    code = storage_errno(exc)
+    if code is None:
+        return None
+    free = free_space(Path(path)) if path is not None else None
+    room = f", {free} free" if free is not None and code in (errno.ENOSPC, errno.EDQUOT) else ""
+    where = f"to {path}" if path is not None else "to the output, checkpoint or cache volume"
+    return OutputError(f"cannot write {what} {where} ({os.strerror(code)}{room}); {_FIXES[code]}"
+                       + (f": {after}" if after else "."))
+
+
+def free_space(path: Path) -> str | None:
+    """What the volume holding `path` (or its nearest existing parent) has free, as "12.0 KiB", or None."""
+    for candidate in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+        for unit in ("bytes", "KiB", "MiB", "GiB"):
+            if free < 1024 or unit == "GiB":
+                return f"{free} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+            free /= 1024
+    return None
 
 
 def write_marker(path: Path, text: str = "", *, sync: bool = True) -> None:

@@ -1,6 +1,7 @@
 """Regenerate the tables in docs/ that are facts of the code: each command's options (from the config schema
 through the click commands built from it), the exit codes (from entrypoint/errors.py) and which fine-tuning mode
-fits which GPU (from the memory plan's estimator, entrypoint/train/memory.py).
+fits which GPU (from the memory plan's estimator, entrypoint/train/memory.py), and the storage fault matrix (from
+the cases bench/fault_storage.py runs and tests/e2e/test_faults.py asserts).
 
     python scripts/gen_docs.py           rewrite the generated regions in place
     python scripts/gen_docs.py --check   exit 1, naming the stale files, when a region differs (make test runs this)
@@ -59,9 +60,16 @@ def which_mode_fits() -> str:
     return which_mode_fits()
 
 
+def storage_faults() -> str:
+    from bench.fault_storage import matrix
+
+    return matrix() + "\n"
+
+
 def generators() -> dict:
     tables = {f"options-{c}": (lambda c=c: options_table(c)) for c in ("train", "generate", "init-model", "corpus")}
-    return {**tables, "exit-codes": exit_codes_table, "which-mode-fits": which_mode_fits}
+    return {**tables, "exit-codes": exit_codes_table, "which-mode-fits": which_mode_fits,
+            "storage-faults": storage_faults}
 
 
 def render(text: str) -> str:

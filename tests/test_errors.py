@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
-from entrypoint.errors import ExitCode
+from entrypoint.cli.running import handled
+from entrypoint.errors import ExitCode, storage_errno
 from tests.support.helpers import FAST_TRAIN, clean_env, finetune
 
 
@@ -196,3 +200,85 @@ def test_a_failure_writes_status_into_the_output_dir_the_configuration_resolved(
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("failed", ExitCode.DATA)
     assert "does not exist" in status["message"]
+
+
+# Storage faults, recognised by the errno an exception carries, whatever its class.
+
+def _raised(make):
+    try:
+        make()
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def _wrapped(inner: BaseException, outer: type[Exception] = RuntimeError, chained: bool = True):
+    def make():
+        try:
+            raise inner
+        except BaseException as exc:
+            if chained:
+                raise outer("saving failed") from exc
+            raise outer("saving failed") from None
+
+    return _raised(make)
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+    (OSError(errno.EROFS, "Read-only file system"), errno.EROFS),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT),
+    (OSError(errno.EIO, "Input/output error"), errno.EIO),
+    # safetensors and tokenizers (Rust): the errno only as text, the class their own
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), errno.ENOSPC),
+    (Exception("Read-only file system (os error 30)"), errno.EROFS),
+    # pyarrow's wording, and a wrapper that kept only the system's words
+    (OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"), errno.ENOSPC),
+    (ValueError("write failed: Input/output error"), errno.EIO),
+    # fsspec, PIL, TensorBoard: the OSError as the cause, or as the context of an error raised while handling it
+    (_wrapped(OSError(errno.ENOSPC, "No space left on device")), errno.ENOSPC),
+    (_wrapped(OSError(errno.EROFS, "Read-only file system"), ValueError), errno.EROFS),
+], ids=["enospc", "erofs", "edquot", "eio", "rust-enospc", "rust-erofs", "pyarrow", "words-only", "cause",
+        "context"])
+def test_a_storage_fault_is_recognised_by_its_errno_whatever_the_exception_class(exc, code):
+    assert storage_errno(exc) == code
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOENT, "No such file or directory"), OSError(errno.EACCES, "Permission denied"),
+    KeyError("model.safetensors"), RuntimeError("shape mismatch (os error 2)"), ValueError("errno 13"),
+    _wrapped(OSError(errno.ENOSPC, "No space left on device"), chained=False),
+])
+def test_anything_else_is_not_a_storage_fault(exc):
+    assert storage_errno(exc) is None
+
+
+def _command_raising(exc: BaseException) -> click.Group:
+    """A CLI of one command whose body raises `exc`, run through the same `handled` as every finetune command."""
+    group = click.Group("finetune")
+
+    @group.command("write")
+    @handled()
+    def write():
+        raise exc
+
+    return group
+
+
+@pytest.mark.parametrize(("exc", "says"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/out/.metrics.json.tmp-host-1"),
+     "error: cannot write metrics.json to /out (No space left on device"),
+    (Exception("Error while serializing: I/O error: Read-only file system (os error 30)"),
+     "error: cannot write a file to the output, checkpoint or cache volume (Read-only file system); mount it"),
+])
+def test_a_storage_fault_no_site_maps_itself_still_exits_4_with_one_line(exc, says):
+    result = CliRunner().invoke(_command_raising(exc), ["write"])
+    assert result.exit_code == ExitCode.OUTPUT, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [result.output.strip()]
+    assert result.output.startswith(says) and "Traceback" not in result.output
+
+
+def test_an_exception_without_a_storage_errno_stays_a_bug_with_its_traceback():
+    result = CliRunner().invoke(_command_raising(KeyError("model.safetensors")), ["write"])
+    assert result.exit_code == ExitCode.INTERNAL
+    assert "Traceback" in result.output and "internal error (a bug" in result.output

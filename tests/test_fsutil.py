@@ -327,3 +327,61 @@ def test_an_update_keeps_the_folder_itself_and_moves_the_last_entry_last(tmp_pat
         fsutil.publish_dir(final, fails, if_exists="update", last="config.json")
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "kept.txt", "model.safetensors"]
     assert (final / "config.json").read_text() == "new"
+
+
+def _failure(write) -> Exception:
+    try:
+        write()
+    except Exception as exc:
+        return exc
+    raise AssertionError("the write succeeded")
+
+
+def test_a_safetensors_save_into_a_full_volume_is_one_line_with_the_free_space(mount):
+    import torch
+    from safetensors.torch import save_file
+
+    volume = mount("size=256k")
+    exc = _failure(lambda: save_file({"w": torch.zeros(1 << 18)}, str(volume / "model.safetensors")))
+    assert not isinstance(exc, OSError)  # SafetensorError: recognised by the "(os error 28)" it carries
+    error = fsutil.storage_error(exc, volume, "checkpoint-2", after="the previous checkpoint is intact")
+    assert error is not None and error.code == 4
+    assert error.problems == [f"cannot write checkpoint-2 to {volume} (No space left on device, "
+                              f"{fsutil.free_space(volume)} free); free space on that volume (or give it more), "
+                              "then rerun: the previous checkpoint is intact"]
+
+
+def test_a_plot_saved_to_a_read_only_volume_says_to_mount_it_read_write(mount):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    volume = mount("ro,size=64k")
+    figure = pyplot.figure()
+    exc = _failure(lambda: figure.savefig(volume / "loss.png"))
+    pyplot.close(figure)
+    error = fsutil.storage_error(exc, volume, "the loss plot")
+    assert error is not None and "(Read-only file system); mount it read-write" in str(error)
+    assert "free" not in str(error)  # free space does not help a read-only volume
+
+
+def test_a_failure_that_is_not_the_volume_s_is_left_to_the_caller(tmp_path):
+    assert fsutil.storage_error(FileNotFoundError(2, "No such file or directory"), tmp_path) is None
+    assert fsutil.storage_error(RuntimeError("bug"), tmp_path) is None
+
+
+def test_free_space_is_read_from_the_nearest_existing_folder(mount):
+    volume = mount("size=64k")
+    assert fsutil.free_space(volume / "not" / "yet") == "64.0 KiB"
+
+
+def test_the_final_name_of_a_temporary_file_is_the_name_it_is_written_for(tmp_path):
+    assert fsutil.final_name(fsutil.temp_sibling(tmp_path / "metrics.json")) == "metrics.json"
+    assert fsutil.final_name(tmp_path / "loss.png") == "loss.png"
+
+
+def test_a_fault_with_no_path_names_the_volumes_a_run_writes():
+    error = fsutil.storage_error(OSError(28, "No space left on device"), None)
+    assert str(error) == ("cannot write a file to the output, checkpoint or cache volume (No space left on device); "
+                          "free space on that volume (or give it more), then rerun.")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from entrypoint import fsutil
 from entrypoint.cli.params import check_environment
 from entrypoint.config import options as schema
 from entrypoint.config.platforms import platform_defaults
@@ -42,7 +43,10 @@ def handled(output_dir_of=None):
             except KeyboardInterrupt:  # a signal before training installed its own handler: nothing to save
                 fail(ExitCode.PREEMPTED, ["interrupted before training started; rerun the same command."],
                      output_dir_of, kwargs)
-            except Exception:
+            except Exception as exc:
+                storage = _storage_fault(exc, output_dir_of, kwargs)
+                if storage is not None:  # a write any library made to a full, failing or read-only volume
+                    fail(storage.code, storage.problems, output_dir_of, kwargs)
                 traceback.print_exc()
                 fail(ExitCode.INTERNAL, [f"internal error (a bug, please report it with the traceback above): "
                                          f"{sys.exc_info()[1]!r}"], output_dir_of, kwargs)
@@ -118,6 +122,16 @@ def _platform() -> str | None:
         return platform_defaults(os.environ)[0]
     except FinetuneError:  # the platform's own variables (SM_HPS) may be what failed
         return None
+
+
+def _storage_fault(exc: Exception, output_dir_of, kwargs) -> FinetuneError | None:
+    """`exc` as exit OUTPUT when a volume refused a write (fsutil.storage_error), naming the file when the
+    exception does (its final name, not the temporary one it was written under); None for anything else (a bug)."""
+    filename = getattr(exc, "filename", None)
+    if not filename:
+        return fsutil.storage_error(exc, None)
+    path = Path(filename)
+    return fsutil.storage_error(exc, path.parent, fsutil.final_name(path))
 
 
 def _output_dir(output_dir_of, kwargs) -> Path | None:

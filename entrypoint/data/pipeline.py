@@ -145,7 +145,13 @@ def prepare_shard(opts: DataOptions, tokenizer, block_size: int, shard: int = 0,
     else:
         stats = DataStats(**json.loads((target / "stats.json").read_text()))
         stats.cache_hit = True
-    fsutil.write_atomic(opts.data_cache_dir / f"ready-{pre}", key)
+    try:
+        fsutil.write_atomic(opts.data_cache_dir / f"ready-{pre}", key)
+    except OSError as exc:
+        error = fsutil.storage_error(exc, opts.data_cache_dir, f"ready-{pre}", after=f"{target.name} is complete")
+        if error is None:
+            raise
+        raise error from None
     stats.prepare_seconds = time.perf_counter() - start
     if stats.source_tokens:
         log.info(mixture.summary(stats.source_tokens))
@@ -175,13 +181,21 @@ def build_shard(build: Build) -> None:
                            if_exists="keep", sync=False)
         built = True
     except OSError as exc:
-        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
-                          "free space or set --cache-dir to a writable place.") from None
+        raise cache_error(exc, target.parent) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if not built:  # nor an empty cache folder; one holding another builder's shards stays
             with contextlib.suppress(OSError):
                 target.rmdir()
+
+
+def cache_error(exc: OSError, cache_dir: Path) -> OutputError:
+    """A failed write to the dataset cache as one line: the volume's fault with its free space and fix, or the
+    system's words (a file where a folder should be)."""
+    kept = "no partial cache is kept (--cache-dir can point to another volume)"
+    return fsutil.storage_error(exc, cache_dir, "the dataset cache", after=kept) \
+        or OutputError(f"cannot write the dataset cache to {cache_dir} ({exc.strerror or exc}); free space or set "
+                       "--cache-dir to a writable place.")
 
 
 def _read_jobs(build: Build, scratch: Path) -> tuple[list, str]:
@@ -281,8 +295,7 @@ def finalize(build: Build, seconds: float) -> bool:
         # to take them; a cache a power loss damaged is deleted and built again.
         fsutil.write_marker(target / COMPLETE, sync=False)
     except OSError as exc:
-        raise OutputError(f"cannot write the dataset cache to {target.parent} ({exc.strerror or exc}); "
-                          "free space or set --cache-dir to a writable place.") from None
+        raise cache_error(exc, target.parent) from None
     log.info(f"{stats.train_documents} documents -> {stats.train_tokens} tokens -> {stats.train_rows} "
              f"{'blocks' if opts.packing else 'rows'} of {block_size} tokens ({stats.dropped_tokens} remainder tokens "
              f"dropped), cached as {target.name}")

@@ -91,9 +91,13 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
 
     try:
         fsutil.publish_dir(final, fill, guard=interruptible)
-    except OSError as exc:
-        raise OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on the "
-                          "output volume and rerun (training resumes from the last checkpoint).") from None
+    except Exception as exc:  # safetensors reports a full disk as its own error type, with the errno as text
+        resumes = "training resumes from the last checkpoint, nothing was published"
+        error = fsutil.storage_error(exc, final, "the model", after=resumes)
+        if error is None and not isinstance(exc, OSError):
+            raise
+        raise error or OutputError(f"cannot publish the model to {final} ({exc.strerror or exc}); free space on "
+                                   f"the output volume and rerun: {resumes}.") from None
     return final
 
 
@@ -231,6 +235,11 @@ def plot_losses(output_dir: Path, history: list[dict]) -> None:
     try:
         # The temporary name does not end in .png, so the format is named.
         fsutil.write_atomic(output_dir / "loss.png", lambda temp: fig.savefig(temp, format="png"))
+    except Exception as exc:  # PIL's OSError on a full disk names no file
+        error = fsutil.storage_error(exc, output_dir, "loss.png", after="nothing was published")
+        if error is None:
+            raise
+        raise error from None
     finally:
         plt.close(fig)
 

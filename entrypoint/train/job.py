@@ -207,11 +207,13 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
         save_published(trainer.model, tokenizer, directory, trainer.full_state)
 
     lease.check()
-    outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
-                          interruptible=lambda: stop.interruptible("while publishing the model (nothing published)"))
+    # The outputs before the model: a full disk while writing them leaves nothing published, so the rerun (which
+    # takes a published model as done) writes them again.
     outputs.write_metrics(cfg.output_dir, results)
     outputs.plot_losses(cfg.output_dir, progress.history)
     outputs.write_history(cfg.output_dir, progress.history)
+    outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
+                          interruptible=lambda: stop.interruptible("while publishing the model (nothing published)"))
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
     export.export_published(cfg.output_dir, cfg.export_to)
 

@@ -125,7 +125,7 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
         hint = (f"use {option} {path / 'model'} (the published model)" if (path / "model" / "config.json").is_file()
                 else f"point {option} at a save_pretrained folder such as <output-dir>/model")
         raise ModelLoadError(f"{option} {path} is not a model directory (no config.json); {hint}.")
-    problems = []
+    problems = unreadable(path, option)
     if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
         problems.append(f"{option} {path} has no weights (model.safetensors); the model is incomplete: publish it "
                         "again with finetune train, or copy the weights in.")
@@ -134,6 +134,25 @@ def check_model_dir(path: Path, option: str, weights: bool = True, tokenizer: bo
                         "use the published model/, or save the base model's tokenizer into it.")
     if problems:
         raise ModelLoadError(*problems)
+
+
+def unreadable(path: Path, option: str) -> list[str]:
+    """A problem for each file of the model directory `path` this process cannot open (permissions, a volume that
+    fails reads): the loaders would call it missing."""
+    try:
+        files = [p for p in sorted(path.iterdir()) if p.is_file()]
+    except OSError as exc:
+        files, problems = [], [f"cannot list {option} {path} ({exc.strerror or exc})"]
+    else:
+        problems = []
+    for file in files:
+        try:
+            with file.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            problems.append(f"cannot read {file} ({exc.strerror or exc})")
+    return [f"{p}; make the model files readable by this user (chmod -R a+rX {path}) or fix the volume."
+            for p in problems]
 
 
 def cheap_problems(cfg: TrainConfig) -> list[FinetuneError]:

@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from entrypoint import fsutil, logs
+from entrypoint import errors, fsutil, logs
 from entrypoint.errors import OutputError
 from entrypoint.train import checkpoints, dpo, identity
 from entrypoint.train.guard import OverflowSteps
@@ -181,13 +181,15 @@ class FinetuneTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as exc:
-            reason = storage_failure(path.parent)
-            if not (reason or isinstance(exc, OSError)):
+            # torch.save's zip writer words a full disk without an errno: then the volume itself is asked.
+            reason = None if errors.storage_errno(exc) else storage_failure(path.parent)
+            if not (reason or errors.storage_errno(exc)):
                 raise
             shutil.rmtree(path, ignore_errors=True)  # it has no marker; removing it frees the space it took
-            reason = reason or exc.strerror or str(exc)
-            raise OutputError(f"cannot save {path.name} to {path.parent} ({reason}); free space or lower "
-                              "--save-total-limit, then rerun: the previous checkpoint is intact.") from None
+            intact = "the previous checkpoint is intact (--save-total-limit keeps fewer)"
+            raise (fsutil.storage_error(exc, path.parent, path.name, after=intact) or OutputError(
+                f"cannot write {path.name} to {path.parent} ({reason}); free space or lower --save-total-limit, "
+                f"then rerun: {intact}.")) from None
         self.accelerator.wait_for_everyone()  # every rank's RNG file is on disk before the marker says so
         progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressLog)), None)
         totals = self.counter.totals(self.accelerator, progress.training_seconds() if progress else 0.0)

@@ -8,6 +8,7 @@ are real tmpfs mounts (the tests run as root; without the privilege to mount, th
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,24 @@ def test_init_model_rewrites_a_model_directory_whole(tmp_path, corpus_dir):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging folder left beside it
 
 
+def test_generate_with_unreadable_model_files_names_each_file(place):
+    """Root reads every file whatever its mode: the run drops the capabilities that let it (as a non-root user
+    would run), and the weights and the tokenizer are made unreadable."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the capability to read any file")
+    for name in ("model.safetensors", "tokenizer.json"):
+        (place.model / name).chmod(0)
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+                             "entrypoint", "generate", "--model-dir", str(place.model)], env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == ExitCode.MODEL, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot read {place.model / name} (Permission denied); make the model files readable "
+                      f"by this user (chmod -R a+rX {place.model}) or fix the volume."
+                      for name in ("model.safetensors", "tokenizer.json")]
+
+
 # Corpus.
 
 CORPUS = [
@@ -274,6 +293,8 @@ CORPUS = [
      ExitCode.OUTPUT, "Not a directory"),
     ("instructions_output_read_only", lambda p: ["--instructions", "--output-dir", str(p.read_only() / "c")],
      ExitCode.OUTPUT, "Read-only file system"),
+    ("instructions_output_volume_full", lambda p: ["--instructions", "--output-dir", str(p.full() / "c")],
+     ExitCode.OUTPUT, "No space left on device"),
 ]
 
 
