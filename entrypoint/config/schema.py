@@ -118,6 +118,11 @@ class TrainConfig:
                                           "[from PET_RDZV_ENDPOINT, PET_MASTER_ADDR:PET_MASTER_PORT or "
                                           "MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
+    sample_prompts: Path | None = opt(
+        None, "File of prompts to sample from the model before the first step and at every evaluation (greedy, "
+        "seeded; written to <output-dir>/samples.jsonl, TensorBoard and the card): one prompt per line, or .jsonl of "
+        "strings, {\"prompt\": ...} or chat {\"messages\": [...]} records [default: no samples].")
+    sample_max_new_tokens: int = opt(48, "Tokens generated per --sample-prompts prompt.", min=1, max=4096)
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any; "
                              "--no-resume starts fresh, moving the checkpoints there to previous-run/.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration "
