@@ -167,6 +167,21 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What `eval` adds to train's options (of which the model, data, block-size, packing, batch and precision ones
+    apply)."""
+
+    output: Path | None = opt(None, "Also write the results to this JSON file [default: print them only].")
+    tokenizer: Path | None = opt(None, "Tokenizer directory, for a --model that has none (a training checkpoint) "
+                                 "[default: --model's].")
+    tasks: tuple[str, ...] = opt((), "lm-evaluation-harness tasks to run as well (repeat, comma- or space-separated); "
+                                 "needs the eval extra: pip install 'finetune-gpt2[eval]'.", multiple=True)
+    include_path: Path | None = opt(None, "Directory of extra lm-evaluation-harness task definitions (YAML) for "
+                                    "--tasks.")
+    limit: int | None = opt(None, "Score at most this many examples of each --tasks task [default: all].", min=1)
+
+
+@dataclass(frozen=True)
 class InitModelConfig:
     """What `init-model` runs with."""
 
