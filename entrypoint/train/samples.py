@@ -50,14 +50,20 @@ class Samples(TrainerCallback):
         self.path = cfg.output_dir / SAMPLES
         self.runs_dir = cfg.runs_dir if "tensorboard" in cfg.report_to else None
         self.writer = None
-        self.sampled: set[int] = set()  # steps already sampled: the final evaluation may repeat the last one
+        # Steps already sampled (the final evaluation may repeat the last one); None until training begins, or for
+        # a run finished from a checkpoint at its last step, which never begins.
+        self.sampled: set[int] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.sampled = keep_until(self.path, state.global_step)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None and state.global_step not in self.sampled:
+        if not state.is_world_process_zero or model is None:
+            return
+        if self.sampled is None:
+            self.sampled = keep_until(self.path, state.global_step)
+        if state.global_step not in self.sampled:
             self.sampled.add(state.global_step)
             self.round(model, state.global_step)
 
