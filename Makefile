@@ -53,9 +53,17 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 demo: install ## Train a tiny model on the standard library's docstrings (CPU, about a minute) into ./output.
 	$(FINETUNE) corpus --output-dir $(DEMO_DIR)/data
 	$(FINETUNE) init-model --corpus $(DEMO_DIR)/data/train.txt --output-dir $(DEMO_DIR)/tiny-gpt2
+	@# Prompts whose greedy completions the log shows before the first step and at every evaluation.
+	printf '%s\n' 'Return the' 'If the argument is' 'This module provides' > $(DEMO_DIR)/prompts.txt
 	$(FINETUNE) train --preset demo --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/data \
-		--output-dir $(OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+		--output-dir $(OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache --sample-prompts $(DEMO_DIR)/prompts.txt
 	$(FINETUNE) generate --model-dir $(OUTPUT_DIR)/model --prompt "Return the" --max-new-tokens 40
+	@sed -n '/^## Before and after/,/^## Samples/p' $(OUTPUT_DIR)/model/README.md | sed '$$d'
+	@# The base model and the fine-tuned one scored on the same held-out rows: two comparable JSON files.
+	$(FINETUNE) eval --preset demo --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/data \
+		--output-dir $(OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache --output $(OUTPUT_DIR)/eval-base.json
+	$(FINETUNE) eval --preset demo --model $(OUTPUT_DIR)/model --data-dir $(DEMO_DIR)/data \
+		--output-dir $(OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache --output $(OUTPUT_DIR)/eval-model.json
 
 .PHONY: demo-sft
 demo-sft: install ## Teach a tiny model to answer a function's signature with its docstring (instruction data, CPU).

@@ -22,14 +22,18 @@ sys.path.insert(0, str(REPO))
 REGION = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
 
 
-def options_table(command: str) -> str:
+def options_table(command: str, only: type | None = None) -> str:
+    """The command's options; with `only` (a config class), just that class's fields (eval's own, beside train's)."""
     import click
 
     from entrypoint.cli import cli
+    from entrypoint.config.options import fields
 
     rows = ["| option | env var | default | meaning |", "| --- | --- | --- | --- |"]
     for param in cli.commands[command].params:
         if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+            continue
+        if only is not None and param.name not in fields(only):
             continue
         flag = param.opts[0] + (f" / {param.secondary_opts[0]}" if param.secondary_opts else "")
         shown = param.show_default and param.default not in (None, ())
@@ -67,7 +71,10 @@ def storage_faults() -> str:
 
 
 def generators() -> dict:
+    from entrypoint.config.schema import EvalConfig
+
     tables = {f"options-{c}": (lambda c=c: options_table(c)) for c in ("train", "generate", "init-model", "corpus")}
+    tables["options-eval"] = lambda: options_table("eval", EvalConfig)
     return {**tables, "exit-codes": exit_codes_table, "which-mode-fits": which_mode_fits,
             "storage-faults": storage_faults}
 

@@ -4,6 +4,7 @@ module takes the config object, and the environment where it must (the driver ch
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from entrypoint.cli.running import (
 )
 from entrypoint.config import options as schema
 from entrypoint.config.platforms import platform_defaults
-from entrypoint.config.schema import GenerateConfig, InitModelConfig, TrainConfig
+from entrypoint.config.schema import EvalConfig, GenerateConfig, InitModelConfig, TrainConfig
 from entrypoint.errors import ConfigError, ExitCode, FinetuneError
 
 
@@ -152,6 +153,23 @@ def generate(**params):
             click.echo(text)
     except BrokenPipeError:  # the reader (`| head -1`) has what it wanted; silence the interpreter's final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@cli.command("eval", epilog=EXIT_CODES_HELP)
+@preset_option
+@schema_options(EvalConfig)
+@schema_options(TrainConfig)
+@handled()
+def evaluate(preset, **params):
+    """Score a model directory (--model: a published model/, a checkpoint, a base model) on --data-dir's or
+    --dataset's held-out data as training evaluates it; print (and --output) loss, perplexity and tokens scored."""
+    from entrypoint.commands import eval as evaluation
+
+    cfg, _ = resolve(TrainConfig, params, preset)
+    ecfg, _ = resolve(EvalConfig, params)
+    evaluation.check_inputs(cfg, ecfg)  # before the logging setup, which imports transformers
+    setup_logs(cfg)
+    click.echo(json.dumps(evaluation.evaluate(cfg, ecfg, os.environ), indent=2, sort_keys=True))
 
 
 @cli.command("init-model", epilog=EXIT_CODES_HELP)

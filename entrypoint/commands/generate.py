@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import GenerateConfig
-from entrypoint.data import formats
+from entrypoint.data import prompts
 from entrypoint.errors import ConfigError, ModelLoadError, OutOfMemory
 from entrypoint.train.preflight import check_model_dir
 
@@ -113,8 +113,4 @@ def _load(auto, model_dir, what: str, **kwargs):
 
 def chat_prompt(tokenizer, message: str) -> list[int]:
     """A user message rendered and tokenized exactly as chat training renders the turns before an answer."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                         chat_template=formats.chat_template(tokenizer), add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = formats.convention(tokenizer).bos_id
-    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+    return prompts.chat_ids(tokenizer, [{"role": "user", "content": message}])

@@ -20,7 +20,7 @@ import yaml
 
 from entrypoint.config.destinations import url_problems
 from entrypoint.config.platforms import cluster_defaults, platform_defaults
-from entrypoint.config.schema import GenerateConfig, InitModelConfig, TrainConfig
+from entrypoint.config.schema import EvalConfig, GenerateConfig, InitModelConfig, TrainConfig
 from entrypoint.errors import ConfigError
 
 ENV_PREFIX = "FINETUNE_"
@@ -48,7 +48,7 @@ def base_type(f: dataclasses.Field) -> type:
 
 
 def _owner(f: dataclasses.Field) -> type:
-    for schema in (TrainConfig, GenerateConfig, InitModelConfig):
+    for schema in (TrainConfig, GenerateConfig, InitModelConfig, EvalConfig):
         if fields(schema).get(f.name) is f:
             return schema
     raise KeyError(f.name)

@@ -123,6 +123,11 @@ class TrainConfig:
                                           "[from PET_RDZV_ENDPOINT, PET_MASTER_ADDR:PET_MASTER_PORT or "
                                           "MASTER_ADDR:MASTER_PORT when unset].")
     tensorboard_dir: Path | None = opt(None, "TensorBoard event directory [default: <output-dir>/runs].")
+    sample_prompts: Path | None = opt(
+        None, "File of prompts to sample from the model before the first step and at every evaluation (greedy, "
+        "seeded; written to <output-dir>/samples.jsonl, TensorBoard and the card): one prompt per line, or .jsonl of "
+        "strings, {\"prompt\": ...} or chat {\"messages\": [...]} records [default: no samples].")
+    sample_max_new_tokens: int = opt(48, "Tokens generated per --sample-prompts prompt.", min=1, max=4096)
     resume: bool = opt(True, "Resume from the newest complete checkpoint in --checkpoint-dir, if any; "
                              "--no-resume starts fresh, moving the checkpoints there to previous-run/.")
     overwrite: bool = opt(False, "Replace a model already published in --output-dir by another configuration "
@@ -164,6 +169,21 @@ class GenerateConfig:
     seed: int = opt(0, "Random seed, so a sample can be reproduced.", min=0, max=SEED_MAX)
     chat: bool = opt(False, "Send --prompt as a user message through the model's chat template (finetune's default "
                      "when it has none), as chat training renders it; print the answer only.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `eval` adds to train's options (of which the model, data, block-size, packing, batch and precision ones
+    apply)."""
+
+    output: Path | None = opt(None, "Also write the results to this JSON file [default: print them only].")
+    tokenizer: Path | None = opt(None, "Tokenizer directory, for a --model that has none (a training checkpoint) "
+                                 "[default: --model's].")
+    tasks: tuple[str, ...] = opt((), "lm-evaluation-harness tasks to run as well (repeat, comma- or space-separated); "
+                                 "needs the eval extra: pip install 'finetune-gpt2[eval]'.", multiple=True)
+    include_path: Path | None = opt(None, "Directory of extra lm-evaluation-harness task definitions (YAML) for "
+                                    "--tasks.")
+    limit: int | None = opt(None, "Score at most this many examples of each --tasks task [default: all].", min=1)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     metrics.json   one flat object (losses, perplexity, throughput, padding, device, memory)
     loss.png       train and eval loss curves
     history.json   the curves' points: every training-loss and evaluation record of the whole run, by step
+    samples.jsonl  with --sample-prompts: {"step", "prompt", "completion"} per prompt at every evaluation
     runs/          TensorBoard events
     config.yaml    the resolved configuration, secrets redacted
     status.json    state (running, succeeded, failed, preempted), exit code, message
@@ -24,6 +25,7 @@ from entrypoint import fsutil
 from entrypoint.errors import ExitCode, OutputError
 
 MODEL_DIR = "model"
+SAMPLES = "samples.jsonl"
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
@@ -101,7 +103,10 @@ def publish_model(output_dir: Path, save: callable, card: str, marker: dict,
     return final
 
 
-def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict) -> str:
+def model_card(base_model: str, data_fingerprint: str, config: dict, metrics: dict,
+               samples: list[dict] | None = None) -> str:
+    """README.md of the published model: how to load it, the hyperparameters, the results, the eval loss before and
+    after training, and (with --sample-prompts) each prompt's first and last sample from `samples`."""
     adapters = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if config.get("lora_rank") else ()
     hyper = {k: config[k] for k in ("epochs", "max_steps", "block_size", "batch_size", "grad_accum",
                                     "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "precision",
@@ -145,7 +150,57 @@ or sample from it: `finetune generate --model-dir path/to/model --prompt "..."`.
 | metric | value |
 | --- | --- |
 {results}
+{_before_after(metrics)}{_samples_section(samples or [])}"""
+
+
+def _before_after(metrics: dict) -> str:
+    """The held-out loss and perplexity of the base model (evaluated before the first step) and of this one."""
+    if "initial_eval_loss" not in metrics:
+        return ""
+    before = metrics.get("initial_perplexity")
+    return f"""
+## Before and after
+
+| held-out data | base model | fine-tuned |
+| --- | --- | --- |
+| eval loss | {_fmt(metrics["initial_eval_loss"])} | {_fmt(metrics["eval_loss"])} |
+| perplexity | {_fmt(before) if before is not None else "-"} | {_fmt(metrics["perplexity"])} |
 """
+
+
+def first_and_last(samples: list[dict]) -> list[tuple[Any, dict, dict]]:
+    """Per prompt, in the order first sampled: (prompt, its first sample, its last sample)."""
+    seen: dict[str, list] = {}
+    for row in samples:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key in seen:
+            seen[key][2] = row
+        else:
+            seen[key] = [row["prompt"], row, row]
+    return [tuple(v) for v in seen.values()]
+
+
+def read_samples(output_dir: Path) -> list[dict]:
+    """samples.jsonl's rows (none when the run sampled nothing)."""
+    path = output_dir / SAMPLES
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _samples_section(samples: list[dict]) -> str:
+    if not samples:
+        return ""
+    parts = ["\n## Samples\n\nGreedy completions of the `--sample-prompts`, before training and at the end "
+             "(every evaluation's are in the run's `samples.jsonl`, beside `model/`).\n"]
+    for prompt, first, last in first_and_last(samples):
+        shown = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        parts.append(f"\n**Prompt:**\n\n```text\n{shown}\n```\n")
+        for label, row in (("step " + str(first["step"]), first), ("step " + str(last["step"]), last)):
+            parts.append(f"\n{label}:\n\n```text\n{row['completion']}\n```\n")
+            if first is last:
+                break
+    return "".join(parts)
 
 
 def _loss_note(metrics: dict) -> str:

@@ -50,6 +50,9 @@ MAY_CHANGE = {
     "report_to": "where metrics are reported",
     "log_format": "how log lines look",
     "tensorboard_dir": "where TensorBoard events go",
+    "sample_prompts": "what is sampled to show progress: sampling saves and restores the random state and the "
+                      "model's mode, so the weights are the same",
+    "sample_max_new_tokens": "how long the samples are: sampling does not change the weights",
     "nproc_per_node": "the world size may change on resume: the run continues, but no longer exactly",
     "nnodes": "the world size may change on resume: the run continues, but no longer exactly",
     "node_rank": "which node this is",

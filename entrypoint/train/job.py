@@ -27,13 +27,13 @@ from entrypoint.publish import export, outputs
 from entrypoint.publish.lease import Lease
 from entrypoint.publish.remote import RemoteCheckpoints
 from entrypoint.runtime.launch import COLLECTIVE_TIMEOUT_S, SINGLE_PROCESS, Dist
-from entrypoint.train import checkpoints, dpo, fsdp, guard, identity, metrics, mfu
+from entrypoint.train import checkpoints, dpo, fsdp, guard, identity, metrics, mfu, samples
 from entrypoint.train.kubeflow import Reporter
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
 from entrypoint.train.plan import RunPlan, decide, out_of_memory
 from entrypoint.train.preemption import StopEvaluation, StopOnSignal, StopRequest
-from entrypoint.train.preflight import Checked, check_compile, preflight, vocabulary
+from entrypoint.train.preflight import Checked, check_compile, context_length, preflight, vocabulary
 from entrypoint.train.progress import ProgressLog
 from entrypoint.train.trainer import FinetuneTrainer, TokenCounter
 
@@ -115,6 +115,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     check_compile(plan, checked)
     with stop.interruptible("while loading the tokenizer"):
         tokenizer = load_tokenizer(cfg)
+    sampler = samples.for_run(cfg, tokenizer, context_length(checked.model_config))  # None without --sample-prompts
     data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers,
                           vocab_size=vocabulary(checked.model_config))
     report = held.report if held else Reporter.off()
@@ -133,6 +134,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     stop.raise_if_requested("before training started")
     context = Context(cfg, plan, dist, stop, stats, report)
     trainer, progress = build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=resume is None)
+    if sampler:
+        trainer.add_callback(sampler)
     trainer.run = run_identity
     if held and held.remote:
         trainer.uploader = held.remote.uploads
@@ -198,7 +201,7 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
     except Diverged:
         outputs.plot_losses(cfg.output_dir, progress.history)  # the curve shows where it went wrong
         raise
-    card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), results)
+    card = outputs.model_card(cfg.model, stats.fingerprint, as_dict(cfg), results, outputs.read_samples(cfg.output_dir))
     if trainer.uploader is not None:
         trainer.uploader.finish()  # the last checkpoint is in the store before the model is published
 

@@ -122,7 +122,7 @@ def summarize(run: RunRecord) -> dict:
         "eval_loss": final_loss,
         "perplexity": perplexity(final_loss),
         "best_eval_loss": min([h["eval_loss"] for h in evals] or [final_loss]),
-        **({"initial_eval_loss": initial[0]} if initial else {}),
+        **({"initial_eval_loss": initial[0], "initial_perplexity": perplexity(initial[0])} if initial else {}),
         "train_loss": whole_run_train_loss(run.history, run.first_step, run.session_loss, run.global_step),
         "global_step": run.global_step,
         "epoch": run.epoch,
@@ -194,9 +194,16 @@ def whole_run_train_loss(history: list[dict], first_step: int, session_loss: flo
 def final_line(metrics: dict, model_dir) -> str:
     """The run's last log line (in the `done` area): what a person reads first in `kubectl logs`."""
     mfu = f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None else ""
-    quality = f"perplexity {metrics['perplexity']:.2f}" if "reward_accuracy" not in metrics else \
-        f"reward accuracy {metrics['reward_accuracy']:.2f}"
-    return (f"eval loss {metrics['eval_loss']:.4f}, {quality} on "
+    before = metrics.get("initial_eval_loss")
+    loss_before = f" (before training {before:.4f})" if before is not None else ""
+    if "reward_accuracy" in metrics:
+        initial = metrics.get("initial_reward_accuracy")
+        quality = f"reward accuracy {metrics['reward_accuracy']:.2f}" + \
+            (f" (before {initial:.2f})" if initial is not None else "")
+    else:
+        quality = f"perplexity {metrics['perplexity']:.2f}" + \
+            (f" (before {perplexity(before):.2f})" if before is not None else "")
+    return (f"eval loss {metrics['eval_loss']:.4f}{loss_before}, {quality} on "
             f"{metrics.get('data_format', 'text')} data, "
             f"{metrics['useful_tokens_per_second']:,.0f} useful tokens/s, padding "
             f"{metrics['padding_fraction']:.1%}{mfu}, peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB, "

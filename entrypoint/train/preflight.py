@@ -13,7 +13,7 @@ from pathlib import Path
 
 from entrypoint.config.options import check_values
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data import objectstore
+from entrypoint.data import objectstore, prompts
 from entrypoint.data.mixture import discover
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, DataError, FinetuneError, ModelLoadError, OutputError
@@ -156,13 +156,19 @@ def unreadable(path: Path, option: str) -> list[str]:
 
 
 def cheap_problems(cfg: TrainConfig) -> list[FinetuneError]:
-    """The checks that need neither torch nor transformers: the option values, the data's location, and whether the
-    output, checkpoint and cache directories are writable (created if missing)."""
+    """The checks that need neither torch nor transformers: the option values, the data's location, the
+    --sample-prompts file, and whether the output, checkpoint and cache directories are writable (created if
+    missing)."""
     problems: list[FinetuneError] = [ConfigError(p) for p in check_values(cfg)]
     try:
         discover(DataOptions.of(cfg))
     except FinetuneError as exc:
         problems.append(exc)
+    if cfg.sample_prompts is not None:
+        try:
+            prompts.read(cfg.sample_prompts)
+        except FinetuneError as exc:
+            problems.append(exc)
     for directory, what in ((cfg.output_dir, "output dir"), (cfg.model_checkpoint_dir, "checkpoint dir"),
                             (cfg.data_cache_dir, "cache dir")):
         try:

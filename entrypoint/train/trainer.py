@@ -86,6 +86,7 @@ class FinetuneTrainer(Trainer):
         self.uploader = None  # rank 0 with --checkpoint-to: publish.remote.Uploader, fed every complete checkpoint
         self.full_state = None  # --fsdp, rank 0: the model's full state dict, gathered by every rank to publish
         self.eval_sums = None  # (loss summed over target tokens, target tokens) while evaluating
+        self.eval_targets = 0  # the target tokens the last evaluation scored, every process's together
         self.add_callback(OverflowSteps())  # fp16: a step the loss scaler skipped neither diverges nor schedules
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -134,6 +135,7 @@ class FinetuneTrainer(Trainer):
             total, targets = self.accelerator.reduce(self.eval_sums, reduction="sum").tolist()
         finally:
             self.eval_sums = None
+        self.eval_targets = int(targets)
         if targets:
             output.metrics[f"{metric_key_prefix}_loss"] = total / targets
         return output

@@ -386,5 +386,5 @@ def test_the_docs_say_the_exit_codes_hold_for_every_command():
     for page in ("README.md", "docs/reliability.md"):
         assert "hold for every command" in (Path(__file__).resolve().parents[2] / page).read_text(), page
     doc = (Path(__file__).resolve().parents[2] / "docs" / "commands.md").read_text()
-    for command in ("generate", "init-model", "corpus", "prepare", "doctor", "config"):
+    for command in ("generate", "eval", "init-model", "corpus", "prepare", "doctor", "config"):
         assert f"`finetune {command}`" in doc, f"docs/commands.md does not cover {command}"

@@ -86,3 +86,12 @@ def test_summarize_divides_the_whole_runs_tokens_by_the_whole_runs_steps(gpt2):
                                timer=timer, flops_per_token=flops, parameters=1, world_size=1,
                                train_on_prompt=False)
     assert metrics.summarize(record)["mfu"] == pytest.approx(flops * 16 * 1024 / 0.05 / 989.4e12)
+
+
+def test_the_summary_line_puts_the_base_models_loss_and_perplexity_beside_the_final_ones():
+    run = {"eval_loss": 2.0, "perplexity": metrics.perplexity(2.0), "useful_tokens_per_second": 100.0,
+           "padding_fraction": 0.0, "peak_memory_bytes": 2**30, "global_step": 16, "train_runtime": 10.0,
+           "data_prepare_seconds": 1.0}
+    assert "eval loss 2.0000, perplexity 7.39 on" in metrics.final_line(run, "out/model")
+    line = metrics.final_line({**run, "initial_eval_loss": 6.0}, "out/model")
+    assert "eval loss 2.0000 (before training 6.0000), perplexity 7.39 (before 403.43) on text data" in line
