@@ -163,12 +163,12 @@ def generate(**params):
 def evaluate(preset, **params):
     """Score a model directory (--model: a published model/, a checkpoint, a base model) on --data-dir's or
     --dataset's held-out data as training evaluates it; print (and --output) loss, perplexity and tokens scored."""
-    from entrypoint.commands import eval as evaluation
-
     cfg, _ = resolve(TrainConfig, params, preset)
     ecfg, _ = resolve(EvalConfig, params)
-    evaluation.check_inputs(cfg, ecfg)  # before the logging setup, which imports transformers
-    setup_logs(cfg)
+    setup_logs(cfg)  # before the job's modules import peft and bitsandbytes, so their import-time noise is quiet
+    from entrypoint.commands import eval as evaluation
+
+    evaluation.check_inputs(cfg, ecfg)
     click.echo(json.dumps(evaluation.evaluate(cfg, ecfg, os.environ), indent=2, sort_keys=True))
 
 
