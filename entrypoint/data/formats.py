@@ -266,16 +266,21 @@ def _string(record: Mapping, name: str) -> str:
 
 
 def _messages(record: Mapping, name: str) -> list[dict]:
-    messages = record.get(name)
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"field {name!r} is not a non-empty list of messages; write "
-                        '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].')
-    for message in messages:
+    return checked_messages(record.get(name), name, '[{"role": "user", "content": "..."}, '
+                            '{"role": "assistant", "content": "..."}]')
+
+
+def checked_messages(value, name: str, example: str, allow_empty: bool = False) -> list[dict]:
+    """Field `name`'s list of {role, content} messages, as plain dicts; a DataError showing `example` otherwise."""
+    if not isinstance(value, list) or not (value or allow_empty):
+        emptiness = "" if allow_empty else "non-empty "
+        raise DataError(f"field {name!r} is not a {emptiness}list of messages; write {example}.")
+    for message in value:
         if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             raise DataError(f"a message in {name!r} is not {{role, content}} with string values ({message!r:.80}); "
                             "fix the record.")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def pack(documents: Iterable[Encoded], block_size: int, isolate: bool) -> Iterator[dict[str, list[int]]]:

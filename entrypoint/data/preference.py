@@ -85,15 +85,8 @@ def _last_context(messages: list[dict]) -> int:
 
 
 def _messages(value, name: str, allow_empty: bool = False) -> list[dict]:
-    if not isinstance(value, list) or not (value or allow_empty):
-        raise DataError(f"field {name!r} is not a list of messages; write "
-                        '[{"role": "assistant", "content": "..."}] (or text in prompt, chosen and rejected).')
-    for message in value:
-        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"a message in {name!r} is not {{role, content}} with string values ({message!r:.80}); "
-                            "fix the record.")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return formats.checked_messages(value, name, '[{"role": "assistant", "content": "..."}] (or text in prompt, '
+                                    'chosen and rejected)', allow_empty)
 
 
 def encode(row: Mapping, tokenizer, conv: Convention, block_size: int) -> tuple[Encoded, Encoded, bool]:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
 from pathlib import Path
 
 from entrypoint.errors import ExitCode
-from tests.support.helpers import FAST_TRAIN, Job, train_env
+from tests.support.helpers import FAST_TRAIN, Job, finetune, train_env
 
 STEPS = 24
 RUN = {**FAST_TRAIN, "FINETUNE_MAX_STEPS": str(STEPS), "FINETUNE_SAVE_STEPS": "8", "FINETUNE_EVAL_STEPS": "8",
@@ -40,6 +41,18 @@ def assert_preempted_and_unpublished(code: int, log: str, out: Path) -> None:
     assert not (out / "model").exists()
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("preempted", ExitCode.PREEMPTED)
+
+
+def stopped_then_resumed(env, step: int, out: Path) -> str:
+    """SIGTERM once step `step` is logged: exit 7 with nothing published; then the rerun resumes from the checkpoint
+    the stop saved and succeeds. Returns the rerun's log."""
+    code, log = interrupt_at(env, step)
+    assert_preempted_and_unpublished(code, log, out)
+    stopped = re.search(r"stopping at step (\d+)", log).group(1)
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resume: from {out / 'checkpoints' / f'checkpoint-{stopped}'}" in result.stderr
+    return result.stderr
 
 
 def free_port() -> int:

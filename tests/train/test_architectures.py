@@ -3,7 +3,6 @@ fine-tuning and with LoRA, and every place that reads a model config reads each 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from entrypoint.train import mfu
 from entrypoint.train.preflight import MAX_DEFAULT_BLOCK, context_length
 from tests.support.archs import save_tiny_model, tiny_config
 from tests.support.helpers import finetune
-from tests.support.runs import assert_preempted_and_unpublished, env_for, interrupt_at
+from tests.support.runs import env_for, stopped_then_resumed
 
 OTHERS = ("llama", "qwen2", "gpt_neox", "opt")
 SHORT = {"FINETUNE_MAX_STEPS": "8", "FINETUNE_SAVE_STEPS": "4", "FINETUNE_EVAL_STEPS": "8"}
@@ -44,13 +43,7 @@ def test_each_architecture_trains_stops_resumes_and_publishes_an_ordinary_model(
 
     out = tmp_path / "out"
     env = env_for(models[arch], small_data, out, **SHORT, **({"FINETUNE_LORA_RANK": "4"} if lora else {}))
-    code, log = interrupt_at(env, 3)
-    assert_preempted_and_unpublished(code, log, out)
-    stopped = re.search(r"stopping at step (\d+)", log).group(1)
-
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint-{stopped}" in re.search(r"resume: from (\S+)", result.stderr).group(1)
+    stopped_then_resumed(env, 3, out)
     published = out / "model"
     assert (published / "COMPLETE").exists() and (published / "adapter").is_dir() == lora
     model = AutoModelForCausalLM.from_pretrained(published)

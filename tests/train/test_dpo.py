@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from entrypoint.data import sftcorpus
 from entrypoint.train import dpo
 from tests.support.helpers import finetune, train_env
-from tests.support.runs import assert_preempted_and_unpublished, final_metrics, interrupt_at
+from tests.support.runs import final_metrics, stopped_then_resumed
 
 STEPS = 16
 # 8 pairs (16 rows of at most 128 tokens) a step, evaluated on the training pairs themselves.
@@ -103,12 +102,7 @@ def test_the_published_dpo_model_loads_in_plain_transformers(reference_out):
 def test_dpo_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model, pairs_dir, reference_out):
     out = tmp_path / "out"
     env = env_for(tiny_model, pairs_dir, out)
-    code, log = interrupt_at(env, 5)
-    assert_preempted_and_unpublished(code, log, out)
-    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resume: from {out / 'checkpoints' / f'checkpoint-{stopped}'}" in result.stderr
+    stopped_then_resumed(env, 5, out)
     reference = final_metrics(reference_out)
     assert final_metrics(out)["reward_accuracy"] == reference["reward_accuracy"]
     resumed, uninterrupted = (load_file(o / "model" / "model.safetensors") for o in (out, reference_out))

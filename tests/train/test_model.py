@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from entrypoint.errors import ExitCode, ModelLoadError
 from entrypoint.train import model as model_mod
 from tests.support.archs import ARCHITECTURES, tiny_config
 from tests.support.helpers import clean_env, finetune
-from tests.support.runs import assert_preempted_and_unpublished, env_for, final_metrics, interrupt_at
+from tests.support.runs import env_for, final_metrics, stopped_then_resumed
 
 LORA = {"FINETUNE_LORA_RANK": "4", "FINETUNE_LORA_DROPOUT": "0.1"}
 
@@ -45,12 +44,7 @@ def test_lora_checkpoints_hold_the_adapter_and_its_optimizer_state_only(lora_ref
 def test_lora_sigterm_then_rerun_equals_an_uninterrupted_lora_run(tmp_path, tiny_model, corpus_dir, lora_reference):
     out = tmp_path / "out"
     env = env_for(tiny_model, corpus_dir, out, **LORA)
-    code, log = interrupt_at(env, 13)
-    assert_preempted_and_unpublished(code, log, out)
-    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resume: from {out / 'checkpoints' / f'checkpoint-{stopped}'}" in result.stderr
+    stopped_then_resumed(env, 13, out)
     reference = final_metrics(lora_reference)
     assert final_metrics(out)["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-4)
     resumed = load_file(out / "model" / "adapter" / "adapter_model.safetensors")

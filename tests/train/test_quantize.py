@@ -17,7 +17,7 @@ from entrypoint.errors import ExitCode
 from entrypoint.train import model as model_mod
 from tests.support.archs import tiny_config
 from tests.support.helpers import finetune
-from tests.support.runs import assert_preempted_and_unpublished, env_for, final_metrics, interrupt_at
+from tests.support.runs import env_for, final_metrics, stopped_then_resumed
 
 pytest.importorskip("bitsandbytes")
 
@@ -109,11 +109,7 @@ def test_qlora_publishes_the_adapter_merged_into_the_unquantized_base(reference,
 def test_qlora_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path, llama, corpus_dir, reference):
     out = tmp_path / "out"
     env = env_for(llama, corpus_dir, out, **QLORA)
-    code, log = interrupt_at(env, 5)
-    assert_preempted_and_unpublished(code, log, out)
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"resume: from \S+checkpoint-\d", result.stderr)
+    stopped_then_resumed(env, 5, out)
     assert final_metrics(out)["eval_loss"] == pytest.approx(final_metrics(reference)["eval_loss"], abs=1e-5)
     resumed = load_file(out / "model" / "adapter" / "adapter_model.safetensors")
     uninterrupted = load_file(reference / "model" / "adapter" / "adapter_model.safetensors")
