@@ -31,7 +31,7 @@ from entrypoint.train import checkpoints, dpo, fsdp, guard, identity, metrics, m
 from entrypoint.train.kubeflow import Reporter
 from entrypoint.train.metrics import summarize
 from entrypoint.train.model import attention_for, load_model, load_tokenizer, save_published, varlen_attention
-from entrypoint.train.plan import RunPlan, decide, out_of_memory
+from entrypoint.train.plan import RunPlan, check_pairs_memory, decide, out_of_memory
 from entrypoint.train.preemption import StopEvaluation, StopOnSignal, StopRequest
 from entrypoint.train.preflight import Checked, check_compile, context_length, preflight, vocabulary
 from entrypoint.train.progress import ProgressLog
@@ -124,6 +124,8 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     report.phase("loading model", data_prepare_seconds=f"{stats.prepare_seconds:.1f}")
     stop.begin_peer_wait()  # until training starts: process group start-up and barriers wait on every rank
     log_data(stats, cfg, plan)
+    if isinstance(train_ds, PairDataset):
+        check_pairs_memory(plan)  # DPO's rows and reference, now that the data says so: before the model loads
     run_identity = identity.values(cfg, plan.block_size, stats.fingerprint)
     if held and held.remote and dist.world_size == 1:  # several processes: each node's launcher fetched it
         checkpoints.fetch(cfg, held.remote)

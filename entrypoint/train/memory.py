@@ -77,12 +77,14 @@ class Mode:
     world_size: int = 1
     fsdp: bool = False
     cpu: bool = False  # glibc's allocator, not the caching allocator of a GPU (see CPU_RETAINED_LAYERS)
+    preference: bool = False  # DPO: two rows (chosen, rejected) a pair, and a reference model's log-probabilities
 
 
 @dataclass(frozen=True)
 class Estimate:
     weights: int
     adapters: int
+    reference: int
     gradients: int
     optimizer: int
     buckets: int
@@ -110,7 +112,7 @@ def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
     else:
         weights = shape.parameters * 4
     shards = mode.world_size if mode.fsdp else 1
-    tokens = mode.batch * mode.block
+    tokens = mode.batch * mode.block * (2 if mode.preference else 1)
     per_layer = tokens * (PER_TOKEN_WIDTHS * shape.width + PER_TOKEN_MLP * shape.mlp_width) \
         * ACTIVATION_BYTES[mode.precision]
     if mode.lora:  # measured (bench/memory_plan.py): peft keeps about 1.2 copies of each adapted layer's input
@@ -122,7 +124,11 @@ def estimate(shape: Shape, mode: Mode, runtime: int) -> Estimate:
         kept += CPU_RETAINED_LAYERS * per_layer
     logit_bytes = 4 if mode.precision == "fp32" else 2
     gathered = FSDP_GATHERED_LAYERS * shape.parameters / shape.layers * 4 if mode.fsdp else 0
+    # DPO's reference: with LoRA the trained model with its adapter off (nothing more), otherwise a whole frozen
+    # fp32 copy (train/dpo.py), outside any shards; its logits come on top of the trained model's.
+    reference = (0 if mode.lora else shape.parameters * 4) + tokens * shape.vocab * 4 if mode.preference else 0
     return Estimate(weights=int(weights / shards + gathered), adapters=shape.adapters * 4 if mode.lora else 0,
+                    reference=reference,
                     gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,
                     buckets=trainable * 4 if mode.world_size > 1 and not mode.fsdp else 0,
                     activations=int(kept + per_layer), logits=tokens * shape.vocab * (logit_bytes + 4),

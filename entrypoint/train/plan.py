@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,7 @@ class RunPlan:
     model_config: object = field(default=None, compare=False, repr=False)
     memory: Estimate | None = field(default=None, compare=False)
     available_memory: int | None = field(default=None, compare=False)
+    sizing: memory.Sizing | None = field(default=None, compare=False)
 
     @property
     def cuda(self) -> bool:
@@ -80,7 +81,7 @@ class RunPlan:
 
     def fields(self) -> dict:
         """The plan as JSON-able fields for structured logs."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("model_config", "memory")}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("model_config", "memory", "sizing")}
         return {**fields, **({"memory_estimate_bytes": self.memory.total} if self.memory else {})}
 
     def log(self) -> None:
@@ -106,7 +107,7 @@ def decide(cfg: TrainConfig, checked: Checked, world_size: int, probe: bool = Tr
                    preprocessing_workers=tokenizing_workers(cfg.preprocessing_workers),
                    dataloader_workers=GPU_LOADER_WORKERS if cuda else 0, world_size=world_size, why=why,
                    model_config=checked.model_config, memory=sizing.at(batch) if sizing else None,
-                   available_memory=sizing.available if sizing else None)
+                   available_memory=sizing.available if sizing else None, sizing=sizing)
 
 
 def memory_check(cfg: TrainConfig, checked: Checked, world_size: int) -> memory.Sizing | None:
@@ -126,14 +127,31 @@ def memory_check(cfg: TrainConfig, checked: Checked, world_size: int) -> memory.
                        block=checked.block_size, checkpointing=cfg.gradient_checkpointing, world_size=world_size,
                        fsdp=cfg.fsdp, cpu=cpu)
     sizing = memory.Sizing(shape, mode, memory.runtime_bytes(checked.device), memory.available_bytes(checked.device))
-    estimate = sizing.at(mode.batch)
+    refuse_beyond(sizing, checked.device, "this run")
+    return sizing
+
+
+def refuse_beyond(sizing: memory.Sizing, device: str, what: str) -> None:
+    """ConfigError naming what would fit, when `sizing`'s estimate at its batch exceeds the device."""
+    estimate = sizing.at(sizing.mode.batch)
     if estimate.total > sizing.available:
-        fits = memory.what_fits(shape, mode, sizing.runtime, sizing.available)
-        raise ConfigError(f"this run needs {estimate.line(sizing.available)} on {checked.device}; "
+        fits = memory.what_fits(sizing.shape, sizing.mode, sizing.runtime, sizing.available)
+        raise ConfigError(f"{what} needs {estimate.line(sizing.available)} on {device}; "
                           + (f"it would fit with {' or '.join(fits)}." if fits else
                              "nothing tried fits (LoRA, --quantize 4bit, checkpointing, batch 1, --fsdp over more "
                              "GPUs): use a device with more memory or a smaller model."))
-    return sizing
+
+
+def check_pairs_memory(plan: RunPlan) -> None:
+    """Preference pairs (DPO), known once the data is read: two rows a pair and a reference model's log-probabilities
+    (and, without LoRA, a frozen copy of the model). Logged, and refused like any run that cannot fit, before the
+    model loads."""
+    if plan.sizing is None:
+        return
+    mode = replace(plan.sizing.mode, preference=True, batch=plan.batch_size)
+    sizing = replace(plan.sizing, mode=mode)
+    log.info(f"memory with preference pairs: {sizing.at(plan.batch_size).line(sizing.available)}")
+    refuse_beyond(sizing, plan.device, f"DPO on {plan.batch_size} pairs a micro-batch")
 
 
 def batch_and_accumulation(cfg: TrainConfig, checked: Checked, probe: bool = True,

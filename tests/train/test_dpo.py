@@ -102,7 +102,8 @@ def test_the_published_dpo_model_loads_in_plain_transformers(reference_out):
 def test_dpo_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model, pairs_dir, reference_out):
     out = tmp_path / "out"
     env = env_for(tiny_model, pairs_dir, out)
-    stopped_then_resumed(env, 5, out)
+    log = stopped_then_resumed(env, 5, out)
+    assert "memory with preference pairs: about" in log and "reference" in log  # a frozen copy without LoRA
     reference = final_metrics(reference_out)
     assert final_metrics(out)["reward_accuracy"] == reference["reward_accuracy"]
     resumed, uninterrupted = (load_file(o / "model" / "model.safetensors") for o in (out, reference_out))

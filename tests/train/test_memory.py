@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 
 from entrypoint.config.schema import TrainConfig
-from entrypoint.errors import ExitCode
-from entrypoint.train import memory
+from entrypoint.errors import ConfigError, ExitCode
+from entrypoint.train import memory, plan
 from entrypoint.train import model as model_mod
 from tests.support.archs import ARCHITECTURES, tiny_config
 from tests.support.helpers import clean_env, finetune
@@ -70,6 +70,20 @@ def test_fsdp_divides_the_model_state_by_the_world_size_and_is_named_where_it_fi
     assert memory.what_fits(shape, mode, 0, 40 * GIB)[0] == "--fsdp"
     assert "--fsdp" not in " ".join(memory.what_fits(shape, replace(mode, world_size=1), 0, 40 * GIB))
     assert memory.what_fits(shape, replace(mode, fsdp=True), 0, 30 * GIB)[0] == "8 GPUs (--nproc-per-node, --nnodes)"
+
+
+def test_preference_pairs_count_two_rows_and_the_reference_model():
+    shape = memory.shape_of(_llama_7b(), 16, model_mod.lora_targets("llama", None))
+    sft, dpo = memory.estimate(shape, BASE, 0), memory.estimate(shape, replace(BASE, preference=True), 0)
+    assert sft.reference == 0 and dpo.activations == 2 * sft.activations and dpo.logits == 2 * sft.logits
+    reference_logits = 2 * BASE.block * shape.vocab * 4
+    assert dpo.reference == shape.parameters * 4 + reference_logits  # a frozen fp32 copy without LoRA
+    lora = memory.estimate(shape, replace(BASE, lora=True, preference=True), 0)
+    assert lora.reference == reference_logits  # the reference is the trained model with its adapter off
+    sizing = memory.Sizing(shape, replace(BASE, preference=True), 0, 80 * GIB)
+    with pytest.raises(ConfigError, match=r"^DPO needs about .*reference 25\.\d GiB.* it would fit with --lora-rank"):
+        plan.refuse_beyond(sizing, "cuda", "DPO")
+    plan.refuse_beyond(replace(sizing, mode=replace(sizing.mode, lora=True, checkpointing=True)), "cuda", "DPO")
 
 
 def test_a_run_that_cannot_fit_exits_2_before_loading_the_model(tmp_path, tiny_model, corpus_dir):
