@@ -110,3 +110,15 @@ def test_dpo_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+@pytest.mark.slow
+def test_two_processes_train_dpo_on_their_halves_of_the_pairs(tmp_path, tiny_model, pairs_dir):
+    """DDP over the pairs: each process takes 4 whole pairs a step (8 a step together, as the one-process run)."""
+    out = tmp_path / "out"
+    env = {**env_for(tiny_model, pairs_dir, out), "FINETUNE_NPROC_PER_NODE": "2", "FINETUNE_BATCH_SIZE": "4"}
+    result = finetune("train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = final_metrics(out)
+    assert (metrics["world_size"], metrics["global_step"], metrics["data_format"]) == (2, STEPS, "preference")
+    assert metrics["reward_accuracy"] >= 0.75 and metrics["eval_loss"] < 0.6, metrics  # chance: 0.5
