@@ -17,12 +17,12 @@ from entrypoint import fsutil, logs
 from entrypoint.config.schema import EvalConfig, TrainConfig
 from entrypoint.data import pipeline
 from entrypoint.data.options import DataOptions
-from entrypoint.errors import ConfigError, OutputError
+from entrypoint.errors import ConfigError, ModelLoadError, OutputError
 from entrypoint.train import job
 from entrypoint.train.metrics import perplexity
 from entrypoint.train.model import attention_for, load_model, load_tokenizer
 from entrypoint.train.plan import decide
-from entrypoint.train.preflight import check_model_dir, preflight, vocabulary
+from entrypoint.train.preflight import TOKENIZER_FILES, check_model_dir, preflight, vocabulary
 
 log = logs.area("eval")
 
@@ -46,8 +46,13 @@ def check_inputs(cfg: TrainConfig, ecfg: EvalConfig) -> None:
     if ecfg.output is not None and (ecfg.output.is_dir() or not ecfg.output.parent.is_dir()):
         raise OutputError(f"--output {ecfg.output} cannot be written (a directory, or its folder is missing); "
                           "name a file in an existing directory.")
-    if Path(cfg.model).exists():
-        check_model_dir(Path(cfg.model), "--model", tokenizer=ecfg.tokenizer is None)
+    model = Path(cfg.model)
+    if model.exists():
+        check_model_dir(model, "--model", tokenizer=False)
+        if ecfg.tokenizer is None and not any((model / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(f"--model {model} has no tokenizer files (tokenizer.json), as training checkpoints "
+                                 "have none; add --tokenizer with the base model's directory, or evaluate the "
+                                 "published model/.")
     if ecfg.tokenizer is not None:
         check_model_dir(ecfg.tokenizer, "--tokenizer", weights=False)
 

@@ -15,7 +15,7 @@ from entrypoint.config.schema import EvalConfig, TrainConfig
 from entrypoint.data import pipeline
 from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, ExitCode
-from tests.support.helpers import clean_env, finetune
+from tests.support.helpers import clean_env, finetune, train_env
 
 TASK = "finetune_tiny_choice"
 CHOICES = [("The function returns", [" the value", " zzzz"]), ("Return the", [" path", " qqqq"]),
@@ -142,3 +142,25 @@ def test_bad_eval_input_is_one_line_with_its_exit_code_and_nothing_written(tmp_p
     assert result.returncode == code, result.stderr[-2000:]
     assert expected.format(tmp=tmp_path) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_checkpoint_scores_as_the_model_published_from_it_given_the_base_models_tokenizer(tmp_path, tiny_model,
+                                                                                            small_data):
+    """Trainer's checkpoints hold no tokenizer: without --tokenizer the refusal names it; with it, the checkpoint
+    of the last step scores exactly as the model published from it."""
+    out = tmp_path / "run"
+    trained = finetune("train", env=train_env(tiny_model, small_data, out, FINETUNE_MAX_STEPS="4",
+                                              FINETUNE_SAVE_STEPS="4", FINETUNE_EVAL_STEPS="4"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    common = ["--data-dir", str(small_data), "--output-dir", str(out), "--block-size", "32"]
+    refused = finetune("eval", "--model", str(checkpoint), *common, timeout=120)
+    assert refused.returncode == ExitCode.MODEL and "--tokenizer" in refused.stderr, refused.stderr[-2000:]
+    scores = []
+    for model, extra in ((checkpoint, ["--tokenizer", str(tiny_model)]), (out / "model", [])):
+        result = finetune("eval", "--model", str(model), *extra, *common, "--output", str(tmp_path / "e.json"),
+                          timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores.append(json.loads((tmp_path / "e.json").read_text()))
+    assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], abs=1e-6)
+    assert scores[0]["eval_tokens"] == scores[1]["eval_tokens"] > 0
