@@ -6,6 +6,7 @@ import errno
 import gzip
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import click
@@ -282,3 +283,27 @@ def test_an_exception_without_a_storage_errno_stays_a_bug_with_its_traceback():
     result = CliRunner().invoke(_command_raising(KeyError("model.safetensors")), ["write"])
     assert result.exit_code == ExitCode.INTERNAL
     assert "Traceback" in result.output and "internal error (a bug" in result.output
+
+
+@pytest.mark.parametrize(("exc", "storage"), [(OSError(errno.ENOSPC, "No space left on device"), True),
+                                              (ValueError("a bug in a thread"), False)])
+def test_a_writer_thread_meeting_a_full_volume_warns_in_one_line_and_a_bug_keeps_its_traceback(exc, storage):
+    """TensorBoard's event writer raises a full volume's OSError in its own thread (and again at the command's next
+    write, which the command reports): the thread's report is one warning, not a traceback."""
+    def write():
+        raise exc
+
+    group = click.Group("finetune")
+
+    @group.command("write")
+    @handled()
+    def command():
+        thread = threading.Thread(target=write, name="EventFileWriter")
+        thread.start()
+        thread.join()
+
+    err = CliRunner().invoke(group, ["write"]).output
+    if storage:
+        assert err == "warning: a background writer (EventFileWriter) stopped: [Errno 28] No space left on device\n"
+    else:
+        assert "Traceback" in err and "ValueError: a bug in a thread" in err

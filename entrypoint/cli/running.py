@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ from entrypoint.cli.params import check_environment
 from entrypoint.config import options as schema
 from entrypoint.config.platforms import platform_defaults
 from entrypoint.config.schema import TrainConfig
-from entrypoint.errors import DESCRIPTIONS, ExitCode, FinetuneError
+from entrypoint.errors import DESCRIPTIONS, ExitCode, FinetuneError, storage_errno
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c)}  {d}" for c, d in DESCRIPTIONS.items())
 
@@ -35,6 +36,7 @@ def handled(output_dir_of=None):
         def wrapper(*args, **kwargs):
             # Each failure is reported inside its except clause: the traceback, and through it DDP, stays alive
             # until `leave` (see there why nothing of it may be freed before).
+            threading.excepthook = quiet_storage_faults_in_threads
             try:
                 check_environment(click.get_current_context().find_root().command)
                 result = fn(*args, **kwargs)
@@ -57,6 +59,17 @@ def handled(output_dir_of=None):
         return wrapper
 
     return decorate
+
+
+def quiet_storage_faults_in_threads(args) -> None:
+    """A library's writer thread (TensorBoard's event writer) that meets a full, failing or read-only volume: one
+    warning line instead of a traceback; the command meets the same fault at its next write there and stops with
+    its one error line (exit 4). Anything else keeps Python's report, traceback included."""
+    if args.exc_value is not None and storage_errno(args.exc_value) is not None:
+        name = args.thread.name if args.thread is not None else "a thread"
+        click.echo(f"warning: a background writer ({name}) stopped: {args.exc_value}", err=True)
+        return
+    threading.__excepthook__(args)
 
 
 def fail(code: ExitCode, lines: list[str], output_dir_of, kwargs, ctx: click.Context | None = None) -> None:
