@@ -159,6 +159,9 @@ def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) ->
 
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     expect(len(errors) == 1 and "Traceback" not in log, f"not one clean error line: {errors}", log)
+    if phase.volume == "checkpoints":  # the line says what the rerun resumes from, as this case expects it to
+        says = f"{phase.resumes_from} is intact" if phase.resumes_from else "no checkpoint was complete yet"
+        expect(says in errors[0], f"the error line does not say {says!r}: {errors[0]}", log)
     complete = [p.name for p in sorted(checkpoints_dir.glob("checkpoint-*"))
                 if checkpoints.problem(p) is None]
     expected = {None: [], "checkpoint-2": ["checkpoint-2"], "checkpoint-4": ["checkpoint-2", "checkpoint-4"]}

@@ -188,7 +188,9 @@ class FinetuneTrainer(Trainer):
             if not (reason or errors.storage_errno(exc)):
                 raise
             shutil.rmtree(path, ignore_errors=True)  # it has no marker; removing it frees the space it took
-            intact = "the previous checkpoint is intact (--save-total-limit keeps fewer)"
+            previous = checkpoints.latest_complete(path.parent)
+            intact = f"{previous.name} is intact (--save-total-limit keeps fewer)" if previous else \
+                "no checkpoint was complete yet, so the rerun starts from the beginning"
             raise (fsutil.storage_error(exc, path.parent, path.name, after=intact) or OutputError(
                 f"cannot write {path.name} to {path.parent} ({reason}); free space or lower --save-total-limit, "
                 f"then rerun: {intact}.")) from None

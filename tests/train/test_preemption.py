@@ -249,7 +249,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, preempte
     out = tmp_path / "out"
     result = finetune("train", env=env_for(tiny_model, corpus_dir, out, FINETUNE_CHECKPOINT_DIR=str(ckpt_dir)))
     assert result.returncode == ExitCode.OUTPUT, result.stderr[-3000:]
-    assert "cannot write checkpoint-16" in result.stderr and "previous checkpoint is intact" in result.stderr
+    assert "cannot write checkpoint-16" in result.stderr and "checkpoint-8 is intact" in result.stderr
     assert "Traceback" not in result.stderr
     assert checkpoints.problem(ckpt_dir / "checkpoint-8") is None
     assert checkpoints.latest_complete(ckpt_dir) == ckpt_dir / "checkpoint-8"
