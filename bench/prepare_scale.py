@@ -120,8 +120,11 @@ def run_sampled(command: list[str]) -> dict:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only
         while not done.wait(SAMPLE_SECONDS):
             tree = process_tree(proc.pid)
-            each = [read_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon") * 1024 for p in tree]
-            rss = sum(read_kib(f"/proc/{p}/status", "RssAnon") for p in tree) * 1024
+            each, rss = [], 0
+            for p in tree:  # RssAnon read beside each process's Pss_Anon: the walk of smaps_rollup takes long
+                before = read_kib(f"/proc/{p}/status", "RssAnon")  # enough on a busy machine for memory to move
+                each.append(read_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon") * 1024)
+                rss += max(before, read_kib(f"/proc/{p}/status", "RssAnon")) * 1024
             peak.update(pss_anon=max(peak["pss_anon"], sum(each)), rss_anon=max(peak["rss_anon"], rss),
                         processes=max(peak["processes"], len(tree)), parent_pss_anon=max(peak["parent_pss_anon"],
                                                                                         each[0]),
