@@ -46,6 +46,8 @@ def _option(name: str, f, config_class: type):
         kwargs.update(multiple=True, default=f.default, show_default=False)
     if meta.get("choices"):
         kwargs["type"] = click.Choice(meta["choices"])
+        if "none" in meta["choices"] and f.default is None:
+            kwargs["callback"] = _none_is_unset  # --quantize none: the same as leaving it out
     elif kind is int:
         kwargs["type"] = click.IntRange(min=meta.get("min"), max=meta.get("max"))
         if meta.get("auto"):
@@ -55,6 +57,10 @@ def _option(name: str, f, config_class: type):
     elif kind is Path:
         kwargs["type"] = PathOrURL() if meta.get("url") else click.Path(path_type=Path)
     return click.option(flag, name, **kwargs)
+
+
+def _none_is_unset(ctx, param, value):
+    return None if value == "none" else value
 
 
 class IntOrAuto(click.ParamType):

@@ -106,7 +106,7 @@ class TrainConfig:
         "MLP projections, all-linear for unknown architectures].")
     quantize: str | None = opt(None, "Load the frozen base model quantized and train LoRA adapters on it (QLoRA): "
                                "4bit (NF4, double quantization) or 8bit; needs --lora-rank [default: none, the "
-                               "weights as they are].", choices=("4bit", "8bit"))
+                               "weights as they are].", choices=("none", "4bit", "8bit"))
     fsdp: bool = opt(False, "Shard full fine-tuning across the GPUs with FSDP2 (weights, gradients and optimizer "
                      "state split over the processes, each decoder layer gathered in turn); needs two or more CUDA "
                      "GPUs, and not with --lora-rank or --quantize. Not yet run on GPUs (docs/lora-and-formats.md).")

@@ -16,7 +16,7 @@ from entrypoint.config.schema import TrainConfig
 from entrypoint.errors import ExitCode
 from entrypoint.train import model as model_mod
 from tests.support.archs import tiny_config
-from tests.support.helpers import finetune
+from tests.support.helpers import clean_env, finetune
 from tests.support.runs import env_for, final_metrics, stopped_then_resumed
 
 pytest.importorskip("bitsandbytes")
@@ -50,6 +50,15 @@ def reference(tmp_path_factory, llama, corpus_dir) -> Path:
     assert "base weights quantized to 4bit" in result.stderr
     assert re.search(r"compile: off \(auto: not with --quantize 4bit", result.stderr)
     return out
+
+
+def test_quantize_none_from_the_flag_or_the_environment_is_the_default(tmp_path):
+    """`--quantize 4bit|8bit|none`: none is the weights as they are, whichever way it is given."""
+    common = ["config", "--model", str(tmp_path), "--data-dir", str(tmp_path)]
+    for args, env in ((["--quantize", "none"], clean_env()), ([], clean_env(FINETUNE_QUANTIZE="none"))):
+        result = finetune(*common, *args, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert re.search(r"^quantize: null", result.stdout, re.M), result.stdout
 
 
 def test_quantize_without_lora_or_with_compile_on_is_a_usage_error_naming_the_fix():
