@@ -168,7 +168,6 @@ def evaluate(preset, **params):
     setup_logs(cfg)  # before the job's modules import peft and bitsandbytes, so their import-time noise is quiet
     from entrypoint.commands import eval as evaluation
 
-    evaluation.check_inputs(cfg, ecfg)
     click.echo(json.dumps(evaluation.evaluate(cfg, ecfg, os.environ), indent=2, sort_keys=True))
 
 
