@@ -1,5 +1,5 @@
 """Storage faults moved through a run: a small tmpfs for one volume (the data cache, the checkpoints or the output)
-that fills up (ENOSPC) or turns read-only (EROFS, `mount -o remount,ro`) at the moment a given file appears there,
+that fills up (ENOSPC) or turns read-only (EROFS, a read-only bind mount over it) at the moment a given file appears there,
 during data preparation, at the first or a later checkpoint, while publishing, or while writing the metrics and the
 plot. The run must end with exit 4 and one `error:` line, no traceback, the previous complete checkpoint intact and
 nothing half-written taken for complete; once the fault is cleared, a rerun resumes and publishes.
@@ -59,8 +59,9 @@ class Volume:
     """A small tmpfs at `path` and the fault staged on it; `clear()` undoes the fault."""
 
     def __init__(self, lab: Lab, path: Path):
-        self.path = lab.mount_tmpfs(path, VOLUME_BYTES)
+        self.lab, self.path = lab, lab.mount_tmpfs(path, VOLUME_BYTES)
         self.ballast = path / ".ballast"
+        self.bound = 0  # read-only bind mounts stacked on the tmpfs
 
     def fill(self, slack: int) -> None:
         stats = os.statvfs(self.path)
@@ -72,20 +73,26 @@ class Volume:
             os.close(fd)
 
     def read_only(self, group: int) -> None:
-        """Remount read-only. Linux refuses while a file there is open for writing (EBUSY): retried with the run
-        stopped, until it is stopped between two files."""
-        for _ in range(2000):
-            os.killpg(group, signal.SIGSTOP)
-            try:
-                if _mount("-o", "remount,ro", str(self.path)) == 0:
-                    return
-            finally:
-                os.killpg(group, signal.SIGCONT)
-            time.sleep(0.002)
-        raise AssertionError(f"could not remount {self.path} read-only: a file stayed open for writing")
+        """A read-only bind mount of the volume over itself, made with the run stopped: every later open for
+        writing, mkdir, rename or unlink there fails with EROFS. A remount of the tmpfs itself would wait for
+        every file open for writing to close (EBUSY), and a run can finish all its writes between two tries (a
+        fresh-clone CI run did); a new mount has no writers, so it turns read-only at once. Files the run
+        already holds open keep writing, as they would between two files of a whole-volume remount."""
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            for args in (("--bind", str(self.path), str(self.path)), ("-o", "remount,bind,ro", str(self.path))):
+                if _mount(*args) != 0:
+                    raise AssertionError(f"could not mount {self.path} read-only ({' '.join(args)})")
+                if args[0] == "--bind":
+                    self.bound += 1
+                    self.lab.mounts.append(self.path)  # unmounted at the end if the case fails before clear()
+        finally:
+            os.killpg(group, signal.SIGCONT)
 
     def clear(self) -> None:
-        _mount("-o", "remount,rw", str(self.path))
+        while self.bound:
+            subprocess.run(["umount", str(self.path)], capture_output=True, check=True)
+            self.bound -= 1
         self.ballast.unlink(missing_ok=True)
 
 
@@ -132,7 +139,7 @@ def storage_case(phase: Phase, kind: str):
         root = lab.fresh(f"storage-{PHASES.index(phase)}-{kind.lower()}")  # no "checkpoint-N" in the path
         folders = {"cache": root / "cache", "checkpoints": root / "ckpt", "output": root / "out"}
         volume = Volume(lab, folders[phase.volume])
-        # TensorBoard keeps its event file open for writing, which a remount to read-only waits for forever.
+        # TensorBoard's event file lives elsewhere: its writer thread would meet the fault, not the step under test.
         extra = {"FINETUNE_CHECKPOINT_DIR": str(folders["checkpoints"]), "FINETUNE_TENSORBOARD_DIR": str(root / "tb")}
         if phase.volume == "cache":
             extra["FINETUNE_CACHE_DIR"] = str(folders["cache"])
