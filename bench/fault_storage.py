@@ -1,8 +1,9 @@
 """Storage faults moved through a run: a small tmpfs for one volume (the data cache, the checkpoints or the output)
-that fills up (ENOSPC) or turns read-only (EROFS, a read-only bind mount over it) at the moment a given file appears there,
-during data preparation, at the first or a later checkpoint, while publishing, or while writing the metrics and the
-plot. The run must end with exit 4 and one `error:` line, no traceback, the previous complete checkpoint intact and
-nothing half-written taken for complete; once the fault is cleared, a rerun resumes and publishes.
+that fills up (ENOSPC) or turns read-only (EROFS, a read-only bind mount over it) at the moment a given file
+appears there, during data preparation, at the first or a later checkpoint, while publishing, or while writing the
+metrics and the plot. The run must end with exit 4 and one `error:` line, no traceback, the previous complete
+checkpoint intact and nothing half-written taken for complete; once the fault is cleared, a rerun resumes and
+publishes.
 
 A watcher thread polls for the file, stops the run's process group (SIGSTOP) so the fault lands before the write
 that follows the file, stages the fault, and lets the run go on (SIGCONT). EIO has no mechanism here (dm-error and
