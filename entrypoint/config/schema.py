@@ -56,9 +56,14 @@ class TrainConfig:
     block_size: int | None = opt(None, "Tokens per training sequence [default: the model's context, at most 1024].",
                                  min=8)
     packing: bool = opt(True, "Pack documents into full blocks (EOS between them) instead of padding each one.")
-    prompt_field: str = opt("prompt", "Field holding the prompt of prompt/completion records (instruction data).")
+    prompt_field: str = opt("prompt", "Field holding the prompt of prompt/completion records (instruction data) and "
+                            "of preference records.")
     completion_field: str = opt("completion", "Field holding the completion of prompt/completion records.")
     messages_field: str = opt("messages", "Field holding the list of {role, content} messages of chat records.")
+    chosen_field: str = opt("chosen", "Field holding the preferred answer of preference (DPO) records: text, or a "
+                            "list of assistant messages.")
+    rejected_field: str = opt("rejected", "Field holding the answer not preferred of preference (DPO) records: text, "
+                              "or a list of assistant messages.")
     train_on_prompt: bool = opt(False, "Put loss on prompt and user tokens too, not only on completions and "
                                 "assistant turns.")
     dpo_beta: float = opt(0.1, "DPO's beta for preference records (prompt, chosen, rejected): how far the model may "

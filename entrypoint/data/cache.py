@@ -43,13 +43,17 @@ def key_options(opts: DataOptions, tokenizer, valid: Source, block_size: int, pr
     }
     if pretokenized:
         return common
+    answers = [opts.chosen_field, opts.rejected_field]
+    # Left out at their defaults, so caches (and the checkpoints whose identity holds this key) from before
+    # --chosen-field and --rejected-field stay valid.
+    answers = [] if answers == [Fields().chosen, Fields().rejected] else answers
     return common | {
         "tokenizer": hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest(),
         "eos": tokenizer.eos_token_id,
         "txt_split": opts.txt_split,
         "text_field": opts.text_field,
         "bos": convention(tokenizer).bos_id,
-        "record_fields": [opts.prompt_field, opts.completion_field, opts.messages_field],
+        "record_fields": [opts.prompt_field, opts.completion_field, opts.messages_field, *answers],
         "train_on_prompt": opts.train_on_prompt,
         "chat_template": hashlib.blake2b(chat_template(tokenizer).encode(), digest_size=16).hexdigest(),
     }

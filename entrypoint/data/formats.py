@@ -26,7 +26,6 @@ from entrypoint.errors import DataError, ModelLoadError
 TEXT, INSTRUCTION, CHAT = "text", "prompt-completion", "chat"
 ALPACA, SHAREGPT, PRETOKENIZED = "alpaca", "sharegpt", "pretokenized"
 PREFERENCE = "preference"  # prompt/chosen/rejected pairs for DPO (preference.py encodes them)
-PREFERENCE_FIELDS = ("chosen", "rejected")
 # The fields each fixed-name format is detected by, and those it reads
 ALPACA_FIELDS = ("instruction", "output")
 ALPACA_READS = ("system", "instruction", "input", "output")
@@ -56,16 +55,20 @@ ISOLATION_UNSUPPORTED = {"opt"}
 
 @dataclass(frozen=True)
 class Fields:
-    """Which record fields hold what (--text-field, --prompt-field, --completion-field, --messages-field)."""
+    """Which record fields hold what (--text-field, --prompt-field, --completion-field, --messages-field,
+    --chosen-field, --rejected-field). A preference record's prompt is in the prompt field."""
 
     text: str = "text"
     prompt: str = "prompt"
     completion: str = "completion"
     messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
     @classmethod
     def from_config(cls, cfg) -> Fields:
-        return cls(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field)
+        return cls(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field, cfg.chosen_field,
+                   cfg.rejected_field)
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,12 @@ class Encoded:
 
 
 def detect(keys: Iterable[str], fields: Fields = Fields()) -> str:
-    """The format of records with these fields, the first that fits: preference pairs (`chosen` and
-    `rejected`), chat (the messages field), ShareGPT
-    (`conversations`), pretokenized (`input_ids`), prompt/completion (both fields), Alpaca (`instruction` and
-    `output`), text. Raises DataError naming the option to use (`hint`) when none fits."""
+    """The format of records with these fields, the first that fits: preference pairs (the chosen and rejected
+    fields), chat (the messages field), ShareGPT (`conversations`), pretokenized (`input_ids`), prompt/completion
+    (both fields), Alpaca (`instruction` and `output`), text. Raises DataError naming the option to use (`hint`)
+    when none fits."""
     keys = set(keys)
-    if all(name in keys for name in PREFERENCE_FIELDS):
+    if fields.chosen in keys and fields.rejected in keys:
         return PREFERENCE
     if fields.messages in keys:
         return CHAT
@@ -117,7 +120,9 @@ def detect(keys: Iterable[str], fields: Fields = Fields()) -> str:
 
 # Field names that say which format a record was meant to be, when detect finds none.
 PROMPT_LIKE = ("instruction", "question", "query", "input", "prompt", "context")
-ANSWER_LIKE = ("output", "answer", "response", "completion", "chosen", "target")
+ANSWER_LIKE = ("output", "answer", "response", "completion", "target")
+CHOSEN_LIKE = ("chosen", "preferred", "accepted", "winner", "better")
+REJECTED_LIKE = ("rejected", "dispreferred", "loser", "worse")
 CHAT_LIKE = ("messages", "conversation", "conversations", "dialog", "dialogue", "chat", "turns")
 IDS_LIKE = ("tokens", "token_ids", "ids", "input_ids")
 
@@ -127,6 +132,9 @@ def hint(keys: Iterable[str], fields: Fields = Fields()) -> str | None:
     when they look like nothing known."""
     keys = set(keys)
     found = ", ".join(sorted(keys))
+    preference = _preference_hint(keys, fields, found)
+    if preference:
+        return preference
     chat = next((k for k in CHAT_LIKE if k in keys), None)
     if chat:
         return (f"records look like chat records in {chat!r} (fields: {found}); use --messages-field {chat}.")
@@ -142,6 +150,23 @@ def hint(keys: Iterable[str], fields: Fields = Fields()) -> str | None:
     if ids:
         return (f"records look like pretokenized rows in {ids!r} (fields: {found}); name that column input_ids "
                 "(with optional labels and attention_mask).")
+    return None
+
+
+def _preference_hint(keys: set[str], fields: Fields, found: str) -> str | None:
+    chosen = next((k for k in (fields.chosen, *CHOSEN_LIKE) if k in keys), None)
+    rejected = next((k for k in (fields.rejected, *REJECTED_LIKE) if k in keys), None)
+    if chosen and rejected:
+        prompt = next((k for k in (fields.prompt, *PROMPT_LIKE) if k in keys), fields.prompt)
+        prompt_option = "" if prompt == fields.prompt else f"--prompt-field {prompt} "
+        return (f"records look like preference records with answers in {chosen!r} and {rejected!r} (fields: "
+                f"{found}); use {prompt_option}--chosen-field {chosen} --rejected-field {rejected}.")
+    # One answer alone says preference only under the name configured for it (a lone 'accepted' may be a flag).
+    one = next((k for k in (fields.chosen, fields.rejected) if k in keys), None)
+    if one:
+        missing = "rejected" if one == fields.chosen else "chosen"
+        return (f"records look like preference records but hold one answer only, in {one!r} (fields: {found}); add "
+                f"the {missing} answer, or name both answers' fields with --chosen-field and --rejected-field.")
     return None
 
 

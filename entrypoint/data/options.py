@@ -24,6 +24,8 @@ class DataOptions:
     prompt_field: str
     completion_field: str
     messages_field: str
+    chosen_field: str
+    rejected_field: str
     validation_split: float
     seed: int
     packing: bool

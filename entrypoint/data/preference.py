@@ -1,6 +1,7 @@
 """Preference pairs for DPO: a prompt, the answer preferred (`chosen`) and the answer not (`rejected`).
 
-Two layouts (docs/data.md shows each):
+Two layouts (docs/data.md shows each), under the default field names (--prompt-field, --chosen-field and
+--rejected-field rename them; errors name the fields as the records call them):
 - text: `{"prompt": "...", "chosen": "...", "rejected": "..."}`, each pair trained as two instruction records,
   prompt + chosen and prompt + rejected (the prompt's separator at its end, as for prompt/completion records);
 - chat: `chosen` and `rejected` are message lists. The conversation they share (a `prompt` message list, or a
@@ -18,37 +19,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from entrypoint.data import formats
-from entrypoint.data.formats import IGNORE, Convention, Encoded
+from entrypoint.data.formats import IGNORE, Convention, Encoded, Fields
 from entrypoint.errors import DataError
 
 FIX_SAME = "give a different rejected answer or remove the record"
 
 
-def pair(record: Mapping) -> dict:
-    """A preference record as {prompt, chosen, rejected} strings (text layout) plus {prefix, chosen_turns,
-    rejected_turns} message lists (chat layout); the other layout's fields are empty."""
-    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
+def pair(record: Mapping, fields: Fields) -> dict:
+    """A preference record (its fields named by `fields`: prompt, chosen, rejected) as {prompt, chosen, rejected}
+    strings (text layout) plus {prefix, chosen_turns, rejected_turns} message lists (chat layout); the other
+    layout's fields are empty."""
+    chosen, rejected = record.get(fields.chosen), record.get(fields.rejected)
+    prompt = record.get(fields.prompt)
     if isinstance(chosen, list) or isinstance(rejected, list):
-        return _chat_pair(prompt, chosen, rejected)
+        return _chat_pair(prompt, chosen, rejected, fields)
     prompt = "" if prompt is None else prompt
-    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+    for name, value in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
         if not isinstance(value, str):
             raise DataError(f"field {name!r} is {type(value).__name__}, not a string; write text there (or message "
-                            "lists in both chosen and rejected).")
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
+                            f"lists in both {fields.chosen!r} and {fields.rejected!r}).")
+    for name, value in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if not value.strip():
-            raise DataError(f"the {name} answer is empty; write the answer or remove the record.")
+            raise DataError(_empty(name))
     if chosen == rejected:
-        raise DataError(f"chosen and rejected are the same text, so nothing is preferred; {FIX_SAME}.")
+        raise DataError(f"the answers in {fields.chosen!r} and {fields.rejected!r} are the same text, so nothing is "
+                        f"preferred; {FIX_SAME}.")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "prefix": [], "chosen_turns": [],
             "rejected_turns": []}
 
 
-def _chat_pair(prompt, chosen, rejected) -> dict:
-    chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+def _chat_pair(prompt, chosen, rejected, fields: Fields) -> dict:
+    chosen, rejected = _messages(chosen, fields.chosen, fields), _messages(rejected, fields.rejected, fields)
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}] if prompt.strip() else []
-    prefix = [] if prompt is None else _messages(prompt, "prompt", allow_empty=True)
+    prefix = [] if prompt is None else _messages(prompt, fields.prompt, fields, allow_empty=True)
     # The answers may repeat the prompt (as many published sets do) or follow it.
     if prefix and chosen[:len(prefix)] != prefix:
         chosen = prefix + chosen
@@ -58,22 +62,29 @@ def _chat_pair(prompt, chosen, rejected) -> dict:
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     shared = max(len(prefix), min(shared, _last_context(chosen), _last_context(rejected)))
-    answers = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
-    for name, turns in answers.items():
+    answers = ((fields.chosen, chosen[shared:]), (fields.rejected, rejected[shared:]))
+    for name, turns in answers:
         if not turns:
-            raise DataError(f"the {name} conversation has no assistant turn after the shared prompt; end it with "
+            raise DataError(f"the conversation in {name!r} has no assistant turn after the shared prompt; end it with "
                             "the answer or remove the record.")
         if any(turn["role"] != "assistant" for turn in turns):
-            raise DataError(f"the {name} answer holds a {turns[0]['role']} turn after the shared prompt; put every "
-                            "turn but the assistant's answers in the prompt.")
+            raise DataError(f"the answer in {name!r} holds a {turns[0]['role']} turn after the shared prompt; put "
+                            f"every turn but the assistant's answers in the prompt ({fields.prompt!r}).")
         if not any(turn["content"].strip() for turn in turns):
-            raise DataError(f"the {name} answer is empty; write the answer or remove the record.")
-    if answers["chosen"] == answers["rejected"]:
-        raise DataError(f"the chosen and rejected answers are the same, so nothing is preferred; {FIX_SAME}.")
+            raise DataError(_empty(name))
+    (_, chosen_turns), (_, rejected_turns) = answers
+    if chosen_turns == rejected_turns:
+        raise DataError(f"the answers in {fields.chosen!r} and {fields.rejected!r} are the same, so nothing is "
+                        f"preferred; {FIX_SAME}.")
     if not chosen[:shared]:
-        raise DataError("the conversation has no prompt (no turn before the answers); add the user's turn.")
-    return {"prompt": "", "chosen": "", "rejected": "", "prefix": chosen[:shared], "chosen_turns": answers["chosen"],
-            "rejected_turns": answers["rejected"]}
+        raise DataError(f"the conversation has no prompt (no turn before the answers); add the user's turn in "
+                        f"{fields.prompt!r}.")
+    return {"prompt": "", "chosen": "", "rejected": "", "prefix": chosen[:shared], "chosen_turns": chosen_turns,
+            "rejected_turns": rejected_turns}
+
+
+def _empty(name: str) -> str:
+    return f"the answer in {name!r} is empty; write the answer or remove the record."
 
 
 def _last_context(messages: list[dict]) -> int:
@@ -84,9 +95,10 @@ def _last_context(messages: list[dict]) -> int:
     return end
 
 
-def _messages(value, name: str, allow_empty: bool = False) -> list[dict]:
-    return formats.checked_messages(value, name, '[{"role": "assistant", "content": "..."}] (or text in prompt, '
-                                    'chosen and rejected)', allow_empty)
+def _messages(value, name: str, fields: Fields, allow_empty: bool = False) -> list[dict]:
+    example = (f'[{{"role": "assistant", "content": "..."}}] (or text in {fields.prompt!r}, {fields.chosen!r} and '
+               f'{fields.rejected!r})')
+    return formats.checked_messages(value, name, example, allow_empty)
 
 
 def encode(row: Mapping, tokenizer, conv: Convention, block_size: int) -> tuple[Encoded, Encoded, bool]:

@@ -118,20 +118,24 @@ def _ints(value, name: str) -> list[int]:
     return list(value)
 
 
-def converter(fmt: str, vocab_size: int | None) -> Callable[[Mapping], dict]:
-    """The function that converts one record of `fmt` (ALPACA, SHAREGPT, PRETOKENIZED or PREFERENCE)."""
+def converter(fmt: str, vocab_size: int | None, fields: formats.Fields) -> Callable[[Mapping], dict]:
+    """The function that converts one record of `fmt` (ALPACA, SHAREGPT, PRETOKENIZED or PREFERENCE, whose fields
+    `fields` names)."""
     if fmt == PRETOKENIZED:
         return lambda record: pretokenized(record, vocab_size)
-    return {ALPACA: alpaca, SHAREGPT: sharegpt, PREFERENCE: preference.pair}[fmt]
+    if fmt == PREFERENCE:
+        return lambda record: preference.pair(record, fields)
+    return {ALPACA: alpaca, SHAREGPT: sharegpt}[fmt]
 
 
-def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], cache_file: Path):
+def convert(ds, fmt: str, vocab_size: int | None, where: Callable[[int], str], cache_file: Path,
+            fields: formats.Fields):
     """A loaded `datasets.Dataset` of `fmt` records converted (a memory-mapped copy at `cache_file`): columns
-    prompt/completion, messages, input_ids/labels, or preference.pair's. A bad record raises its DataError prefixed
-    by `where(row)`."""
+    prompt/completion, messages, input_ids/labels, or preference.pair's (the canonical names whatever `fields`
+    called them). A bad record raises its DataError prefixed by `where(row)`."""
     import datasets
 
-    convert_one = converter(fmt, vocab_size)
+    convert_one = converter(fmt, vocab_size, fields)
 
     def one(record: dict, row: int) -> dict:
         try:

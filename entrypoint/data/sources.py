@@ -277,7 +277,7 @@ def _columns(ds, opts: DataOptions, where: str, cache_dir: Path, locate):
     if fmt in (formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED, formats.PREFERENCE):
         cache_dir.mkdir(parents=True, exist_ok=True)
         return records.convert(ds, fmt, opts.vocab_size, locate,
-                               cache_dir / f"converted-{len(list(cache_dir.glob('converted-*')))}.arrow")
+                               cache_dir / f"converted-{len(list(cache_dir.glob('converted-*')))}.arrow", fields)
     if fmt == formats.CHAT:
         ds = ds.select_columns([fields.messages])
         return ds.rename_column(fields.messages, "messages") if fields.messages != "messages" else ds

@@ -208,14 +208,14 @@ def _fields_read(fmt: str, keys, fields: formats.Fields) -> tuple[str, ...]:
     wanted = {formats.TEXT: (fields.text,), formats.INSTRUCTION: (fields.prompt, fields.completion),
               formats.CHAT: (fields.messages,), formats.ALPACA: formats.ALPACA_READS,
               formats.SHAREGPT: (formats.SHAREGPT_FIELD,), formats.PRETOKENIZED: formats.PRETOKENIZED_READS,
-              formats.PREFERENCE: ("prompt", *formats.PREFERENCE_FIELDS)}[fmt]
+              formats.PREFERENCE: (fields.prompt, fields.chosen, fields.rejected)}[fmt]
     return tuple(name for name in wanted if name in keys)
 
 
 def _records(report: FileReport, rows, check: Check, where: Callable[[str], str], limit: int) -> None:
     """Put each record through what training does with it, collecting distinct problems with where each first
     occurs and how many records have it."""
-    convert = records.converter(report.fmt, check.vocab_size) if report.fmt in (
+    convert = records.converter(report.fmt, check.vocab_size, check.fields) if report.fmt in (
         formats.ALPACA, formats.SHAREGPT, formats.PRETOKENIZED, formats.PREFERENCE) else None
     fmt, conv = _family(report.fmt), check.convention
     seen: dict[str, list] = {}

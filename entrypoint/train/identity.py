@@ -19,7 +19,10 @@ from entrypoint.config.schema import AUTO_BASE_BATCH, TrainConfig
 IDENTITY = ("model", "block_size", "packing", "txt_split", "text_field", "validation_split", "learning_rate",
             "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "seed", "precision",
             "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "quantize", "prompt_field",
-            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "dpo_beta", "fsdp")
+            "completion_field", "messages_field", "train_on_prompt", "isolate_documents", "dpo_beta", "fsdp",
+            "chosen_field", "rejected_field")
+# Of IDENTITY, options added after checkpoints were written: left out at their defaults, so those still resume.
+LATER = ("dpo_beta", "chosen_field", "rejected_field")
 
 # Options a resume may change, each with the reason.
 MAY_CHANGE = {
@@ -87,8 +90,9 @@ def values(cfg: TrainConfig, block_size: int, data_fingerprint: str) -> dict:
     found.update(data=data_fingerprint, block_size=block_size, sequences_per_step=batch * cfg.grad_accum)
     if not cfg.fsdp:  # a sharded checkpoint loads only into a sharded model, and an ordinary one only into an
         del found["fsdp"]  # ordinary one; off, it is left out, so checkpoints from before the option still resume
-    if cfg.dpo_beta == DEFAULTS["dpo_beta"]:  # likewise, so SFT checkpoints from before --dpo-beta still resume
-        del found["dpo_beta"]
+    for name in LATER:
+        if found[name] == DEFAULTS[name]:
+            del found[name]
     return found
 
 

@@ -5,21 +5,32 @@ naming file, line and fix. Real files, the real tiny tokenizer (conftest), block
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from entrypoint.config.schema import TrainConfig
-from entrypoint.data import formats, pipeline, preference
+from entrypoint.data import cache, formats, pipeline, preference
 from entrypoint.data.collate import PaddingCollator, PairCollator
+from entrypoint.data.formats import Fields
 from entrypoint.data.options import DataOptions
+from entrypoint.data.sources import discover
 from entrypoint.errors import DataError
 
 PAIRS = [{"prompt": f"def f{i}(x):\n", "chosen": f"Return {i} plus x.", "rejected": f"Open file number {i}."}
          for i in range(24)]
 CHAT = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}],
         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}
+RENAMED = Fields(prompt="question", chosen="good", rejected="bad")
+RENAMED_OPTIONS = {"prompt_field": "question", "chosen_field": "good", "rejected_field": "bad"}
+
+
+def renamed(record: dict) -> dict:
+    """`record` with its prompt, chosen and rejected fields called question, good and bad."""
+    names = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    return {names.get(key, key): value for key, value in record.items()}
 
 
 def write(path: Path, records: list[dict]) -> Path:
@@ -36,6 +47,34 @@ def prepare(tokenizer, data_dir: Path, output_dir: Path, block_size: int = 64, *
 def test_preference_records_are_detected_by_chosen_and_rejected():
     assert formats.detect({"prompt", "chosen", "rejected"}) == formats.PREFERENCE
     assert formats.detect({"chosen", "rejected"}) == formats.PREFERENCE
+
+
+def test_renamed_preference_fields_are_detected_and_the_defaults_then_are_not():
+    assert formats.detect({"question", "good", "bad"}, RENAMED) == formats.PREFERENCE
+    assert formats.detect({"good", "bad"}, RENAMED) == formats.PREFERENCE
+    assert formats.detect({"prompt", "chosen", "rejected", "text"}, RENAMED) == formats.TEXT
+
+
+@pytest.mark.parametrize(("keys", "fields", "says"), [
+    ({"question", "better", "worse"}, Fields(), "records look like preference records with answers in 'better' and "
+     "'worse' (fields: better, question, worse); use --prompt-field question --chosen-field better --rejected-field "
+     "worse."),
+    ({"prompt", "preferred", "rejected"}, Fields(), "; use --chosen-field preferred --rejected-field rejected."),
+    ({"prompt", "chosen"}, Fields(), "hold one answer only, in 'chosen' (fields: chosen, prompt); add the rejected "
+                                     "answer, or name both answers' fields with --chosen-field and --rejected-field"),
+    ({"question", "bad"}, RENAMED, "hold one answer only, in 'bad'"),
+])
+def test_preference_like_fields_get_a_hint_naming_the_options(keys, fields, says):
+    with pytest.raises(DataError, match=re.escape(says)):
+        formats.detect(keys, fields)
+
+
+@pytest.mark.parametrize("record", [PAIRS[0], CHAT, {"prompt": [{"role": "user", "content": "Hi"}],
+                                                     "chosen": [{"role": "assistant", "content": "Hello."}],
+                                                     "rejected": [{"role": "assistant", "content": "No."}]}],
+                         ids=["text", "chat-shared-prefix", "chat-prompt-list"])
+def test_renamed_fields_convert_to_the_same_canonical_row_as_the_defaults(record):
+    assert preference.pair(renamed(record), RENAMED) == preference.pair(record, Fields())
 
 
 def test_pairs_become_chosen_then_rejected_rows_with_loss_on_the_answer_only(tokenizer, tmp_path):
@@ -77,7 +116,7 @@ def test_chat_pairs_train_only_the_answers_after_the_shared_prefix(tokenizer):
              "chosen": [{"role": "assistant", "content": "Sure, gladly."}],
              "rejected": [{"role": "assistant", "content": "No."}]}
     for record, answers in ((CHAT, ("Hello, how can I help?", "Go away.")), (multi, ("Sure, gladly.", "No."))):
-        chosen, rejected, cut = preference.encode(preference.pair(record), tokenizer, conv, 128)
+        chosen, rejected, cut = preference.encode(preference.pair(record, Fields()), tokenizer, conv, 128)
         assert not cut
         for doc, answer in ((chosen, answers[0]), (rejected, answers[1])):
             learnt = tokenizer.decode([t for t, label in zip(doc.ids, doc.labels, strict=True) if label != -100])
@@ -86,32 +125,47 @@ def test_chat_pairs_train_only_the_answers_after_the_shared_prefix(tokenizer):
 
 def test_a_long_answer_is_cut_to_the_block_keeping_the_prompt(tokenizer):
     conv = formats.convention(tokenizer)
-    record = preference.pair({"prompt": "Say:\n", "chosen": "word " * 100, "rejected": "no"})
+    record = preference.pair({"prompt": "Say:\n", "chosen": "word " * 100, "rejected": "no"}, Fields())
     chosen, rejected, cut = preference.encode(record, tokenizer, conv, 32)
     assert cut and len(chosen.ids) == 32 and len(rejected.ids) < 32
     assert tokenizer.decode(chosen.ids).startswith("Say:\n")
 
 
-@pytest.mark.parametrize(("record", "problem"), [
-    ({"prompt": "p\n", "chosen": "  ", "rejected": "no"}, "the chosen answer is empty; write the answer"),
-    ({"prompt": "p\n", "chosen": "yes", "rejected": ""}, "the rejected answer is empty"),
-    ({"prompt": "p\n", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same text"),
+BAD_PAIRS = [
+    ({"prompt": "p\n", "chosen": "  ", "rejected": "no"}, "the answer in 'chosen' is empty; write the answer"),
+    ({"prompt": "p\n", "chosen": "yes", "rejected": ""}, "the answer in 'rejected' is empty"),
+    ({"prompt": "p\n", "chosen": "same", "rejected": "same"},
+     "the answers in 'chosen' and 'rejected' are the same text"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "field 'prompt' is int, not a string"),
-    ({**CHAT, "rejected": CHAT["chosen"]}, "the chosen and rejected answers are the same"),
+    ({"prompt": "p\n", "chosen": "a", "rejected": 7},
+     "field 'rejected' is int, not a string; write text there (or message lists in both 'chosen' and 'rejected')"),
+    ({**CHAT, "rejected": CHAT["chosen"]}, "the answers in 'chosen' and 'rejected' are the same, so"),
     ({"chosen": [{"role": "user", "content": "Hi"}], "rejected": CHAT["rejected"]},
-     "the chosen conversation has no assistant turn after the shared prompt"),
+     "the conversation in 'chosen' has no assistant turn after the shared prompt"),
     ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-     "the conversation has no prompt"),
-])
+     "the conversation has no prompt (no turn before the answers); add the user's turn in 'prompt'"),
+    ({"chosen": CHAT["chosen"], "rejected": "no"}, "field 'rejected' is not a non-empty list of messages"),
+]
+
+
+@pytest.mark.parametrize(("record", "problem"), BAD_PAIRS)
 def test_bad_pairs_name_the_problem_and_the_fix(record, problem):
-    with pytest.raises(DataError, match=problem):
-        preference.pair(record)
+    with pytest.raises(DataError, match=re.escape(problem)):
+        preference.pair(record, Fields())
+
+
+@pytest.mark.parametrize(("record", "problem"), BAD_PAIRS)
+def test_bad_pairs_with_renamed_fields_name_the_fields_as_the_records_call_them(record, problem):
+    for default, name in (("'prompt'", "'question'"), ("'chosen'", "'good'"), ("'rejected'", "'bad'")):
+        problem = problem.replace(default, name)
+    with pytest.raises(DataError, match=re.escape(problem)):
+        preference.pair(renamed(record), RENAMED)
 
 
 @pytest.mark.parametrize(("bad", "problem"), [
-    ({"prompt": "p\n", "chosen": "", "rejected": "no"}, "the chosen answer is empty; write the answer or remove"),
+    ({"prompt": "p\n", "chosen": "", "rejected": "no"}, "the answer in 'chosen' is empty; write the answer or remove"),
     ({"prompt": "p\n", "chosen": "same", "rejected": "same"},
-     "chosen and rejected are the same text, so nothing is preferred; give a "),
+     "the answers in 'chosen' and 'rejected' are the same text, so nothing is preferred; give a "),
 ])
 def test_a_bad_record_in_a_file_is_named_by_file_and_line(tokenizer, tmp_path, bad, problem):
     path = write(tmp_path / "data" / "train.jsonl", [*PAIRS[:6], bad, *PAIRS[6:]])
@@ -134,3 +188,31 @@ def test_pairs_with_an_answer_cut_to_the_block_are_counted(tokenizer, tmp_path):
     train, _, stats = prepare(tokenizer, tmp_path / "data", tmp_path / "out", block_size=32)
     assert stats.cut_pairs == 1 and len(train) == 21
     assert max(len(item["chosen"]["input_ids"]) for item in train) == 32
+
+
+def test_renamed_fields_in_a_file_prepare_the_same_rows_and_a_bad_record_names_them(tokenizer, tmp_path):
+    write(tmp_path / "plain" / "train.jsonl", PAIRS[:20])
+    write(tmp_path / "plain" / "valid.jsonl", PAIRS[20:])
+    write(tmp_path / "data" / "train.jsonl", [renamed(r) for r in PAIRS[:20]])
+    path = write(tmp_path / "data" / "valid.jsonl", [renamed(r) for r in PAIRS[20:]])
+    expected, _, _ = prepare(tokenizer, tmp_path / "plain", tmp_path / "out-plain")
+    train, valid, stats = prepare(tokenizer, tmp_path / "data", tmp_path / "out", **RENAMED_OPTIONS)
+    assert (len(train), len(valid), stats.data_format) == (20, 4, "preference")
+    for side in ("chosen", "rejected"):
+        assert [item[side]["input_ids"].tolist() for item in train] == \
+            [item[side]["input_ids"].tolist() for item in expected]
+    write(path, [*map(renamed, PAIRS[20:22]), {"question": "p\n", "good": "", "bad": "no"}])
+    with pytest.raises(DataError, match=re.escape(f"{path} line 3: the answer in 'good' is empty")):
+        prepare(tokenizer, tmp_path / "data", tmp_path / "out", **RENAMED_OPTIONS)
+
+
+def test_the_cache_key_changes_with_the_answer_fields_and_not_at_their_defaults(tokenizer, tmp_path):
+    write(tmp_path / "data" / "train.jsonl", PAIRS)
+
+    def key(**options):
+        opts = DataOptions.of(TrainConfig(data_dir=tmp_path / "data", output_dir=tmp_path / "out", **options))
+        return cache.cache_key(opts, tokenizer, *discover(opts), 64)
+
+    plain = key()
+    assert key(chosen_field="chosen", rejected_field="rejected") == plain
+    assert len({plain, key(chosen_field="good"), key(rejected_field="bad")}) == 3

@@ -149,3 +149,14 @@ def test_a_dataset_by_name_is_read_from_its_first_records_and_a_bad_one_named_by
     (report,), _ = survey.survey(DataOptions.of(cfg), tokenizer)
     (problem,) = report.problems
     assert problem.startswith(f"--dataset {bad} split train record 4: ")
+
+
+def test_renamed_preference_fields_are_reported_and_a_bad_pair_names_the_field(tokenizer, tmp_path):
+    pairs = [{"question": f"Q{i}?\n", "good": f"Yes {i}.", "bad": f"No {i}."} for i in range(6)]
+    pairs[3]["bad"] = pairs[3]["good"]
+    path = samples.write_records(tmp_path / "data", "train", pairs, "jsonl")
+    renamed = options(tmp_path / "data", prompt_field="question", chosen_field="good", rejected_field="bad")
+    (report,), problems = survey.survey(renamed, tokenizer)
+    assert problems == [] and report.line().startswith("preference data from question, good, bad;")
+    assert report.problems == [f"{path} line 4: the answers in 'good' and 'bad' are the same text, so nothing is "
+                               "preferred; give a different rejected answer or remove the record."]

@@ -66,12 +66,14 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_dpo_beta_binds_checkpoints_only_when_changed_so_older_identities_still_match():
+@pytest.mark.parametrize(("name", "default", "changed"), [
+    ("dpo_beta", 0.1, 0.5), ("chosen_field", "chosen", "good"), ("rejected_field", "rejected", "bad")])
+def test_later_options_bind_checkpoints_only_when_changed_so_older_identities_still_match(name, default, changed):
     plain = identity.values(TrainConfig(), 32, "data-a")
-    assert "dpo_beta" not in plain  # at its default, the identity of a run is what it was before the option
-    assert identity.values(TrainConfig(dpo_beta=0.1), 32, "data-a") == plain
-    closer = identity.values(TrainConfig(dpo_beta=0.5), 32, "data-a")
-    assert identity.changes(plain, closer) == ["--dpo-beta None -> 0.5"]
+    assert name not in plain  # at its default, the identity of a run is what it was before the option
+    assert identity.values(TrainConfig(**{name: default}), 32, "data-a") == plain
+    other = identity.values(TrainConfig(**{name: changed}), 32, "data-a")
+    assert identity.changes(plain, other) == [f"--{name.replace('_', '-')} None -> {changed}"]
 
 
 def test_changed_options_on_resume_exit_2_naming_them_and_both_fixes(tmp_path, finished, tiny_model, corpus_dir):
