@@ -5,6 +5,10 @@ The data goes through training's own pipeline (the same formats, packing, valida
 rows, from the same cache when --cache-dir or --output-dir points at a run's), and the loss is the Trainer's
 evaluation loss: the mean over target tokens, which for instruction and chat data are the answers only. With
 --tasks, lm-evaluation-harness tasks run on the same model through its Python API (the `eval` extra).
+
+A checkpoint of a LoRA run holds only the adapter: it is scored as its base model (the --model training loaded,
+which peft recorded as the adapter's base_model_name_or_path) with the adapter merged in, exactly what publishing
+that run makes of it, and with the base model's tokenizer unless --tokenizer names another.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from entrypoint.data.options import DataOptions
 from entrypoint.errors import ConfigError, ModelLoadError, OutputError
 from entrypoint.train import job
 from entrypoint.train.metrics import perplexity
-from entrypoint.train.model import attention_for, load_model, load_tokenizer
+from entrypoint.train.model import attention_for, load_model, load_tokenizer, merge_adapter
 from entrypoint.train.plan import decide
-from entrypoint.train.preflight import TOKENIZER_FILES, check_model_dir, preflight, vocabulary
+from entrypoint.train.preflight import TOKENIZER_FILES, WEIGHT_FILES, check_model_dir, preflight, unreadable, vocabulary
 
 log = logs.area("eval")
 
 EXTRA = "pip install 'finetune-gpt2[eval]'"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def task_names(ecfg: EvalConfig) -> list[str]:
@@ -47,14 +53,62 @@ def check_inputs(cfg: TrainConfig, ecfg: EvalConfig) -> None:
         raise OutputError(f"--output {ecfg.output} cannot be written (a directory, or its folder is missing); "
                           "name a file in an existing directory.")
     model = Path(cfg.model)
-    if model.exists():
+    base = lora_base(model)
+    if base is not None:
+        check_adapter(model, base, tokenizer=ecfg.tokenizer is None and not has_tokenizer(model))
+    elif model.exists():
         check_model_dir(model, "--model", tokenizer=False)
-        if ecfg.tokenizer is None and not any((model / name).is_file() for name in TOKENIZER_FILES):
+        if ecfg.tokenizer is None and not has_tokenizer(model):
             raise ModelLoadError(f"--model {model} has no tokenizer files (tokenizer.json), as training checkpoints "
                                  "have none; add --tokenizer with the base model's directory, or evaluate the "
                                  "published model/.")
     if ecfg.tokenizer is not None:
         check_model_dir(ecfg.tokenizer, "--tokenizer", weights=False)
+
+
+def has_tokenizer(model: Path) -> bool:
+    return any((model / name).is_file() for name in TOKENIZER_FILES)
+
+
+def lora_base(model: Path) -> str | None:
+    """The base model of a LoRA checkpoint (a directory holding an adapter and no full weights): what training
+    loaded as --model, which peft records as base_model_name_or_path. None for anything else."""
+    config = model / ADAPTER_CONFIG
+    if not config.is_file() or any((model / name).is_file() for name in WEIGHT_FILES):
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read {config} ({str(exc).splitlines()[0][:120]}); the LoRA checkpoint is "
+                             "damaged: evaluate another checkpoint or the run's published model/.") from None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{config} names no base model (base_model_name_or_path); set it to the directory of "
+                             "the model the run trained from.")
+    return base
+
+
+def check_adapter(model: Path, base: str, tokenizer: bool) -> None:
+    """A LoRA checkpoint's own files, and its base model's directory when the base is a local path (a Hub id is
+    left to the loaders); `tokenizer`: whether the base must hold the tokenizer."""
+    problems = unreadable(model, "--model")
+    if not any((model / name).is_file() for name in ADAPTER_WEIGHTS):
+        problems.append(f"--model {model} has {ADAPTER_CONFIG} but no adapter weights (adapter_model.safetensors); "
+                        "the checkpoint is incomplete: evaluate another checkpoint or the run's published model/.")
+    local = Path(base)
+    if not local.exists() and (base.startswith(("/", "./", "../", "~")) or base.count("/") > 1):
+        problems.append(f"--model {model} is a LoRA checkpoint whose base model {base} (base_model_name_or_path "
+                        f"in its {ADAPTER_CONFIG}, the --model it was trained from) does not exist; restore the "
+                        "base model at that path, or set base_model_name_or_path to where it is now.")
+    elif local.exists():
+        try:
+            check_model_dir(local, "the LoRA base model", tokenizer=False)
+        except ModelLoadError as exc:
+            problems += exc.problems
+        if tokenizer and not has_tokenizer(local):
+            problems.append(f"neither --model {model} (a LoRA checkpoint) nor its base model {base} has tokenizer "
+                            "files (tokenizer.json); add --tokenizer with the base model's tokenizer directory.")
+    if problems:
+        raise ModelLoadError(*problems)
 
 
 def harness_installed() -> bool:
@@ -68,21 +122,26 @@ def harness_installed() -> bool:
 def evaluate(cfg: TrainConfig, ecfg: EvalConfig, environ) -> dict:
     """The held-out loss, perplexity and target tokens of --model (and the --tasks scores); written to --output."""
     check_inputs(cfg, ecfg)
-    # The model as it is: no adapters to add, nothing to compile, report or sample.
-    cfg = replace(cfg, lora_rank=0, quantize=None, compile="off", report_to="none", early_stopping_patience=None,
-                  sample_prompts=None)
+    scored, base = cfg.model, lora_base(Path(cfg.model))
+    # The model as it is (a LoRA checkpoint: its base, the adapter merged in after loading): no adapters to add,
+    # nothing to compile, report or sample.
+    cfg = replace(cfg, model=base or cfg.model, lora_rank=0, quantize=None, compile="off", report_to="none",
+                  early_stopping_patience=None, sample_prompts=None)
     checked = preflight(cfg, environ=environ)
     tasks = find_tasks(task_names(ecfg), ecfg.include_path) if ecfg.tasks else None
     plan = decide(cfg, checked, 1)
-    tokenizer = load_tokenizer(replace(cfg, model=str(ecfg.tokenizer)) if ecfg.tokenizer else cfg)
+    tokenizer = load_tokenizer(replace(cfg, model=tokenizer_source(scored, base, ecfg)))
     data = DataOptions.of(cfg, preprocessing_workers=plan.preprocessing_workers,
                           vocab_size=vocabulary(checked.model_config))
     train_ds, eval_ds, stats = pipeline.prepare(data, tokenizer, plan.block_size)
-    log.info(f"loading {cfg.model}")
+    log.info(f"loading {cfg.model}" + (f" with the LoRA adapter of {scored} merged in" if base else ""))
     model = load_model(cfg, attention_for(stats.isolated, plan.precision), plan.precision)
+    if base:
+        model = with_adapter(model, scored, base)
     trainer, _ = job.build_trainer(cfg, plan, model, tokenizer, (train_ds, eval_ds), fresh=False)
     loss = trainer.evaluate()["eval_loss"]
-    result = {"model": cfg.model, "eval_loss": loss, "perplexity": perplexity(loss),
+    result = {"model": scored, **({"base_model": base} if base else {}), "eval_loss": loss,
+              "perplexity": perplexity(loss),
               "eval_tokens": trainer.eval_targets, "eval_rows": len(eval_ds), "data_format": stats.data_format,
               "answers_only": stats.data_format != "text" and not cfg.train_on_prompt,
               "data_fingerprint": stats.fingerprint, "block_size": plan.block_size}
@@ -91,6 +150,24 @@ def evaluate(cfg: TrainConfig, ecfg: EvalConfig, environ) -> dict:
     if ecfg.output is not None:
         fsutil.write_atomic(ecfg.output, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def tokenizer_source(model: str, base: str | None, ecfg: EvalConfig) -> str:
+    """--tokenizer; else --model's own; for a LoRA checkpoint without tokenizer files, its base model's."""
+    if ecfg.tokenizer is not None:
+        return str(ecfg.tokenizer)
+    return base if base and not has_tokenizer(Path(model)) else model
+
+
+def with_adapter(model, adapter: str, base: str):
+    """The base model loaded for a LoRA checkpoint, with the checkpoint's adapter merged into its weights."""
+    try:
+        return merge_adapter(model, Path(adapter))
+    except Exception as exc:  # peft raises ValueError, RuntimeError (shape mismatches), SafetensorError...
+        raise ModelLoadError(f"cannot apply the LoRA adapter of {adapter} to its base model {base} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the adapter file is damaged "
+                             "or the base is not the model the run trained from: evaluate another checkpoint, or set "
+                             f"base_model_name_or_path in {Path(adapter) / ADAPTER_CONFIG} to that model.") from None
 
 
 def find_tasks(names: list[str], include_path: Path | None):

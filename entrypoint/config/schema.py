@@ -183,7 +183,7 @@ class EvalConfig:
 
     output: Path | None = opt(None, "Also write the results to this JSON file [default: print them only].")
     tokenizer: Path | None = opt(None, "Tokenizer directory, for a --model that has none (a training checkpoint) "
-                                 "[default: --model's].")
+                                 "[default: --model's; a LoRA checkpoint's base model's].")
     tasks: tuple[str, ...] = opt((), "lm-evaluation-harness tasks to run as well (repeat, comma- or space-separated); "
                                  "needs the eval extra: pip install 'finetune-gpt2[eval]'.", multiple=True)
     include_path: Path | None = opt(None, "Directory of extra lm-evaluation-harness task definitions (YAML) for "

@@ -253,14 +253,21 @@ def merged_onto(base: tuple, adapter: Path):
     publishes. Merging into the dequantized NF4 weights instead would bake the quantization error (about 1e-2
     relative per weight) into every layer of the published model; the original weights plus the trained update
     keep the base model exact where the adapter is zero. The reload needs the base's size in CPU memory."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     name, token, dtype = base
     log.info(f"merging the adapter into {name} reloaded unquantized ({str(dtype).removeprefix('torch.')})")
     unquantized = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, token=token, trust_remote_code=False)
+    return merge_adapter(unquantized, adapter)
+
+
+def merge_adapter(model, adapter: Path):
+    """`model` with the saved adapter in `adapter` (adapter_config.json, adapter_model.safetensors) folded into its
+    weights: an ordinary model again, as publishing a LoRA run makes one."""
+    from peft import PeftModel
+
     with peft_quietly():
-        return PeftModel.from_pretrained(unquantized, str(adapter)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 @contextlib.contextmanager

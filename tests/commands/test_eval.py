@@ -4,6 +4,7 @@ instruction data), lm-evaluation-harness tasks defined by the test, and one-line
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from entrypoint.commands import eval as evaluation
 from entrypoint.config.schema import EvalConfig, TrainConfig
 from entrypoint.data import pipeline
 from entrypoint.data.options import DataOptions
-from entrypoint.errors import ConfigError, ExitCode
+from entrypoint.errors import ConfigError, ExitCode, ModelLoadError
 from tests.support.helpers import clean_env, finetune, train_env
 
 TASK = "finetune_tiny_choice"
@@ -164,3 +165,42 @@ def test_a_checkpoint_scores_as_the_model_published_from_it_given_the_base_model
         scores.append(json.loads((tmp_path / "e.json").read_text()))
     assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], abs=1e-6)
     assert scores[0]["eval_tokens"] == scores[1]["eval_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model, small_data) -> Path:
+    """A two-step LoRA run: checkpoint-2 holds the adapter alone, model/ the adapter merged into the base."""
+    out = tmp_path_factory.mktemp("lora-run")
+    trained = finetune("train", env=train_env(tiny_model, small_data, out, FINETUNE_LORA_RANK="4",
+                                              FINETUNE_MAX_STEPS="2", FINETUNE_SAVE_STEPS="2",
+                                              FINETUNE_EVAL_STEPS="2"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return out
+
+
+def test_a_lora_checkpoint_scores_as_its_base_with_the_adapter_merged_as_published(tmp_path, tiny_model,
+                                                                                   small_data, lora_run):
+    """A LoRA checkpoint holds the adapter alone (no config.json, no weights, no tokenizer): eval loads the base
+    model its adapter_config.json names, with the base's tokenizer, and scores exactly as the published model."""
+    checkpoint = lora_run / "checkpoints" / "checkpoint-2"
+    assert not (checkpoint / "config.json").exists() and (checkpoint / "adapter_config.json").is_file()
+    lora, published = (evaluation.evaluate(config(model, small_data, lora_run), EvalConfig(), {})
+                       for model in (checkpoint, lora_run / "model"))
+    assert lora["model"] == str(checkpoint) and lora["base_model"] == str(tiny_model)
+    assert lora["eval_loss"] == pytest.approx(published["eval_loss"], abs=1e-6)
+    assert lora["eval_tokens"] == published["eval_tokens"] > 0
+    before = json.loads((lora_run / "metrics.json").read_text())["initial_eval_loss"]
+    assert abs(lora["eval_loss"] - before) > 1e-3, "the adapter was applied: the base alone scores otherwise"
+
+
+def test_a_lora_checkpoint_whose_base_moved_is_refused_naming_the_base_and_the_fix(tmp_path, small_data, lora_run):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(lora_run / "checkpoints" / "checkpoint-2", checkpoint)
+    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "moved")
+    (checkpoint / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with pytest.raises(ModelLoadError) as caught:
+        evaluation.check_inputs(config(checkpoint, small_data, tmp_path / "out"), EvalConfig())
+    (line,) = caught.value.problems
+    assert f"base model {tmp_path / 'moved'}" in line and "restore the base model at that path" in line
+    assert caught.value.code == ExitCode.MODEL
