@@ -67,8 +67,10 @@ def disk_full(lab: Lab) -> Outcome:
     root = lab.fresh("disk-full")
     ckpt = lab.mount_tmpfs(root / "ckpt", 2_600_000)  # one tiny-model checkpoint (1.75 MB) fits, two do not
     code, log = lab.train(root / "out", FINETUNE_CHECKPOINT_DIR=str(ckpt))
-    expect("cannot write checkpoint-16" in log and "Traceback" not in log, "no clean disk-full error", log)
+    expect("cannot write checkpoint-16" in log and "checkpoint-8 is intact" in log and "Traceback" not in log,
+           "no clean disk-full error naming the checkpoint a rerun resumes from", log)
     expect((ckpt / "checkpoint-8" / "finetune-complete.json").is_file(), "the previous checkpoint is gone", log)
+    expect(status_of(root / "out") == ("failed", 4), "status.json does not record exit 4", log)
     return lab.outcome(root / "out", [code], log, note="checkpoint-8 kept intact")
 
 
@@ -263,9 +265,15 @@ def sigterm_during_the_last_step(lab: Lab) -> Outcome:
     job = lab.sigterm_at(out, rf"train step {STEPS - 1}/")
     first, _ = job.finish()
     second, log = lab.train(out)
-    expect("publishing it without training" in log, "the finished checkpoint was trained further", log)
-    metrics = read_json(out / "metrics.json") or {}
-    expect(metrics.get("train_tokens") == lab.reference["train_tokens"], "train_tokens lost the first process", log)
+    expect(f"checkpoint-{STEPS} is at step {STEPS}, the last is {STEPS}: publishing it without training" in log
+           and "train step" not in log and "eval  step" not in log, "the finished checkpoint was trained further "
+           "or evaluated again (its final evaluation was saved with it)", log)
+    expect(not (out / "checkpoints" / f"checkpoint-{STEPS + 1}").exists(), "a checkpoint past the last step", log)
+    metrics, reference = read_json(out / "metrics.json") or {}, lab.reference
+    for key in ("train_tokens", "target_tokens"):  # whole-run counters survive the restart
+        expect(metrics.get(key) == reference[key] > 0, f"{key} lost the first process's share", log)
+    for key in ("initial_eval_loss", "best_eval_loss", "train_loss"):
+        expect(abs(metrics.get(key, math.inf) - reference[key]) <= 1e-4, f"{key} differs from the reference", log)
     return lab.outcome(out, [first, second], log, note=f"checkpoint-{STEPS} published as it was; whole-run tokens")
 
 

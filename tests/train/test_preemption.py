@@ -1,6 +1,8 @@
 """Preemption with real processes and real signals: stop, resume exactly, never publish half a model.
 
-PREEMPT_SEED picks the random interruption steps (default 0), so a loop over seeds explores many of them.
+PREEMPT_SEED picks the random interruption steps (default 0), so a loop over seeds explores many of them. A SIGTERM
+during the last step, a SIGKILL during a checkpoint save and a disk that fills while saving are cases of the fault
+table (bench/fault_cases.py, run by tests/e2e/test_faults.py), with the same checks.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.commands.init_model import init_model
-from entrypoint.config.schema import InitModelConfig
 from entrypoint.errors import ExitCode
 from entrypoint.train import checkpoints
-from tests.support.helpers import Job, finetune
+from tests.support.helpers import finetune
 from tests.support.runs import STEPS, assert_preempted_and_unpublished, env_for, final_metrics, interrupt_at
 
 IS_ROOT = os.geteuid() == 0
@@ -70,30 +70,6 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path, tiny_model, corpus_dir, re
     assert_same_result(out, reference)
 
 
-@pytest.mark.slow
-def test_sigterm_during_the_last_step_then_rerun_publishes_without_training(tmp_path, tiny_model, corpus_dir,
-                                                                           reference):
-    out = tmp_path / "out"
-    env = env_for(tiny_model, corpus_dir, out)
-    code, log = interrupt_at(env, STEPS - 1)  # the signal lands while step STEPS runs
-    assert_preempted_and_unpublished(code, log, out)
-    assert checkpoints.problem(out / "checkpoints" / f"checkpoint-{STEPS}") is None
-
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint-{STEPS} is at step {STEPS}, the last is {STEPS}: publishing it without training" in \
-        result.stderr
-    assert "train step" not in result.stderr and "eval  step" not in result.stderr, "its final eval was saved"
-    assert (out / "model" / "COMPLETE").is_file()
-    assert not (out / "checkpoints" / f"checkpoint-{STEPS + 1}").exists()
-    metrics = final_metrics(out)
-    assert metrics["global_step"] == STEPS
-    assert metrics["train_tokens"] == reference["train_tokens"] > 0
-    assert metrics["target_tokens"] == reference["target_tokens"] > 0  # whole-run counters survive the restart
-    for key in ("eval_loss", "initial_eval_loss", "best_eval_loss", "train_loss"):
-        assert metrics[key] == pytest.approx(reference[key], abs=1e-4), key
-
-
 def history(out: Path) -> dict[tuple[str, int], float]:
     """history.json's curve points: (kind, step) -> loss."""
     points = json.loads((out / "history.json").read_text())
@@ -137,34 +113,6 @@ def test_sigkill_right_after_sigterm_falls_back_to_the_last_complete_checkpoint(
     resumed = re.search(r"resume: from .*checkpoint-(\d+)", result.stderr)
     assert resumed and int(resumed.group(1)) in (8, 13, 14), result.stderr[-2000:]
     assert_same_result(out, reference)
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, corpus_dir) -> Path:
-    """Big enough (about 3M parameters) that a checkpoint save lasts long enough to be killed in the middle."""
-    directory = tmp_path_factory.mktemp("small-gpt2")
-    init_model(InitModelConfig(output_dir=directory, corpus=corpus_dir / "train.txt", size="small", vocab_size=512,
-                               context=64))
-    return directory
-
-
-@pytest.mark.slow
-def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path, small_model, corpus_dir):
-    out = tmp_path / "out"
-    env = env_for(small_model, corpus_dir, out, FINETUNE_MAX_STEPS="12", FINETUNE_SAVE_STEPS="2",
-                  FINETUNE_EVAL_STEPS="6", FINETUNE_LOGGING_STEPS="2")
-    job = Job(env)
-    killed = job.kill_mid_save(out / "checkpoints", checkpoints.MARKER, keep="checkpoint-2")
-    job.finish()
-    if killed is None:
-        pytest.fail("no checkpoint save was caught in progress; the saves were too fast to interrupt")
-    assert not (killed / checkpoints.MARKER).exists()
-
-    result = finetune("train", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"skipping {killed.name}: no completion marker" in result.stderr
-    assert re.search(r"resume: from .*checkpoint-\d+", result.stderr)
-    assert (out / "model" / "COMPLETE").exists()
 
 
 @pytest.fixture(scope="module")
@@ -238,23 +186,6 @@ def small_tmpfs(tmp_path):
     yield mount
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@pytest.mark.slow
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, preempted_run, tiny_model, corpus_dir,
-                                                              small_tmpfs):
-    one_checkpoint = sum(p.stat().st_size for p in (preempted_run / "out" / "checkpoints" / "checkpoint-8").rglob("*")
-                         if p.is_file())
-    ckpt_dir = small_tmpfs(tmp_path / "ckpt", int(one_checkpoint * 1.5))
-    out = tmp_path / "out"
-    result = finetune("train", env=env_for(tiny_model, corpus_dir, out, FINETUNE_CHECKPOINT_DIR=str(ckpt_dir)))
-    assert result.returncode == ExitCode.OUTPUT, result.stderr[-3000:]
-    assert "cannot write checkpoint-16" in result.stderr and "checkpoint-8 is intact" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert checkpoints.problem(ckpt_dir / "checkpoint-8") is None
-    assert checkpoints.latest_complete(ckpt_dir) == ckpt_dir / "checkpoint-8"
-    assert not (out / "model").exists()
-    assert json.loads((out / "status.json").read_text())["exit_code"] == ExitCode.OUTPUT
 
 
 @pytest.mark.slow
