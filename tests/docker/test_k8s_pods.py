@@ -240,54 +240,65 @@ def simulated_initializers(initializers: list[dict], assets: dict[str, Path], tm
     return workspace
 
 
+def test_jobset_overlay_gives_its_pods_the_names_ranks_and_rendezvous_the_controller_does(kubectl, tmp_path):
+    """The jobset overlay's JobSet made into its child Job and headless Service as the JobSet controller makes
+    them: pod i is finetune-node-0-i, named finetune-node-0-i.finetune by the Service, with FINETUNE_NODE_RANK i,
+    FINETUNE_NNODES the pod count and the rendezvous at pod 0's DNS name on the port its container exposes. That
+    pods placed by these FINETUNE_ variables train one model across two nodes is run below, by the multi-node
+    Job (the same variables from an Indexed Job); a two-node run costs 1 to 3 minutes of the suite's budget."""
+    objects = cpu_overlay(tmp_path, "jobset")
+    jobset = jobs.the_one(objects, "JobSet")
+    (child,), service = jobsets.children(jobset)
+    nodes = jobs.job_pods(child)
+    assert [pod.hostname for pod in nodes] == ["finetune-node-0-0", "finetune-node-0-1"]
+    assert service["metadata"]["name"] == "finetune" and service["spec"]["clusterIP"] == "None"
+    assert all(pod.spec["subdomain"] == "finetune" for pod in nodes)
+    cluster = pods.Cluster([*objects, service], images={}, claims={}, workdir=tmp_path / "pods", prefix="static")
+    envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
+    assert [e["FINETUNE_NODE_RANK"] for e in envs] == ["0", "1"]
+    assert {e["FINETUNE_NNODES"] for e in envs} == {str(len(nodes))}
+    port = next(p["containerPort"] for p in nodes[0].spec["containers"][0]["ports"])
+    assert {e["FINETUNE_RDZV_ENDPOINT"] for e in envs} == {f"finetune-node-0-0.finetune:{port}"}
+
+
 # trainjob-initializers stands for trainjob too: its trainer pods are trainjob's plus the workspace volume
 # (tests/project/test_k8s.py compares them), and one two-node run costs 1 to 3 minutes of the suite's budget.
-@pytest.mark.parametrize("overlay", ["trainjob-initializers", "jobset"])
-def test_jobset_pods_train_one_model_across_two_nodes_with_the_controllers_environment(
-        overlay, kubectl, cpu_image, container_assets, output_dir, container_name, tmp_path):
-    """The trainjob overlay's TrainJob, made into a JobSet as Kubeflow Trainer makes it (the runtime's JobSet
-    template, numNodes as the node Job's parallelism, resourcesPerNode, and the torch plugin's PET_NNODES,
-    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR <trainjob>-node-0-0.<trainjob>, PET_MASTER_PORT), or the
-    jobset overlay's JobSet as it is; then, as the JobSet controller does, the child Job finetune-node-0 and the
-    headless Service finetune; then its two pods (tests/docker/jobsets.py, jobs.py, pods.py) as two containers on
-    one network under the names that Service gives them. Rank 0 publishes to the shared output directory.
-    Overridden for a 2-core CPU machine, as in the multi-node test: GPU resources, nodeSelector and tolerations,
-    1 core and 4Gi per pod (the TrainJob's resourcesPerNode), the smoke preset, and the tiny model at /model.
-    trainjob-initializers: the initializer Jobs' downloads are the corpus and the tiny model put in the workspace
-    volume as they would leave them (their images need the network); the trainer pods train from /workspace."""
-    objects = cpu_overlay(tmp_path, overlay)
-    if overlay.startswith("trainjob"):
-        jobset = jobsets.from_trainjob(jobs.the_one(objects, "TrainJob"), jobs.the_one(objects, "TrainingRuntime"))
-    else:
-        jobset = jobs.the_one(objects, "JobSet")
+def test_trainjob_pods_train_one_model_across_two_nodes_with_the_controllers_environment(
+        kubectl, cpu_image, container_assets, output_dir, container_name, tmp_path):
+    """The trainjob-initializers overlay's TrainJob, made into a JobSet as Kubeflow Trainer makes it (the runtime's
+    JobSet template, numNodes as the node Job's parallelism, resourcesPerNode, and the torch plugin's PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR <trainjob>-node-0-0.<trainjob>, PET_MASTER_PORT); then, as
+    the JobSet controller does, the child Job finetune-node-0 and the headless Service finetune; then its two pods
+    (tests/docker/jobsets.py, jobs.py, pods.py) as two containers on one network under the names that Service
+    gives them. Rank 0 publishes to the shared output directory. Overridden for a 2-core CPU machine, as in the
+    multi-node test: GPU resources, nodeSelector and tolerations, 1 core and 4Gi per pod (the TrainJob's
+    resourcesPerNode) and the smoke preset. The initializer Jobs' downloads are the corpus and the tiny model put
+    in the workspace volume as they would leave them (their images need the network); the trainer pods train
+    from /workspace."""
+    objects = cpu_overlay(tmp_path, "trainjob-initializers")
+    jobset = jobsets.from_trainjob(jobs.the_one(objects, "TrainJob"), jobs.the_one(objects, "TrainingRuntime"))
     (*initializers, child), service = jobsets.children(jobset)
     nodes = jobs.job_pods(child)
     assert [pod.hostname for pod in nodes] == ["finetune-node-0-0", "finetune-node-0-1"]
     claims = {"finetune-data": container_assets["data"], "finetune-model": container_assets["model"],
-              "finetune-output": output_dir}
-    if overlay == "trainjob-initializers":
-        claims["finetune-workspace"] = simulated_initializers(initializers, container_assets, tmp_path)
+              "finetune-output": output_dir,
+              "finetune-workspace": simulated_initializers(initializers, container_assets, tmp_path)}
     cluster = pods.Cluster([*objects, service], images={"finetune:latest": cpu_image}, claims=claims,
                            workdir=tmp_path / "pods", prefix=container_name, network=True)
     envs = [cluster.env(pod, pod.spec["containers"][0]) for pod in nodes]
-    if overlay.startswith("trainjob"):
-        assert [(e["PET_NODE_RANK"], e["PET_MASTER_ADDR"], e["PET_NNODES"]) for e in envs] == \
-            [("0", "finetune-node-0-0.finetune", "2"), ("1", "finetune-node-0-0.finetune", "2")]
-    else:
-        assert [e["FINETUNE_NODE_RANK"] for e in envs] == ["0", "1"]
+    assert [(e["PET_NODE_RANK"], e["PET_MASTER_ADDR"], e["PET_NNODES"]) for e in envs] == \
+        [("0", "finetune-node-0-0.finetune", "2"), ("1", "finetune-node-0-0.finetune", "2")]
     with jobs.sandbox(cluster):
         results = jobs.run(cluster, nodes, timeout=wait_for(child))
 
     assert_succeeded(results)
     assert assert_published(cluster, nodes[0], output_dir)["world_size"] == 2
     assert ["done: " in r.logs for r in results.values()] == [True, False]
-    if overlay == "trainjob-initializers":
-        for r in results.values():
-            assert "data_dir from kubeflow initializer" in r.logs and "model from kubeflow initializer" in r.logs, r
-    if overlay.startswith("trainjob"):  # the Trainer's variables, not a FINETUNE_ value, placed the nodes
-        for r in results.values():
-            assert "rdzv_endpoint from env PET_MASTER_ADDR/PET_MASTER_PORT" in r.logs, r
-            assert "nnodes from env PET_NNODES" in r.logs and "node_rank from env PET_NODE_RANK" in r.logs, r
+    for r in results.values():
+        assert "data_dir from kubeflow initializer" in r.logs and "model from kubeflow initializer" in r.logs, r
+        # The Trainer's variables, not a FINETUNE_ value, placed the nodes.
+        assert "rdzv_endpoint from env PET_MASTER_ADDR/PET_MASTER_PORT" in r.logs, r
+        assert "nnodes from env PET_NNODES" in r.logs and "node_rank from env PET_NODE_RANK" in r.logs, r
 
 
 def test_a_pod_spec_field_without_a_translation_fails_rather_than_being_ignored(kubectl, tmp_path):
