@@ -22,7 +22,9 @@ def relaunch(cfg: TrainConfig, argv: list[str], environ: Mapping[str, str]) -> i
         return None
     preflight(cfg, environ=environ)  # one clean error here rather than one per worker
     if cfg.checkpoint_to:  # every node needs the files: its launcher fetches them before the workers choose
-        checkpoints.fetch(cfg, RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit))
+        remote = RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit,
+                                   attempts=cfg.store_retries + 1)
+        checkpoints.fetch(cfg, remote)
     args = torchrun_arguments(cfg, argv)
     return run_torchrun(args) if args else None
 

@@ -146,6 +146,9 @@ class TrainConfig:
                                           "gs://bucket/prefix while training, and resume from there on a node whose "
                                           "--checkpoint-dir has nothing newer (one run per prefix; credentials from "
                                           "the environment).")
+    store_retries: int = opt(4, "Retries of each object-store transfer (--checkpoint-to, --export-to) before the run "
+                                "gives up on it, waiting 1, 2, 4 ... s between tries (4: about 15 s of outage).",
+                             min=0, max=16)
 
     @property
     def model_checkpoint_dir(self) -> Path:

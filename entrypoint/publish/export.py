@@ -32,10 +32,11 @@ ATTEMPTS = 5  # per file: the first try and 4 retries
 BACKOFF = 1.0  # s before the first retry, doubled each time (1 + 2 + 4 + 8 = 15 s at most per file)
 
 
-def export_published(output_dir: Path, url: str | None) -> None:
-    """The training job's hook: after the local publish (or on finding it already done), export it if asked."""
+def export_published(output_dir: Path, url: str | None, retries: int = ATTEMPTS - 1) -> None:
+    """The training job's hook: after the local publish (or on finding it already done), export it if asked,
+    each transfer tried 1 + `retries` times."""
     if url:
-        export(output_dir / MODEL_DIR, url)
+        export(output_dir / MODEL_DIR, url, attempts=retries + 1)
 
 
 def export(model_dir: Path, url: str, *, attempts: int = ATTEMPTS, backoff: float = BACKOFF) -> bool:

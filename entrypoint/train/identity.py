@@ -65,6 +65,7 @@ MAY_CHANGE = {
     "hub_token": "a credential",
     "export_to": "where the published model is uploaded afterwards; the model is the same",
     "checkpoint_to": "where checkpoints are mirrored; the checkpoints and the model are the same",
+    "store_retries": "how long an object-store outage is waited out; what is stored is the same",
     "publish_worse": "whether a final model worse than the untrained one may be published: decides publishing, "
                      "not training",
 }
@@ -74,7 +75,7 @@ MAY_CHANGE = {
 # (a longer run, another world size) or where it goes, so a finished model needs --overwrite to be replaced.
 REPORTING = frozenset({"log_format", "report_to", "preprocessing_workers", "hub_token", "tensorboard_dir",
                        "cache_dir", "logging_steps", "resume", "overwrite", "node_rank", "rdzv_endpoint", "compile",
-                       "publish_worse", "export_to", "checkpoint_to"})
+                       "publish_worse", "export_to", "checkpoint_to", "store_retries"})
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 

@@ -81,7 +81,8 @@ def run(cfg: TrainConfig, sources: dict[str, str], dist: Dist = SINGLE_PROCESS,
     # no interpreter finalization runs, where gloo's threads could abort the process (SIGABRT).
     if not dist.is_main:
         return _run(cfg, sources, dist, checked, stop, None)
-    remote = RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit, stop) \
+    remote = RemoteCheckpoints(cfg.checkpoint_to, checkpoints.MARKER, cfg.save_total_limit, stop,
+                               attempts=cfg.store_retries + 1) \
         if cfg.checkpoint_to else None
     report = Reporter.of(environ, dist.rank)
     try:
@@ -102,7 +103,7 @@ def _run(cfg: TrainConfig, sources: dict[str, str], dist: Dist, checked: Checked
     """The job's table of contents: plan -> data -> model -> Trainer -> train -> publish."""
     if already_published(cfg):
         if dist.is_main:  # a rerun after a failed export (exit 10) exports without retraining
-            export.export_published(cfg.output_dir, cfg.export_to)
+            export.export_published(cfg.output_dir, cfg.export_to, cfg.store_retries)
         return outputs.read_json(cfg.output_dir / "metrics.json") or {}
     if dist.is_main:
         outputs.write_status(cfg.output_dir, "running")
@@ -220,7 +221,7 @@ def publish(context: Context, trainer, tokenizer, progress: ProgressLog, results
     outputs.publish_model(cfg.output_dir, save, card, marker={"config_hash": config_hash(cfg)},
                           interruptible=lambda: stop.interruptible("while publishing the model (nothing published)"))
     outputs.write_status(cfg.output_dir, "succeeded", 0, f"model published at {cfg.output_dir / outputs.MODEL_DIR}")
-    export.export_published(cfg.output_dir, cfg.export_to)
+    export.export_published(cfg.output_dir, cfg.export_to, cfg.store_retries)
 
 
 def train_or_finish(cfg: TrainConfig, trainer, progress: ProgressLog, resume: Path | None, dist: Dist):

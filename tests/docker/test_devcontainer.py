@@ -81,7 +81,7 @@ def test_finetune_runs_from_the_mounted_workspace(dev_container):
 # provide (the Trainer and torch.compile, tokenizers, file permissions as uid 1000, worker processes, the lease's
 # heartbeat, the package layout). The whole quick suite took 11 of make test's 45 minutes here.
 IN_CONTAINER_TESTS = (
-    "tests/test_fsutil.py", "tests/test_logs.py", "tests/config", "tests/train/test_guard.py",
+    "tests/test_fsutil.py", "tests/test_logs.py", "tests/config/test_platforms.py", "tests/train/test_guard.py",
     "tests/train/test_attention.py", "tests/train/test_steps.py", "tests/data/test_formats.py",
     "tests/data/test_split.py", "tests/data/test_textfiles.py", "tests/runtime/test_forkpool.py",
     "tests/publish/test_lease.py", "tests/project/test_layout.py",

@@ -140,11 +140,13 @@ def test_doctor_reports_whether_the_destination_is_writable(server, s3_env, buck
 def test_train_exports_after_publishing_and_a_failed_export_is_exit_10_rerun_without_retraining(
         server, proxy, bucket, tmp_path, corpus_dir, tiny_model):
     out = tmp_path / "out"
-    env = train_env(tiny_model, corpus_dir, out, **server.env(proxy.port), FINETUNE_EXPORT_TO=f"s3://{bucket}/gpt2")
+    env = train_env(tiny_model, corpus_dir, out, **server.env(proxy.port), FINETUNE_EXPORT_TO=f"s3://{bucket}/gpt2",
+                    FINETUNE_STORE_RETRIES="1")
     proxy.budget = 20_000  # the store dies during the first upload
 
     first = finetune("train", env=env)
     assert first.returncode == ExitCode.EXPORT, first.stdout + first.stderr
+    assert "after 2 attempt(s)" in first.stderr, first.stderr[-2000:]  # --store-retries 1: one retry
     assert (out / "model" / "COMPLETE").is_file(), "the local publish must stand"
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("failed", 10)

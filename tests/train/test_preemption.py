@@ -1,6 +1,8 @@
 """Preemption with real processes and real signals: stop, resume exactly, never publish half a model.
 
-PREEMPT_SEED picks the random interruption steps (default 0), so a loop over seeds explores many of them. A SIGTERM
+PREEMPT_SEED picks the random interruption steps (default 0) and PREEMPT_COUNT how many (default 1; the fault
+table's "SIGTERM at a random step" and the three-interruption test below add four more), so a loop over seeds
+explores many of them. A SIGTERM
 during the last step, a SIGKILL during a checkpoint save and a disk that fills while saving are cases of the fault
 table (bench/fault_cases.py, run by tests/e2e/test_faults.py), with the same checks.
 """
@@ -54,7 +56,7 @@ def random_steps(count: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", random_steps(3))
+@pytest.mark.parametrize("step", random_steps(int(os.environ.get("PREEMPT_COUNT", "1"))))
 def test_sigterm_then_rerun_resumes_exactly(tmp_path, tiny_model, corpus_dir, reference, step):
     out = tmp_path / "out"
     env = env_for(tiny_model, corpus_dir, out)
