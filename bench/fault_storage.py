@@ -52,6 +52,9 @@ PHASES = [
     Phase("publishing the model", "output", ".model.tmp-*", SLACK, "checkpoint-4 complete, no model",
           "checkpoint-4"),
     Phase("metrics and loss plot", "output", "metrics.json", 0, "checkpoint-4 complete, no model", "checkpoint-4"),
+    # TensorBoard's writer thread meets the fault (a warning line); the next value logged, the evaluation before the
+    # first step, raises it in the run (the error line, naming the events file).
+    Phase("TensorBoard events", "output", "runs/events.out.tfevents.*", 0, "no complete checkpoint", None),
 ]
 FAULTS = {"ENOSPC": "disk full", "EROFS": "read-only"}
 
@@ -140,8 +143,11 @@ def storage_case(phase: Phase, kind: str):
         root = lab.fresh(f"storage-{PHASES.index(phase)}-{kind.lower()}")  # no "checkpoint-N" in the path
         folders = {"cache": root / "cache", "checkpoints": root / "ckpt", "output": root / "out"}
         volume = Volume(lab, folders[phase.volume])
-        # TensorBoard's event file lives elsewhere: its writer thread would meet the fault, not the step under test.
-        extra = {"FINETUNE_CHECKPOINT_DIR": str(folders["checkpoints"]), "FINETUNE_TENSORBOARD_DIR": str(root / "tb")}
+        # TensorBoard's event file lives elsewhere (its writer thread would meet the fault, not the step under
+        # test), except where it is the step under test: then in <output-dir>/runs, its default.
+        extra = {"FINETUNE_CHECKPOINT_DIR": str(folders["checkpoints"])}
+        if not phase.trigger.startswith("runs/"):
+            extra["FINETUNE_TENSORBOARD_DIR"] = str(root / "tb")
         if phase.volume == "cache":
             extra["FINETUNE_CACHE_DIR"] = str(folders["cache"])
         out, checkpoints_dir = folders["output"], folders["checkpoints"]
@@ -170,6 +176,8 @@ def check_fault_run(log: str, phase: Phase, checkpoints_dir: Path, out: Path) ->
     if phase.volume == "checkpoints":  # the line says what the rerun resumes from, as this case expects it to
         says = f"{phase.resumes_from} is intact" if phase.resumes_from else "no checkpoint was complete yet"
         expect(says in errors[0], f"the error line does not say {says!r}: {errors[0]}", log)
+    if phase.trigger.startswith("runs/"):  # TensorBoard's write failed with no file name on it: found in its frame
+        expect("events.out.tfevents" in errors[0], f"the error line does not name the events file: {errors[0]}", log)
     complete = [p.name for p in sorted(checkpoints_dir.glob("checkpoint-*"))
                 if checkpoints.problem(p) is None]
     expected = {None: [], "checkpoint-2": ["checkpoint-2"], "checkpoint-4": ["checkpoint-2", "checkpoint-4"]}

@@ -139,12 +139,31 @@ def _platform() -> str | None:
 
 def _storage_fault(exc: Exception, output_dir_of, kwargs) -> FinetuneError | None:
     """`exc` as exit OUTPUT when a volume refused a write (fsutil.storage_error), naming the file when the
-    exception does (its final name, not the temporary one it was written under); None for anything else (a bug)."""
-    filename = getattr(exc, "filename", None)
-    if not filename:
+    exception or the code that raised it does (its final name, not the temporary one it was written under); None
+    for anything else (a bug)."""
+    path = _file_of(exc)
+    if path is None:
         return fsutil.storage_error(exc, None)
-    path = Path(filename)
     return fsutil.storage_error(exc, path.parent, fsutil.final_name(path))
+
+
+def _file_of(exc: BaseException) -> Path | None:
+    """The file a failed write was for: the exception's own filename (bytes from some libraries: TensorBoard's),
+    else the innermost frame's `filename` or `path` that is an absolute path (a write() that failed on a full
+    disk carries no name, but the function writing it holds one)."""
+    names = [getattr(exc, "filename", None)]
+    frame = exc.__traceback__
+    frames = []
+    while frame is not None:
+        frames.append(frame.tb_frame)
+        frame = frame.tb_next
+    names += [f.f_locals.get(key) for f in reversed(frames) for key in ("filename", "path")]
+    for name in names:
+        if isinstance(name, str | bytes | os.PathLike):
+            path = Path(os.fsdecode(name))
+            if path.is_absolute():
+                return path
+    return None
 
 
 def _output_dir(output_dir_of, kwargs) -> Path | None:
