@@ -95,7 +95,7 @@ demo-dpo: install ## Preference tuning (DPO): prefer a function's own docstring 
 	$(FINETUNE) corpus --preferences --max-documents 128 --output-dir $(DEMO_DIR)/dpo-data
 	$(FINETUNE) init-model --corpus $(DEMO_DIR)/data/train.txt --output-dir $(DEMO_DIR)/tiny-gpt2
 	$(FINETUNE) train --preset demo-dpo --model $(DEMO_DIR)/tiny-gpt2 --data-dir $(DEMO_DIR)/dpo-data \
-		--valid-file $(DEMO_DIR)/dpo-data/train.jsonl --output-dir $(DPO_OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
+		--valid-file train.jsonl --output-dir $(DPO_OUTPUT_DIR) --cache-dir $(DEMO_DIR)/cache
 	grep -E '"(initial_|train_)?reward_accuracy"' $(DPO_OUTPUT_DIR)/metrics.json
 
 .PHONY: test
