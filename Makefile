@@ -132,7 +132,7 @@ lock: ## Re-resolve the newest dependencies into constraints.txt.
 
 .PHONY: clean
 clean: ## Remove the virtualenv, demo files, output, benchmark files and caches.
-	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(SFT_OUTPUT_DIR) $(ALPACA_OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(OUTPUT_DIR) $(SFT_OUTPUT_DIR) $(ALPACA_OUTPUT_DIR) $(DPO_OUTPUT_DIR) $(BENCH_DIR) $(GPU_CHECK_DIR) .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 ##@ Container
